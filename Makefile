@@ -1,0 +1,27 @@
+# One source of truth for the torch pin: pyproject.toml.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
+
+.PHONY: install test bench clean
+
+install: $(STAMP)
+
+# The pinned CPU torch goes in first: installed any other way, pip pulls several GB of CUDA wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python -m reader.bench --json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""The BTR reader: split encoders over binary token representations (see README)."""

@@ -1,0 +1,140 @@
+"""Binary token representations: straight-through sign, calibration scale, bit packing.
+
+A token state h (d floats) is stored as sign bits plus one fp16 scale s, and restored as s * sign(h).
+Two calibrations, one per model family:
+
+- ``rms`` (pre-norm T5): s = sqrt(mean(h^2)), the statistic the next block's RMSNorm computes. The
+  restored s * b has exactly that variance, so the norm inside block k+1 gives back weight * b, i.e.
+  sign(normed hidden) at the original scale: the calibrated binarization of BTR.
+- ``mean_abs`` (post-norm BERT): s = mean(|h|), the least-squares scale of sign(h).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CALIBRATIONS = ("rms", "mean_abs")
+_EPS = 1e-6
+
+
+class IncompatibleRepresentation(ValueError):
+    """Stored bits were made by a reader with another split layer, hidden size or calibration."""
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign(x) forward (zeros map to +1), tanh'(x) backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+def ste_sign(x: torch.Tensor) -> torch.Tensor:
+    """Signs in {-1, +1}; gradients pass as if through tanh."""
+    return _SignSTE.apply(x)
+
+
+def token_scale(hidden: torch.Tensor, calibration: str) -> torch.Tensor:
+    """Per-token scale [..., 1] of hidden [..., d] under the given calibration."""
+    h = hidden.float()
+    if calibration == "rms":
+        return h.pow(2).mean(-1, keepdim=True).sqrt()
+    if calibration == "mean_abs":
+        return h.abs().mean(-1, keepdim=True)
+    raise ValueError(f"unknown calibration {calibration!r}; expected one of {CALIBRATIONS}")
+
+
+def binarize(hidden: torch.Tensor, calibration: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Signs [..., d] (straight-through) and scales [..., 1] of hidden states.
+
+    The tanh gradient is taken on the normalized value h / s: on raw T5 residuals (hundreds) it
+    would be zero almost everywhere.
+    """
+    scale = token_scale(hidden, calibration)
+    signs = ste_sign(hidden.float() / (scale + _EPS))
+    return signs.to(hidden.dtype), scale
+
+
+def restore(signs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Signs [..., d] times scales [..., 1]: the float states the upper layers read."""
+    return signs * scale.to(signs.dtype)
+
+
+_BIT_WEIGHTS = 1 << torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(signs: torch.Tensor) -> torch.Tensor:
+    """Signs [..., d] (d a multiple of 8) -> uint8 [..., d/8], little-endian bit order."""
+    d = signs.shape[-1]
+    if d % 8:
+        raise ValueError(f"hidden size {d} is not a multiple of 8; bits cannot be packed")
+    bits = (signs > 0).to(torch.uint8).reshape(*signs.shape[:-1], d // 8, 8)
+    return (bits * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [..., d/8] -> signs [..., d] in {-1, +1}."""
+    bits = (packed.unsqueeze(-1) & _BIT_WEIGHTS.to(packed.device)) != 0
+    signs = bits.to(dtype) * 2 - 1
+    return signs.reshape(*packed.shape[:-1], packed.shape[-1] * 8)
+
+
+@dataclass(frozen=True)
+class BinaryTokens:
+    """What the index keeps for one passage: token ids, packed sign bits, per-token fp16 scale.
+
+    ``split_layer``, ``hidden_size`` and ``calibration`` say which reader made the bits, so a reader
+    with another split refuses them instead of reading garbage.
+    """
+
+    token_ids: torch.Tensor  # int32 [L]
+    bits: torch.Tensor  # uint8 [L, d/8]
+    scale: torch.Tensor  # float16 [L]
+    split_layer: int
+    hidden_size: int
+    calibration: str
+
+    def __post_init__(self) -> None:
+        n = self.token_ids.shape[0]
+        if self.bits.shape != (n, self.hidden_size // 8) or self.scale.shape != (n,):
+            raise ValueError(
+                f"inconsistent binary tokens: {n} ids, bits {tuple(self.bits.shape)}, "
+                f"scale {tuple(self.scale.shape)} for hidden size {self.hidden_size}"
+            )
+
+    def __len__(self) -> int:
+        return self.token_ids.shape[0]
+
+    def check_compatible(self, split_layer: int, hidden_size: int, calibration: str) -> None:
+        """Raise IncompatibleRepresentation unless these bits fit a reader with these settings."""
+        mine = (self.split_layer, self.hidden_size, self.calibration)
+        theirs = (split_layer, hidden_size, calibration)
+        if mine != theirs:
+            raise IncompatibleRepresentation(
+                f"stored bits come from layer k={self.split_layer}, hidden size {self.hidden_size}, "
+                f"calibration {self.calibration!r}; this reader splits at k={split_layer} with hidden "
+                f"size {hidden_size} and calibration {calibration!r}: rebuild the index with this reader"
+            )
+
+
+def to_binary_tokens(
+    token_ids: torch.Tensor, hidden: torch.Tensor, split_layer: int, calibration: str
+) -> BinaryTokens:
+    """Binarize one passage's lower-layer states [L, d] into what storage keeps."""
+    signs, scale = binarize(hidden, calibration)
+    return BinaryTokens(
+        token_ids=token_ids.to(torch.int32),
+        bits=pack_bits(signs),
+        scale=scale.squeeze(-1).clamp(max=torch.finfo(torch.float16).max).to(torch.float16),
+        split_layer=split_layer,
+        hidden_size=hidden.shape[-1],
+        calibration=calibration,
+    )

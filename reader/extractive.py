@@ -1,0 +1,152 @@
+"""Extractive BTR reader over a BERT-family encoder with a span head.
+
+Wraps ``transformers``' AutoModelForQuestionAnswering (for BERT: BertForQuestionAnswering, whose
+``qa_outputs`` is the span head). Query tokens take positions 0.. and token type 0; passage tokens
+take positions from ``max_query_tokens`` on and token type 1, in every mode, so a passage's lower
+layers never depend on the query that will read it. No runtime merging: spans must point at exact
+tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+from .binary import BinaryTokens
+from .config import BTRConfig, check_mode
+from .inputs import Passage, TokenLayout, pad, passage_string, tokenize_passage
+from .merge import Tokens
+from .split import Batch, PassageLike, SplitReader
+
+
+@dataclass(frozen=True)
+class Span:
+    """The best answer span for one question: which passage, which tokens, its score and text."""
+
+    passage: int
+    start: int
+    end: int  # inclusive
+    score: float
+    text: str
+
+
+class ExtractiveReader(SplitReader):
+    """BERT-family reader that picks the best span across all retrieved passages."""
+
+    calibration = "mean_abs"
+
+    def __init__(self, model, tokenizer, config: BTRConfig | None = None, max_answer_tokens: int = 30) -> None:
+        config = config or BTRConfig()
+        base = model.base_model
+        if not (hasattr(base, "embeddings") and hasattr(base, "encoder") and hasattr(base.encoder, "layer")):
+            raise TypeError(f"{type(model).__name__} is not a BERT-family model with embeddings and encoder.layer")
+        if not hasattr(model, "qa_outputs"):
+            raise TypeError(f"{type(model).__name__} has no span head (qa_outputs)")
+        cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+        layout = TokenLayout((cls,), (sep,), (sep,), tokenizer.pad_token_id)
+        super().__init__(tokenizer, layout, model.config.num_hidden_layers, config)
+        needed = config.max_query_tokens + config.max_passage_tokens
+        if needed > model.config.max_position_embeddings:
+            raise ValueError(
+                f"max_query_tokens + max_passage_tokens = {needed} exceeds the model's "
+                f"{model.config.max_position_embeddings} positions"
+            )
+        self.model = model
+        self.max_answer_tokens = max_answer_tokens
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, config: BTRConfig | None = None, **kwargs) -> "ExtractiveReader":
+        """Any BERT-family checkpoint; a plain encoder gets a freshly initialised span head."""
+        model = AutoModelForQuestionAnswering.from_pretrained(name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=kwargs.get("local_files_only", False))
+        return cls(model, tokenizer, config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    # ---- encoder hooks ------------------------------------------------------------------------
+    def _positions(self, width: int, segment: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absolute position ids and token types [1, width] for a query or passage segment."""
+        offset, kind = (0, 0) if segment == "query" else (self.config.max_query_tokens, 1)
+        if self.model.config.type_vocab_size < 2:
+            kind = 0
+        position = torch.arange(offset, offset + width, device=self.device)[None]
+        return position, torch.full_like(position, kind)
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, segment: str) -> Tokens:
+        position, types = self._positions(ids.shape[1], segment)
+        position, types = position.expand_as(ids), types.expand_as(ids)
+        hidden = self.model.base_model.embeddings(input_ids=ids, token_type_ids=types, position_ids=position)
+        return Tokens(hidden, mask.float(), position.float())
+
+    def _attention_bias(self, tokens: Tokens) -> torch.Tensor:
+        return tokens.key_bias()
+
+    def _layer(self, index: int, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.model.base_model.encoder.layer[index](hidden, attention_mask=bias)
+
+    def _encode_unsplit(self, batch: Batch) -> Tokens:
+        """The library's own forward over [query block; passage block], same positions as the split."""
+        query, query_mask = pad(batch.query_ids, self.layout.pad_id)
+        passage, passage_mask = pad(batch.passage_ids, self.layout.pad_id)
+        n = batch.per_query
+        ids = torch.cat([query.repeat_interleave(n, 0), passage], 1).to(self.device)
+        mask = torch.cat([query_mask.repeat_interleave(n, 0), passage_mask], 1).to(self.device)
+        query_pos, query_type = self._positions(query.shape[1], "query")
+        passage_pos, passage_type = self._positions(passage.shape[1], "passage")
+        position = torch.cat([query_pos, passage_pos], 1).expand_as(ids)
+        types = torch.cat([query_type, passage_type], 1).expand_as(ids)
+        hidden = self.model.base_model(
+            input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=position
+        ).last_hidden_state
+        return Tokens(hidden, mask.float(), position.float())
+
+    # ---- spans --------------------------------------------------------------------------------
+    def span_logits(self, batch: Batch, mode: str = "btr") -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end logits [B*n, Lp] over passage tokens; -inf where no answer may start or end."""
+        check_mode(mode)
+        pairs = self.encode_pairs(batch, mode)
+        width = batch.passage_width
+        logits = self.model.qa_outputs(pairs.hidden[:, -width:]).float()
+        lengths = torch.tensor([len(ids) - len(self.layout.passage_suffix) for ids in batch.passage_ids])
+        allowed = (torch.arange(width)[None] < lengths[:, None]).to(logits.device)
+        logits = logits.masked_fill(~allowed[..., None], float("-inf"))
+        return logits[..., 0], logits[..., 1]
+
+    def extract(
+        self, questions: Sequence[str], passages: Sequence[Sequence[PassageLike]], mode: str = "btr"
+    ) -> list[Span]:
+        """The best span per question across all its passages (score = start + end logit)."""
+        batch = self.prepare(questions, passages)
+        with torch.no_grad():
+            start, end = self.span_logits(batch, mode)
+        width = start.shape[1]
+        scores = start[:, :, None] + end[:, None, :]  # [B*n, Lp(start), Lp(end)]
+        offset = torch.arange(width, device=scores.device)
+        gap = offset[None, :] - offset[:, None]
+        scores = scores.masked_fill((gap < 0) | (gap >= self.max_answer_tokens), float("-inf"))
+        best = scores.reshape(len(questions), -1).max(dim=-1)
+        spans = []
+        for q, (score, flat) in enumerate(zip(best.values.tolist(), best.indices.tolist())):
+            passage, rest = divmod(flat, width * width)
+            first, last = divmod(rest, width)
+            index = q * batch.per_query + passage
+            text = self.span_text(batch.passages[index], batch.passage_ids[index], first, last)
+            spans.append(Span(passage, first, last, score, text))
+        return spans
+
+    def span_text(self, passage: PassageLike, ids: list[int], start: int, end: int) -> str:
+        """The answer text: a slice of the passage string where there is text, else decoded tokens."""
+        if isinstance(passage, BinaryTokens):
+            return self.tokenizer.decode(ids[start : end + 1]).strip()
+        offsets = tokenize_passage(
+            self.tokenizer, self.layout, passage, self.config.max_passage_tokens, offsets=True
+        )["offset_mapping"]
+        return passage_string(passage)[offsets[start][0] : offsets[end][1]]
+
+
+__all__ = ["ExtractiveReader", "Passage", "Span"]

@@ -1,0 +1,172 @@
+"""Fusion-in-Decoder over T5, split at layer k, with cross-passage token merging in the decoder.
+
+Wraps ``transformers``' T5ForConditionalGeneration: its blocks, norms and heads are called as they
+are, never copied. Each (question, passage) pair is encoded alone, the encoder outputs of all of a
+question's passages are concatenated, and the decoder reads them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from .config import BTRConfig, RuntimeMerge
+from .inputs import TokenLayout, pad
+from .merge import Tokens, bipartite_merge
+from .split import Batch, PassageLike, SplitReader
+
+
+def _end_token(tokenizer) -> int:
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if end is None:
+        raise ValueError("the tokenizer has neither an end-of-sequence nor a separator token")
+    return end
+
+
+class FiDReader(SplitReader):
+    """Generative BTR reader: T5 encoder split at k, FiD decoder."""
+
+    calibration = "rms"
+
+    def __init__(self, model: T5ForConditionalGeneration, tokenizer, config: BTRConfig | None = None) -> None:
+        config = config or BTRConfig()
+        layout = TokenLayout((), (), (_end_token(tokenizer),), model.config.pad_token_id)
+        super().__init__(tokenizer, layout, model.config.num_layers, config)
+        self.model = model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, config: BTRConfig | None = None, **kwargs) -> "FiDReader":
+        """Any T5 checkpoint by hub name or local path (kwargs go to ``from_pretrained``)."""
+        model = T5ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=kwargs.get("local_files_only", False))
+        return cls(model, tokenizer, config)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.d_model
+
+    # ---- encoder hooks ------------------------------------------------------------------------
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, segment: str) -> Tokens:
+        encoder = self.model.encoder
+        position = torch.arange(ids.shape[1], device=ids.device, dtype=torch.float32).expand(ids.shape[0], -1)
+        return Tokens(encoder.dropout(encoder.embed_tokens(ids)), mask.float(), position)
+
+    def _attention_bias(self, tokens: Tokens) -> torch.Tensor:
+        """T5's relative-position bias from token positions (merged tokens sit at their mean)."""
+        attention = self.model.encoder.block[0].layer[0].SelfAttention
+        relative = (tokens.position[:, None, :] - tokens.position[:, :, None]).round().long()
+        buckets = attention._relative_position_bucket(
+            relative,
+            bidirectional=True,
+            num_buckets=attention.relative_attention_num_buckets,
+            max_distance=attention.relative_attention_max_distance,
+        )
+        bias = attention.relative_attention_bias(buckets).permute(0, 3, 1, 2)
+        return bias.to(tokens.hidden.dtype) + tokens.key_bias()
+
+    def _layer(self, index: int, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder.block[index](hidden, attention_mask=None, position_bias=bias)[0]
+
+    def _finish(self, tokens: Tokens) -> Tokens:
+        encoder = self.model.encoder
+        return Tokens(encoder.dropout(encoder.final_layer_norm(tokens.hidden)), tokens.size, tokens.position)
+
+    def _encode_unsplit(self, batch: Batch) -> Tokens:
+        pairs = [batch.query_ids[i // batch.per_query] + p for i, p in enumerate(batch.passage_ids)]
+        ids, mask = pad(pairs, self.layout.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        hidden = self.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        position = torch.arange(ids.shape[1], device=ids.device, dtype=torch.float32).expand(ids.shape[0], -1)
+        return Tokens(hidden, mask.float(), position)
+
+    # ---- FiD ------------------------------------------------------------------------------------
+    def encode(
+        self,
+        questions: Sequence[str],
+        passages: Sequence[Sequence[PassageLike]],
+        mode: str = "btr",
+        merge: RuntimeMerge | None = None,
+    ) -> Tokens:
+        """The fused memory the decoder reads: [B, n*N, d], one row per question."""
+        merge = merge if merge is not None else self.config.merge_for(mode)
+        batch = self.prepare(questions, passages)
+        return self.encode_pairs(batch, mode, merge.encoder_ratio).flatten_groups(batch.per_query)
+
+    def decoder_memories(self, memory: Tokens, merge: RuntimeMerge) -> list[Tokens]:
+        """The memory each decoder layer cross-attends to, shrinking by cross-passage merges."""
+        memories = []
+        for layer in range(len(self.model.decoder.block)):
+            if merge.decoder_merges_before(layer):
+                memory = bipartite_merge(memory, merge.decoder_ratio)
+            memories.append(memory)
+        return memories
+
+    def _decode(self, ids: torch.Tensor, memories: list[Tokens], self_mask, cache) -> torch.Tensor:
+        """Decoder hidden states for ``ids`` given per-layer memories, then the LM head's logits."""
+        decoder = self.model.decoder
+        hidden = decoder.dropout(decoder.embed_tokens(ids))
+        position_bias = None  # block 0 computes T5's relative bias; the others reuse it
+        for block, memory in zip(decoder.block, memories):
+            hidden, position_bias, _ = block(
+                hidden,
+                attention_mask=self_mask,
+                position_bias=position_bias,
+                encoder_hidden_states=memory.hidden,
+                encoder_attention_mask=memory.key_bias(),
+                cache=cache,
+            )
+        hidden = decoder.dropout(decoder.final_layer_norm(hidden))
+        if self.model.config.scale_decoder_outputs:
+            hidden = hidden * (self.model.config.d_model**-0.5)
+        return self.model.lm_head(hidden)
+
+    def decoder_logits(self, memory: Tokens, decoder_input_ids: torch.Tensor, merge: RuntimeMerge) -> torch.Tensor:
+        """Teacher-forced logits [B, T, V] (training and comparisons)."""
+        length = decoder_input_ids.shape[1]
+        causal = torch.full((length, length), torch.finfo(memory.hidden.dtype).min, device=memory.hidden.device)
+        causal = causal.triu(1)[None, None]
+        return self._decode(decoder_input_ids.to(self.device), self.decoder_memories(memory, merge), causal, None)
+
+    def loss(self, memory: Tokens, labels: torch.Tensor, merge: RuntimeMerge) -> torch.Tensor:
+        """Cross-entropy of answer token ids ``labels`` [B, T] (-100 = ignored)."""
+        labels = labels.to(self.device)
+        logits = self.decoder_logits(memory, self.model._shift_right(labels), merge)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def generate(
+        self, memory: Tokens, merge: RuntimeMerge, max_new_tokens: int = 20, stop_at_eos: bool = True
+    ) -> torch.Tensor:
+        """Greedy decoding with cached self- and cross-attention keys; ids [B, T] without the start token."""
+        config = self.model.config
+        memories = self.decoder_memories(memory, merge)
+        cache = EncoderDecoderCache(DynamicCache(config=config), DynamicCache(config=config))
+        batch = memory.hidden.shape[0]
+        ids = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=self.device)
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        end = self.layout.passage_suffix[0]
+        for _ in range(max_new_tokens):
+            logits = self._decode(ids[:, -1:], memories, None, cache)[:, -1]
+            token = logits.argmax(-1).masked_fill(done, config.pad_token_id)
+            ids = torch.cat([ids, token[:, None]], 1)
+            done |= token == end
+            if stop_at_eos and bool(done.all()):
+                break
+        return ids[:, 1:]
+
+    def answer(
+        self,
+        questions: Sequence[str],
+        passages: Sequence[Sequence[PassageLike]],
+        mode: str = "btr",
+        max_new_tokens: int = 20,
+    ) -> list[str]:
+        """Answers, one per question, from its passages (text, or bits from an index)."""
+        merge = self.config.merge_for(mode)
+        with torch.no_grad():
+            memory = self.encode(questions, passages, mode, merge)
+            ids = self.generate(memory, merge, max_new_tokens)
+        return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -1,0 +1,195 @@
+"""The split every reader shares: layers 1..k over passages alone, layers k+1..n over query + passage.
+
+A family (T5 for FiD, BERT for extraction) supplies four hooks: how tokens are embedded, the
+attention bias of a token batch, one encoder layer, and what follows the last layer. Everything
+else, the three modes included, lives here once.
+
+- ``baseline``: the unsplit encoder over query + passage text, the library's own forward;
+- ``split``: continuous lower-layer states (DeFormer), no bits;
+- ``btr``: passage states restored from 1-bit tokens: stored ones (BinaryTokens from the index)
+  or, given text, computed in-graph with the straight-through sign so the reader can be trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .binary import BinaryTokens, binarize, restore, to_binary_tokens, unpack_bits
+from .config import BTRConfig, check_mode
+from .inputs import Passage, ReaderInputError, TokenLayout, encode_passage, encode_question, pad
+from .merge import Tokens, bipartite_merge
+
+PassageLike = Passage | BinaryTokens
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Questions with their passages, tokenized once (passages question-major)."""
+
+    query_ids: list[list[int]]
+    passage_ids: list[list[int]]
+    passages: list[PassageLike]
+    per_query: int
+
+    @property
+    def passage_width(self) -> int:
+        return max(len(ids) for ids in self.passage_ids)
+
+
+class SplitReader(nn.Module):
+    """Base of both reader families; subclasses implement the hooks below."""
+
+    calibration: str  # "rms" (pre-norm) or "mean_abs" (post-norm)
+
+    def __init__(self, tokenizer, layout: TokenLayout, num_layers: int, config: BTRConfig) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.layout = layout
+        self.num_layers = num_layers
+        self.config = config
+        self.split_layer = config.resolve_split_layer(num_layers)
+
+    # ---- family hooks -------------------------------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    def _embed(self, ids: torch.Tensor, mask: torch.Tensor, segment: str) -> Tokens:
+        """Embeddings of query (segment "query") or passage ("passage") tokens, before layer 1."""
+        raise NotImplementedError
+
+    def _attention_bias(self, tokens: Tokens) -> torch.Tensor:
+        """Additive self-attention bias for a token batch (padding and sizes folded in)."""
+        raise NotImplementedError
+
+    def _layer(self, index: int, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """One encoder layer (0-based index) of the wrapped model."""
+        raise NotImplementedError
+
+    def _finish(self, tokens: Tokens) -> Tokens:
+        """What the encoder does after its last layer (T5: the final norm)."""
+        return tokens
+
+    # ---- inputs -------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def question_ids(self, question: str) -> list[int]:
+        """Token ids of one question under this reader's layout and limit."""
+        return encode_question(self.tokenizer, self.layout, question, self.config.max_query_tokens)
+
+    def passage_ids(self, passage: PassageLike) -> list[int]:
+        """Token ids of a passage: tokenized text, or the ids stored beside its bits."""
+        if isinstance(passage, BinaryTokens):
+            return passage.token_ids.tolist()
+        return encode_passage(self.tokenizer, self.layout, passage, self.config.max_passage_tokens)
+
+    def prepare(self, questions: Sequence[str], passages: Sequence[Sequence[PassageLike]]) -> Batch:
+        """Tokenize questions and their passages once; every mode reads the same passages."""
+        if isinstance(questions, str):
+            raise ReaderInputError("questions must be a list of strings, not one string")
+        if len(questions) != len(passages) or not questions:
+            raise ReaderInputError(f"{len(questions)} questions but {len(passages)} passage lists")
+        counts = {len(group) for group in passages}
+        if len(counts) != 1 or 0 in counts:
+            raise ReaderInputError(f"every question needs the same, non-zero number of passages; got {sorted(counts)}")
+        flat = [p for group in passages for p in group]
+        kinds = {type(p) for p in flat}
+        if len(kinds) != 1 or not kinds <= {Passage, BinaryTokens}:
+            raise ReaderInputError("passages must be all Passage (text) or all BinaryTokens (from an index)")
+        return Batch(
+            query_ids=[self.question_ids(q) for q in questions],
+            passage_ids=[self.passage_ids(p) for p in flat],
+            passages=flat,
+            per_query=counts.pop(),
+        )
+
+    # ---- the split ----------------------------------------------------------------------------
+    def run_layers(self, tokens: Tokens, layers: range, merge_ratio: float = 0.0) -> Tokens:
+        """Run encoder layers over a token batch, merging ``merge_ratio`` before each layer."""
+        bias = None
+        for index in layers:
+            if merge_ratio > 0:
+                tokens = bipartite_merge(tokens, merge_ratio)
+                bias = None
+            if bias is None:
+                bias = self._attention_bias(tokens)
+            tokens = Tokens(self._layer(index, tokens.hidden, bias), tokens.size, tokens.position)
+        return tokens
+
+    def lower(self, ids: torch.Tensor, mask: torch.Tensor, segment: str = "passage") -> Tokens:
+        """Layers 1..k over sequences alone: the part BTR runs offline for passages."""
+        tokens = self._embed(ids.to(self.device), mask.to(self.device), segment)
+        return self.run_layers(tokens, range(self.split_layer))
+
+    def upper(self, query: Tokens, passages: Tokens, per_query: int, merge_ratio: float = 0.0) -> Tokens:
+        """Layers k+1..n over [query; passage] for every (query, passage) pair: [B*n, N, d]."""
+        query = Tokens(*(t.repeat_interleave(per_query, 0) for t in (query.hidden, query.size, query.position)))
+        # Relative positions continue after the query's real length, as in the unsplit input.
+        shift = query.size.sum(1, keepdim=True)
+        joined = Tokens(
+            torch.cat([query.hidden, passages.hidden.to(query.hidden.dtype)], 1),
+            torch.cat([query.size, passages.size], 1),
+            torch.cat([query.position, passages.position + shift], 1),
+        )
+        return self._finish(self.run_layers(joined, range(self.split_layer, self.num_layers), merge_ratio))
+
+    def encode_passages(self, passages: Sequence[Passage]) -> list[BinaryTokens]:
+        """The offline half: tokenize, run layers 1..k, binarize and pack, one record per passage."""
+        ids = [self.passage_ids(p) for p in passages]
+        batch, mask = pad(ids, self.layout.pad_id)
+        with torch.no_grad():
+            hidden = self.lower(batch, mask).hidden.float().cpu()
+        return [
+            to_binary_tokens(batch[i, : len(seq)], hidden[i, : len(seq)], self.split_layer, self.calibration)
+            for i, seq in enumerate(ids)
+        ]
+
+    def restore_bits(self, stored: Sequence[BinaryTokens]) -> Tokens:
+        """Float passage states from stored bits and scales, after checking they fit this reader."""
+        for record in stored:
+            record.check_compatible(self.split_layer, self.hidden_size, self.calibration)
+        width = max(len(r) for r in stored)
+        bits = torch.zeros((len(stored), width, self.hidden_size // 8), dtype=torch.uint8)
+        scale = torch.zeros((len(stored), width), dtype=torch.float16)
+        size = torch.zeros((len(stored), width))
+        for i, record in enumerate(stored):
+            n = len(record)
+            bits[i, :n], scale[i, :n], size[i, :n] = record.bits, record.scale, 1.0
+        bits, scale, size = bits.to(self.device), scale.to(self.device), size.to(self.device)
+        hidden = restore(unpack_bits(bits, self.dtype), scale[..., None])
+        position = torch.arange(width, device=self.device, dtype=torch.float32).expand(len(stored), -1)
+        return Tokens(hidden, size, position)
+
+    def passage_states(self, batch: Batch, mode: str) -> Tokens:
+        """What the upper layers read for each passage in split or btr mode."""
+        if mode == "btr" and isinstance(batch.passages[0], BinaryTokens):
+            return self.restore_bits(batch.passages)  # type: ignore[arg-type]
+        states = self.lower(*pad(batch.passage_ids, self.layout.pad_id))
+        if mode == "btr":
+            signs, scale = binarize(states.hidden, self.calibration)
+            states = Tokens(restore(signs, scale), states.size, states.position)
+        return states
+
+    def encode_pairs(self, batch: Batch, mode: str = "btr", merge_ratio: float = 0.0) -> Tokens:
+        """Encoder output for every (question, passage) pair: [B*n, N, d]."""
+        check_mode(mode)
+        if mode == "baseline":
+            if merge_ratio > 0:
+                raise ValueError("the unsplit baseline does not merge tokens")
+            return self._encode_unsplit(batch)
+        query = self.lower(*pad(batch.query_ids, self.layout.pad_id), segment="query")
+        return self.upper(query, self.passage_states(batch, mode), batch.per_query, merge_ratio)
+
+    def _encode_unsplit(self, batch: Batch) -> Tokens:
+        """The baseline: the wrapped model's own encoder over query + passage, [B*n, N, d]."""
+        raise NotImplementedError
