@@ -1,0 +1,63 @@
+"""Shared fixtures: the real MiniLM tokenizer and tiny randomly initialised readers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, T5Config, T5ForConditionalGeneration
+
+from reader.assets import minilm_path
+from reader.config import BTRConfig
+from reader.extractive import ExtractiveReader
+from reader.fid import FiDReader
+from reader.inputs import Passage
+
+QUESTIONS = ["who wrote hamlet?", "what is the capital of france?"]
+PASSAGES = [
+    [
+        Passage("Hamlet", "Hamlet is a tragedy written by William Shakespeare around 1600.", "p0"),
+        Passage("Macbeth", "Macbeth is a short play about ambition and murder.", "p1"),
+        Passage("Globe Theatre", "The Globe was a theatre in London built in 1599.", "p2"),
+    ],
+    [
+        Passage("Paris", "Paris is the capital and largest city of France, on the Seine.", "p3"),
+        Passage("Lyon", "Lyon is a city in France.", "p4"),
+        Passage("France", "France is a country in Western Europe with a long history of kings.", "p5"),
+    ],
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+
+
+@pytest.fixture
+def make_fid(tokenizer):
+    """Build a tiny FiD reader: 4 encoder layers, 3 decoder layers, d=32."""
+
+    def build(config: BTRConfig | None = None, d_model: int = 32, seed: int = 0) -> FiDReader:
+        torch.manual_seed(seed)
+        t5 = T5Config(
+            vocab_size=tokenizer.vocab_size, d_model=d_model, d_ff=64, d_kv=8, num_heads=4,
+            num_layers=4, num_decoder_layers=3, dropout_rate=0.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=0,
+        )
+        return FiDReader(T5ForConditionalGeneration(t5).eval(), tokenizer, config)
+
+    return build
+
+
+@pytest.fixture
+def make_extractive(tokenizer):
+    """Build a tiny extractive BERT reader: 4 layers, d=32."""
+
+    def build(config: BTRConfig | None = None, hidden_size: int = 32, seed: int = 0) -> ExtractiveReader:
+        torch.manual_seed(seed)
+        bert = BertConfig(
+            vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, intermediate_size=64, num_attention_heads=4,
+            num_hidden_layers=4, max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        )
+        return ExtractiveReader(BertForQuestionAnswering(bert).eval(), tokenizer, config)
+
+    return build

@@ -1,0 +1,79 @@
+"""Extractive BERT reader: the split against the library forward, spans, bits, the real MiniLM."""
+
+import pytest
+import torch
+
+from reader.assets import minilm_path
+from reader.config import BTRConfig
+from reader.extractive import ExtractiveReader
+from tests.conftest import PASSAGES, QUESTIONS
+
+
+def test_split_at_zero_equals_unsplit_library_forward(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=0))
+    batch = reader.prepare(QUESTIONS, PASSAGES)
+    with torch.no_grad():
+        split_start, split_end = reader.span_logits(batch, "split")
+        base_start, base_end = reader.span_logits(batch, "baseline")
+    real = torch.isfinite(base_start)
+    assert torch.equal(real, torch.isfinite(split_start)) and real.sum() > 30
+    assert torch.allclose(split_start[real], base_start[real], atol=1e-5)
+    assert torch.allclose(split_end[real], base_end[real], atol=1e-5)
+
+
+def test_split_above_zero_differs_from_unsplit(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2))
+    batch = reader.prepare(QUESTIONS, PASSAGES)
+    with torch.no_grad():
+        split, _ = reader.span_logits(batch, "split")
+        base, _ = reader.span_logits(batch, "baseline")
+    real = torch.isfinite(base)
+    assert not torch.allclose(split[real], base[real], atol=1e-4)
+
+
+def test_spans_are_valid_and_map_back_to_passage_text(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2))
+    reader.max_answer_tokens = 5
+    for span, group in zip(reader.extract(QUESTIONS, PASSAGES, "split"), PASSAGES):
+        assert 0 <= span.passage < len(group)
+        assert 0 <= span.start <= span.end < span.start + 5
+        passage = group[span.passage]
+        assert span.text and span.text in f"title: {passage.title} context: {passage.text}"
+
+
+def test_stored_bits_and_in_graph_bits_pick_the_same_spans(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2))
+    stored = [reader.encode_passages(group) for group in PASSAGES]
+    assert stored[0][0].calibration == "mean_abs"
+    from_text = reader.extract(QUESTIONS, PASSAGES, "btr")
+    from_bits = reader.extract(QUESTIONS, stored, "btr")
+    for a, b in zip(from_text, from_bits):
+        assert (a.passage, a.start, a.end) == (b.passage, b.start, b.end)
+        assert a.score == pytest.approx(b.score, abs=1e-2)
+        assert b.text.replace(" ", "") in a.text.lower().replace(" ", "")
+
+
+def test_gradients_flow_through_the_bits(make_extractive, tokenizer):
+    reader = make_extractive(BTRConfig(split_layer=2)).train()
+    batch = reader.prepare(QUESTIONS, PASSAGES)
+    start, end = reader.span_logits(batch, "btr")
+    target = torch.zeros(start.shape[0], dtype=torch.long)  # every passage: answer at token 0
+    loss = torch.nn.functional.cross_entropy(start, target) + torch.nn.functional.cross_entropy(end, target)
+    loss.backward()
+    passage_only = tokenizer.convert_tokens_to_ids("tragedy")
+    grad = reader.model.base_model.embeddings.word_embeddings.weight.grad[passage_only]
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_real_minilm_checkpoint_loads_and_splits_at_four_of_six():
+    reader = ExtractiveReader.from_pretrained(str(minilm_path()), local_files_only=True)
+    assert (reader.num_layers, reader.split_layer, reader.hidden_size) == (6, 4, 384)
+    stored = reader.encode_passages(PASSAGES[0])
+    assert stored[0].bits.shape[1] == 384 // 8
+    spans = reader.extract(QUESTIONS[:1], [stored], "btr")
+    assert spans[0].text
+
+
+def test_position_budget_is_checked(make_extractive):
+    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
+        make_extractive(BTRConfig(max_query_tokens=300, max_passage_tokens=300))

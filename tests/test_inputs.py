@@ -1,0 +1,69 @@
+"""Bad input: clear errors, truncation by rule, mismatched bits."""
+
+import pytest
+import torch
+
+from reader.binary import IncompatibleRepresentation
+from reader.config import BTRConfig, RuntimeMerge
+from reader.inputs import Passage, ReaderInputError
+from tests.conftest import PASSAGES, QUESTIONS
+
+LONG = Passage("Long", " ".join(f"word{i}" for i in range(2000)), "long")
+
+
+@pytest.mark.parametrize("family", ["make_fid", "make_extractive"])
+def test_long_passages_are_truncated_keeping_the_end_token(family, request):
+    reader = request.getfixturevalue(family)(BTRConfig(max_passage_tokens=50))
+    ids = reader.passage_ids(LONG)
+    assert len(ids) == 50 and ids[-1] == reader.layout.passage_suffix[-1]
+    # The rule keeps the head: the first tokens are those of the untruncated text.
+    head = reader.tokenizer("title: Long context: word0 word1", add_special_tokens=False)["input_ids"]
+    assert ids[: len(head)] == head
+    [record] = reader.encode_passages([LONG])
+    assert len(record) == 50
+
+
+@pytest.mark.parametrize("family", ["make_fid", "make_extractive"])
+@pytest.mark.parametrize("text", ["", "   \n\t"])
+def test_empty_passages_are_rejected_by_name(family, text, request):
+    reader = request.getfixturevalue(family)()
+    with pytest.raises(ReaderInputError, match="passage 'p9' .*has no text"):
+        reader.encode_passages([Passage("Empty", text, "p9")])
+
+
+@pytest.mark.parametrize("family", ["make_fid", "make_extractive"])
+def test_question_errors(family, request):
+    reader = request.getfixturevalue(family)(BTRConfig(max_query_tokens=12))
+    with pytest.raises(ReaderInputError, match="empty"):
+        reader.prepare(["  "], PASSAGES[:1])
+    with pytest.raises(ReaderInputError, match="at most 12"):
+        reader.prepare(["why " * 30], PASSAGES[:1])
+    with pytest.raises(ReaderInputError, match="list of strings"):
+        reader.prepare(QUESTIONS[0], PASSAGES[:1])
+    with pytest.raises(ReaderInputError, match="same, non-zero number"):
+        reader.prepare(QUESTIONS, [PASSAGES[0], PASSAGES[1][:2]])
+
+
+@pytest.mark.parametrize("family", ["make_fid", "make_extractive"])
+def test_bits_from_another_split_layer_are_refused(family, request):
+    make = request.getfixturevalue(family)
+    stored = [make(BTRConfig(split_layer=2)).encode_passages(g) for g in PASSAGES]
+    reader = make(BTRConfig(split_layer=3))
+    with pytest.raises(IncompatibleRepresentation, match="k=2.*k=3"):
+        reader.encode_pairs(reader.prepare(QUESTIONS, stored), "btr")
+
+
+def test_bits_from_another_hidden_size_are_refused(make_fid):
+    stored = [make_fid(BTRConfig(split_layer=2)).encode_passages(g) for g in PASSAGES]
+    wider = make_fid(BTRConfig(split_layer=2), d_model=48)
+    with pytest.raises(IncompatibleRepresentation, match="hidden size 32.*hidden size 48"):
+        wider.encode(QUESTIONS, stored, "btr")
+
+
+def test_settings_are_validated(make_fid):
+    with pytest.raises(ValueError, match="outside 0..4"):
+        make_fid(BTRConfig(split_layer=5))
+    with pytest.raises(ValueError, match="encoder_ratio"):
+        RuntimeMerge(encoder_ratio=1.0)
+    with pytest.raises(ValueError, match="unknown mode"):
+        make_fid().encode(QUESTIONS, PASSAGES, "fast")
