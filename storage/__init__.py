@@ -1,0 +1,1 @@
+"""LMDB shards of compressed binary token representations, and their manifest."""

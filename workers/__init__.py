@@ -1,0 +1,1 @@
+"""Ray workers: tokenize, run the reader's lower layers, binarize, pack, write shards."""
