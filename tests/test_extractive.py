@@ -76,3 +76,9 @@ def test_real_minilm_checkpoint_loads_and_splits_at_four_of_six():
 def test_position_budget_is_checked(make_extractive):
     with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
         make_extractive(BTRConfig(max_query_tokens=300, max_passage_tokens=300))
+
+
+def test_bf16_reader_extracts_from_bits(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2)).to(torch.bfloat16)
+    stored = [reader.encode_passages(group) for group in PASSAGES]
+    assert all(span.text for span in reader.extract(QUESTIONS, stored, "btr"))

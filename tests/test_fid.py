@@ -125,3 +125,14 @@ def test_gradients_flow_through_the_bits_into_the_lower_layers(make_fid, tokeniz
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     block_grad = reader.model.encoder.block[0].layer[0].SelfAttention.q.weight.grad
     assert torch.isfinite(block_grad).all() and block_grad.abs().sum() > 0
+
+
+def test_bf16_reader_runs_every_mode(make_fid):
+    """The GPU path runs bf16; dtypes must hold through bits, merging and the cached decoder."""
+    reader = make_fid(BTRConfig(split_layer=2)).to(torch.bfloat16)
+    stored = [reader.encode_passages(group) for group in PASSAGES]
+    assert stored[0][0].scale.dtype == torch.float16
+    for mode, passages in (("baseline", PASSAGES), ("split", PASSAGES), ("btr", stored)):
+        memory = reader.encode(QUESTIONS, passages, mode)
+        assert memory.hidden.dtype == torch.bfloat16
+        assert reader.generate(memory, reader.config.merge_for(mode), max_new_tokens=3).shape[0] == 2
