@@ -20,6 +20,7 @@ from torch import nn
 
 from .binary import BinaryTokens, binarize, restore, to_binary_tokens, unpack_bits
 from .config import BTRConfig, check_mode
+from .identity import ReaderIdentity, weights_digest
 from .inputs import Passage, ReaderInputError, TokenLayout, encode_passage, encode_question, pad
 from .merge import Tokens, bipartite_merge
 
@@ -41,7 +42,7 @@ class Batch:
 
 
 class SplitReader(nn.Module):
-    """Base of both reader families; subclasses implement the hooks below."""
+    """Base of both reader families; subclasses set ``self.model`` and implement the hooks below."""
 
     calibration: str  # "rms" (pre-norm) or "mean_abs" (post-norm)
 
@@ -74,7 +75,23 @@ class SplitReader(nn.Module):
         """What the encoder does after its last layer (T5: the final norm)."""
         return tokens
 
+    def identity(self) -> ReaderIdentity:
+        """What an index built by this reader records (and what this reader checks when it opens one)."""
+        return ReaderIdentity(
+            name=str(getattr(self.model.config, "_name_or_path", "") or ""),
+            weights_digest=weights_digest(self.model),
+            family=type(self).__name__,
+            split_layer=self.split_layer,
+            hidden_size=self.hidden_size,
+            calibration=self.calibration,
+        )
+
     # ---- inputs -------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Token ids stay below this (the model's embedding rows, at least the tokenizer's size)."""
+        return max(self.model.config.vocab_size, len(self.tokenizer))
+
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype

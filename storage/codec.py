@@ -1,0 +1,177 @@
+"""Lossless coding of binary token representations.
+
+Sign bits are packed 8 per byte, XORed with their vocabulary token's prototype (the per-dimension
+majority bit over the corpus, i.e. the sign of the mean), and the sparse residual is compressed
+with zstd using a dictionary trained on the corpus' residuals. Token ids and fp16 scales go through
+zstd too (scales byte-shuffled: high bytes, then low bytes). Decoding is byte-wise (XOR of packed
+rows, no per-bit work), which is what keeps a query's fetch in milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zstandard as zstd
+
+
+@dataclass(frozen=True)
+class CodecSettings:
+    """How bits are coded. ``min_count``: tokens seen fewer times use the corpus-wide prototype."""
+
+    level: int = 19
+    dictionary_bytes: int = 64 * 1024
+    min_count: int = 4
+    dictionary_samples: int = 4000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PrototypeCounter:
+    """Streaming per-token bit counts, V x d integers: memory bounded by the vocabulary, not the corpus."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        self.ones = np.zeros((vocab_size, hidden_size), dtype=np.uint32)
+        self.count = np.zeros(vocab_size, dtype=np.int64)
+
+    def add(self, ids: np.ndarray, bits: np.ndarray) -> None:
+        """Count one passage's (or batch's) bits: ids [L], packed bits [L, d/8]."""
+        if ids.size == 0:
+            return
+        if int(ids.max()) >= len(self.count):
+            raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of {len(self.count)}")
+        order = np.argsort(ids, kind="stable")
+        sorted_ids = ids[order]
+        starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+        unpacked = np.unpackbits(bits[order], axis=1, bitorder="little")
+        self.ones[sorted_ids[starts]] += np.add.reduceat(unpacked, starts, axis=0, dtype=np.uint32)
+        self.count[sorted_ids[starts]] += np.diff(np.r_[starts, len(ids)])
+
+    def prototypes(self, min_count: int) -> np.ndarray:
+        """Packed majority bits [V, d/8] (ties -> 1, as sign(0) -> +1); rare tokens get the global one."""
+        total = max(int(self.count.sum()), 1)
+        overall = self.ones.sum(0, dtype=np.int64) * 2 >= total
+        majority = self.ones.astype(np.int64) * 2 >= self.count[:, None]
+        majority[self.count < max(min_count, 1)] = overall
+        return np.packbits(majority, axis=1, bitorder="little")
+
+
+class Codec:
+    """Encodes and decodes the token ids, bits and scales of one passage."""
+
+    def __init__(self, prototypes: np.ndarray, dictionary: bytes | None, settings: CodecSettings) -> None:
+        self.prototypes = np.ascontiguousarray(prototypes, dtype=np.uint8)
+        self.dictionary = dictionary
+        self.settings = settings
+        self.id_dtype = np.dtype("<u2") if len(prototypes) <= 1 << 16 else np.dtype("<u4")
+        self._local = threading.local()  # zstd (de)compressors are not safe to share across threads
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.prototypes.shape[1] * 8
+
+    @classmethod
+    def fit(
+        cls, records: Iterable[tuple[np.ndarray, np.ndarray]], vocab_size: int, hidden_size: int,
+        settings: CodecSettings | None = None,
+    ) -> "Codec":
+        """Prototypes from (ids, packed bits) pairs, then a zstd dictionary trained on their residuals."""
+        settings = settings or CodecSettings()
+        counter = PrototypeCounter(vocab_size, hidden_size)
+        sample: list[tuple[np.ndarray, np.ndarray]] = []
+        for ids, bits in records:
+            counter.add(ids, bits)
+            if len(sample) < settings.dictionary_samples:
+                sample.append((ids, bits))
+        codec = cls(counter.prototypes(settings.min_count), None, settings)
+        if settings.dictionary_bytes and sample:
+            residuals = [codec.residual(ids, bits).tobytes() for ids, bits in sample]
+            try:
+                trained = zstd.train_dictionary(settings.dictionary_bytes, residuals, level=settings.level)
+                codec.dictionary = trained.as_bytes()
+            except zstd.ZstdError:
+                codec.dictionary = None  # too little data to learn from: plain zstd
+        return codec
+
+    # ---- per-thread zstd state ------------------------------------------------------------------
+    def _compressors(self) -> tuple[zstd.ZstdCompressor, zstd.ZstdCompressor]:
+        if not hasattr(self._local, "compress"):
+            params = dict(level=self.settings.level, write_checksum=False, write_dict_id=False)
+            with_dict = zstd.ZstdCompressionDict(self.dictionary) if self.dictionary else None
+            self._local.compress = (zstd.ZstdCompressor(dict_data=with_dict, **params), zstd.ZstdCompressor(**params))
+        return self._local.compress
+
+    def _decompressors(self) -> tuple[zstd.ZstdDecompressor, zstd.ZstdDecompressor]:
+        if not hasattr(self._local, "decompress"):
+            with_dict = zstd.ZstdCompressionDict(self.dictionary) if self.dictionary else None
+            self._local.decompress = (zstd.ZstdDecompressor(dict_data=with_dict), zstd.ZstdDecompressor())
+        return self._local.decompress
+
+    # ---- coding ---------------------------------------------------------------------------------
+    def residual(self, ids: np.ndarray, bits: np.ndarray) -> np.ndarray:
+        """Packed bits XOR their tokens' prototypes: mostly zero bytes (and its own inverse)."""
+        return np.bitwise_xor(bits, self.prototypes[ids])
+
+    def encode(self, ids: np.ndarray, bits: np.ndarray, scale: np.ndarray) -> tuple[bytes, bytes, bytes]:
+        """Compressed (ids, scale, bits) sections of one passage."""
+        bits_z, plain_z = self._compressors()
+        shuffled = np.ascontiguousarray(scale.astype("<f2").view(np.uint8).reshape(-1, 2).T)
+        return (
+            plain_z.compress(ids.astype(self.id_dtype).tobytes()),
+            plain_z.compress(shuffled.tobytes()),
+            bits_z.compress(self.residual(ids, bits).tobytes()),
+        )
+
+    def decode(self, ids_z: bytes, scale_z: bytes, bits_z: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids int32 [L], packed bits uint8 [L, d/8], scale float16 [L] from the three sections."""
+        bits_d, plain_d = self._decompressors()
+        ids = np.frombuffer(plain_d.decompress(ids_z), dtype=self.id_dtype).astype(np.int32)
+        halves = np.frombuffer(plain_d.decompress(scale_z), dtype=np.uint8).reshape(2, -1)
+        scale = np.ascontiguousarray(halves.T).view("<f2").reshape(-1).astype(np.float16)
+        residual = np.frombuffer(bits_d.decompress(bits_z), dtype=np.uint8).reshape(len(ids), -1)
+        return ids, self.residual(ids, residual), scale
+
+    # ---- files ----------------------------------------------------------------------------------
+    def save(self, folder: Path) -> dict:
+        """Write prototypes.npy (and bits.zdict); return their digests for the manifest."""
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "prototypes.npy", self.prototypes)
+        files = {"prototypes.npy": file_digest(folder / "prototypes.npy")}
+        if self.dictionary:
+            (folder / "bits.zdict").write_bytes(self.dictionary)
+            files["bits.zdict"] = file_digest(folder / "bits.zdict")
+        return {"settings": self.settings.to_dict(), "files": files}
+
+    @classmethod
+    def load(cls, folder: Path, description: dict) -> "Codec":
+        """Read a saved codec, checking its files against the digests the manifest recorded."""
+        for name, digest in description["files"].items():
+            if file_digest(folder / name) != digest:
+                raise ValueError(f"codec file {folder / name} does not match the manifest's digest")
+        dictionary = (folder / "bits.zdict").read_bytes() if "bits.zdict" in description["files"] else None
+        return cls(np.load(folder / "prototypes.npy"), dictionary, CodecSettings(**description["settings"]))
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,192 @@
+"""An index folder: ``manifest.json`` (written last), ``codec/``, ``shards/``, and the retriever's files.
+
+    IndexWriter(root, identity, codec).write_shard(...) per shard, then .publish(shards)
+    Index.open(root, expect=reader.identity()).fetch(rows)
+
+The manifest is the commit point: written atomically after every shard it lists is sealed, so a
+reader either sees a complete index or none. Shards open lazily, once per process (see
+``storage.shard.open_shard``), and every thread reads them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reader.binary import BinaryTokens
+from reader.identity import ReaderIdentity
+
+from .codec import Codec
+from .record import RecordFormat, StoredPassage, decode_record, encode_record
+from .shard import KEY, SHARDS, ShardInfo, open_shard, sealed_shard, write_shard
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CODEC = "codec"
+
+
+class IndexNotFound(FileNotFoundError):
+    """No complete index at the path (no manifest)."""
+
+
+@dataclass
+class Manifest:
+    """Everything needed to read an index, and to check who made it."""
+
+    reader: ReaderIdentity
+    codec: dict
+    shards: list[ShardInfo]
+    format_version: int = FORMAT_VERSION
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def passages(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+    def to_dict(self) -> dict:
+        return {
+            "format_version": self.format_version,
+            "created": self.created,
+            "reader": self.reader.to_dict(),
+            "codec": self.codec,
+            "passages": self.passages,
+            "tokens": self.tokens,
+            "shards": [s.to_dict() for s in self.shards],
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+    def save(self, root: Path) -> None:
+        """Write atomically: a temporary file, fsync, rename over the old manifest."""
+        tmp = root / f".{MANIFEST}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / MANIFEST)
+
+    @classmethod
+    def load(cls, root: Path) -> "Manifest":
+        path = Path(root) / MANIFEST
+        if not path.exists():
+            raise IndexNotFound(f"no index at {root}: {MANIFEST} is missing (an index is complete only once it is written)")
+        data = json.loads(path.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: index format {data.get('format_version')}; this code reads format {FORMAT_VERSION}")
+        return cls(
+            reader=ReaderIdentity.from_dict(data["reader"]),
+            codec=data["codec"],
+            shards=[ShardInfo.from_dict(s) for s in data["shards"]],
+            format_version=data["format_version"],
+            created=data["created"],
+            extra=data.get("extra", {}),
+        )
+
+
+def _record_format(codec: Codec, identity: ReaderIdentity) -> RecordFormat:
+    if codec.hidden_size != identity.hidden_size:
+        raise ValueError(f"codec hidden size {codec.hidden_size} differs from the reader's {identity.hidden_size}")
+    return RecordFormat(codec, identity.split_layer, identity.calibration)
+
+
+class IndexWriter:
+    """Writes shards (one writer per shard) and, last, the manifest."""
+
+    def __init__(self, root: Path | str, identity: ReaderIdentity, codec: Codec) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.format = _record_format(codec, identity)
+        self.codec_description = codec.save(self.root / CODEC)
+
+    def encode(self, pid: str, title: str, text: str, tokens: BinaryTokens) -> bytes:
+        """One record's bytes (after checking the bits come from this index's reader)."""
+        tokens.check_compatible(self.identity.split_layer, self.identity.hidden_size, self.identity.calibration)
+        return encode_record(self.format, pid, title, text, tokens)
+
+    def write_shard(
+        self, shard_id: int, first_row: int, passages: Iterable[tuple[str, str, str, BinaryTokens]]
+    ) -> ShardInfo:
+        """Encode and seal one shard of (pid, title, text, tokens), rows first_row, first_row+1, ..."""
+        values, tokens = [], 0
+        for pid, title, text, bits in passages:
+            values.append(self.encode(pid, title, text, bits))
+            tokens += len(bits)
+        return write_shard(self.root, shard_id, first_row, values, tokens)
+
+    def sealed(self, shard_id: int) -> ShardInfo | None:
+        """A shard already sealed intact by an earlier run (a resumed job skips it)."""
+        return sealed_shard(self.root, shard_id)
+
+    def publish(self, shards: Sequence[ShardInfo], extra: dict | None = None) -> Manifest:
+        """Write the manifest listing ``shards``, which must cover rows 0..N-1 without gaps."""
+        ordered = sorted(shards, key=lambda s: s.first_row)
+        expected = 0
+        for shard in ordered:
+            if shard.first_row != expected:
+                raise ValueError(f"{shard.name} starts at row {shard.first_row}; expected {expected} (a shard is missing)")
+            expected += shard.rows
+        manifest = Manifest(self.identity, self.codec_description, list(ordered), extra=extra or {})
+        manifest.save(self.root)
+        return manifest
+
+
+class Index:
+    """Read side of an index: fetch passages (text and bits) by row; safe across threads and processes."""
+
+    def __init__(self, root: Path | str, manifest: Manifest, codec: Codec) -> None:
+        self.root = Path(root)
+        self.manifest = manifest
+        self.format = _record_format(codec, manifest.reader)
+        self._starts = [s.first_row for s in manifest.shards]
+
+    @classmethod
+    def open(cls, root: Path | str, expect: ReaderIdentity | None = None) -> "Index":
+        """Open a complete index; with ``expect``, refuse one built by another reader or split."""
+        root = Path(root)
+        manifest = Manifest.load(root)
+        if expect is not None:
+            expect.check_matches(manifest.reader)
+        return cls(root, manifest, Codec.load(root / CODEC, manifest.codec))
+
+    def __len__(self) -> int:
+        return self.manifest.passages
+
+    def _shard_of(self, row: int) -> ShardInfo:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} is outside the index's {len(self)} passages")
+        return self.manifest.shards[bisect.bisect_right(self._starts, row) - 1]
+
+    def read_raw(self, rows: Sequence[int]) -> list[bytes]:
+        """Record bytes for ``rows``, unchecked and undecoded (grouped by shard, one transaction each)."""
+        by_shard: dict[str, list[int]] = {}
+        for row in rows:
+            by_shard.setdefault(self._shard_of(row).name, []).append(row)
+        found: dict[int, bytes] = {}
+        for name, shard_rows in by_shard.items():
+            with open_shard(self.root, name).begin(buffers=False) as txn:
+                for row in shard_rows:
+                    value = txn.get(KEY.pack(row))
+                    if value is None:
+                        raise KeyError(f"{name}: row {row} is missing from its shard")
+                    found[row] = value
+        return [found[row] for row in rows]
+
+    def fetch(self, rows: Sequence[int]) -> list[StoredPassage]:
+        """Passages for ``rows`` in order, each record's checksum verified (CorruptRecord if not)."""
+        return [
+            decode_record(self.format, value, row, f"{self._shard_of(row).name} row {row}")
+            for row, value in zip(rows, self.read_raw(rows))
+        ]
+
+
+__all__ = ["SHARDS", "Index", "IndexNotFound", "IndexWriter", "Manifest"]

@@ -1,0 +1,111 @@
+"""One passage's record: fixed header, compressed sections, title and text, CRC-32 over it all."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard as zstd
+
+from reader.binary import BinaryTokens
+from reader.inputs import Passage
+
+from .codec import Codec
+
+VERSION = 1
+# version, pid length, tokens, then byte lengths of: ids, scale, bits, title, text (zstd)
+_HEADER = struct.Struct("<BHIIIIII")
+_CRC = struct.Struct("<I")
+_TEXT = zstd.ZstdCompressor(level=19, write_checksum=False)
+
+
+class CorruptRecord(ValueError):
+    """A record failed its checksum or does not parse: the message names shard and row."""
+
+
+@dataclass(frozen=True)
+class StoredPassage:
+    """A passage as the index returns it: its row, id, text, and binary tokens."""
+
+    row: int
+    pid: str
+    title: str
+    text: str
+    tokens: BinaryTokens
+
+    @property
+    def passage(self) -> Passage:
+        return Passage(self.title, self.text, self.pid)
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """What every record of an index shares (from the manifest) and the codec that reads it."""
+
+    codec: Codec
+    split_layer: int
+    calibration: str
+
+
+def encode_record(fmt: RecordFormat, pid: str, title: str, text: str, tokens: BinaryTokens) -> bytes:
+    """Serialize one passage."""
+    ids = tokens.token_ids.numpy().astype(np.int32)
+    ids_z, scale_z, bits_z = fmt.codec.encode(ids, tokens.bits.numpy(), tokens.scale.numpy())
+    pid_b, title_b, text_z = pid.encode(), title.encode(), _TEXT.compress(text.encode())
+    body = b"".join(
+        [
+            _HEADER.pack(VERSION, len(pid_b), len(ids), len(ids_z), len(scale_z), len(bits_z), len(title_b), len(text_z)),
+            pid_b, ids_z, scale_z, bits_z, title_b, text_z,
+        ]
+    )
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def check_record(data: bytes, where: str) -> None:
+    """Raise CorruptRecord unless the record's CRC-32 matches its bytes."""
+    if len(data) < _HEADER.size + _CRC.size or zlib.crc32(memoryview(data)[: -_CRC.size]) != _CRC.unpack_from(data, len(data) - _CRC.size)[0]:
+        raise CorruptRecord(f"{where}: checksum mismatch (the record was altered after it was written)")
+
+
+def record_pid(data: bytes) -> str:
+    """The passage id of a record (for error messages), without decoding the rest."""
+    try:
+        _, pid_len, *_ = _HEADER.unpack_from(data)
+        return bytes(data[_HEADER.size : _HEADER.size + pid_len]).decode(errors="replace")
+    except struct.error:
+        return "?"
+
+
+def decode_record(fmt: RecordFormat, data: bytes, row: int, where: str) -> StoredPassage:
+    """Check and parse one record; CorruptRecord if anything is off."""
+    check_record(data, where)
+    try:
+        version, pid_len, n_tokens, *lengths = _HEADER.unpack_from(data)
+    except struct.error as error:
+        raise CorruptRecord(f"{where}: record header does not parse ({error})") from error
+    if version != VERSION:
+        raise CorruptRecord(f"{where}: record format {version}; this code reads format {VERSION}")
+    view, offset, parts = memoryview(data), _HEADER.size, []
+    for size in (pid_len, *lengths):
+        parts.append(bytes(view[offset : offset + size]))
+        offset += size
+    pid, ids_z, scale_z, bits_z, title, text_z = parts
+    try:
+        ids, bits, scale = fmt.codec.decode(ids_z, scale_z, bits_z)
+        text = zstd.ZstdDecompressor().decompress(text_z).decode()
+    except (zstd.ZstdError, ValueError, UnicodeDecodeError) as error:
+        raise CorruptRecord(f"{where}: record does not decode ({error})") from error
+    if len(ids) != n_tokens:
+        raise CorruptRecord(f"{where}: {len(ids)} token ids, header says {n_tokens}")
+    tokens = BinaryTokens(
+        token_ids=torch.from_numpy(ids),
+        bits=torch.from_numpy(bits),
+        scale=torch.from_numpy(scale),
+        split_layer=fmt.split_layer,
+        hidden_size=fmt.codec.hidden_size,
+        calibration=fmt.calibration,
+    )
+    return StoredPassage(row, pid.decode(), title.decode(), text, tokens)

@@ -1,0 +1,128 @@
+"""One LMDB environment per shard, written once by one writer, sealed by an atomic rename.
+
+A shard is built in ``shards/.tmp-shard-NNNNN`` and renamed to ``shards/shard-NNNNN`` only when
+complete, with ``shard.json`` (rows, sizes, digest) beside its data file. A killed writer leaves
+only a temporary folder, which the next write of that shard removes. Sealed shards are opened
+read-only without a lock file: nothing ever writes them again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lmdb
+
+from .codec import file_digest
+
+KEY = struct.Struct(">Q")  # global row number: fixed width, big-endian, so keys sort and bulk loads append
+SHARDS = "shards"
+_PAGE = 4096
+
+
+def shard_name(shard_id: int) -> str:
+    return f"shard-{shard_id:05d}"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the manifest lists about a sealed shard."""
+
+    name: str
+    first_row: int
+    rows: int
+    tokens: int
+    bytes: int
+    digest: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ShardInfo":
+        return cls(**data)
+
+
+def map_size_for(values: Sequence[bytes]) -> int:
+    """An upper bound on the LMDB map a shard needs, from its records' sizes.
+
+    Large values take whole overflow pages; small ones share leaf pages. Each record is charged its
+    page-rounded size plus a node header, and a tenth more covers branch pages and the free list.
+    """
+    pages = sum(math.ceil((len(v) + KEY.size + 64) / _PAGE) for v in values)
+    return (int(pages * 1.1) + 64) * _PAGE
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(root: Path, shard_id: int, first_row: int, values: Sequence[bytes], tokens: int) -> ShardInfo:
+    """Write records ``first_row..`` as one sealed shard; replaces leftovers of an earlier attempt."""
+    shards = root / SHARDS
+    shards.mkdir(parents=True, exist_ok=True)
+    name = shard_name(shard_id)
+    final, tmp = shards / name, shards / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    env = lmdb.open(str(tmp), map_size=map_size_for(values), subdir=True, max_dbs=0, sync=True)
+    try:
+        with env.begin(write=True) as txn:
+            for row, value in enumerate(values, start=first_row):
+                if not txn.put(KEY.pack(row), value, append=True):
+                    raise RuntimeError(f"{name}: row {row} was not appended")
+        env.sync(True)
+    finally:
+        env.close()
+    (tmp / "lock.mdb").unlink(missing_ok=True)  # sealed shards are opened without a lock file
+    data = tmp / "data.mdb"
+    info = ShardInfo(name, first_row, len(values), tokens, data.stat().st_size, file_digest(data))
+    (tmp / "shard.json").write_text(json.dumps(info.to_dict(), indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(shards)
+    return info
+
+
+def sealed_shard(root: Path, shard_id: int) -> ShardInfo | None:
+    """The info of a sealed shard whose data still matches its recorded digest, else None."""
+    folder = root / SHARDS / shard_name(shard_id)
+    try:
+        info = ShardInfo.from_dict(json.loads((folder / "shard.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return info if file_digest(folder / "data.mdb") == info.digest else None
+
+
+# LMDB allows one environment per file per process, and none may cross fork(): every reader in a
+# process shares these, keyed by path, and a child process or a rebuilt shard (new inode) reopens.
+_OPEN: dict[str, tuple[int, int, lmdb.Environment]] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def open_shard(root: Path, name: str) -> lmdb.Environment:
+    """A sealed shard, read-only and lock-free (safe: it is never written again), shared in-process."""
+    path = os.path.realpath(root / SHARDS / name)
+    inode = os.stat(os.path.join(path, "data.mdb")).st_ino
+    with _OPEN_LOCK:
+        entry = _OPEN.get(path)
+        if entry is not None and entry[:2] == (os.getpid(), inode):
+            return entry[2]
+        if entry is not None:
+            # Inherited through fork, or the shard was rebuilt. Closing a read-only, lock-free
+            # environment only unmaps this process's view, so a child may close its parent's copy.
+            entry[2].close()
+        env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True, max_readers=1024)
+        _OPEN[path] = (os.getpid(), inode, env)
+        return env

@@ -1,0 +1,245 @@
+"""Storage: round trip, atomic publish, integrity, refusal of foreign indexes, concurrent readers."""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reader.config import BTRConfig
+from reader.identity import IncompatibleIndex
+from reader.inputs import Passage
+from reader.assets import wikipedia_sample_path
+from storage.build import build_index, encode_corpus
+from storage.codec import Codec, PrototypeCounter
+from storage.index import Index, IndexNotFound, IndexWriter
+from storage.record import CorruptRecord
+from storage.shard import SHARDS, shard_name
+from storage.verify import main as verify_main
+
+
+def sample_passages(count: int) -> list[Passage]:
+    with open(wikipedia_sample_path(), encoding="utf-8") as f:
+        articles = list(json.load(f).values())[:count]
+    return [Passage(a["title"], a["extract"], f"wiki-{i}") for i, a in enumerate(articles)]
+
+
+PASSAGES = sample_passages(24)
+
+
+@pytest.fixture
+def reader(make_extractive):
+    return make_extractive(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)
+
+
+@pytest.fixture
+def index_path(tmp_path, reader) -> Path:
+    build_index(tmp_path / "idx", reader, PASSAGES, shard_size=10)
+    return tmp_path / "idx"
+
+
+def test_fetch_returns_exactly_what_was_written(index_path, reader):
+    expected = encode_corpus(reader, PASSAGES)
+    index = Index.open(index_path, expect=reader.identity())
+    assert len(index) == 24 and [s.rows for s in index.manifest.shards] == [10, 10, 4]
+    rows = [23, 0, 11, 5, 10]
+    for stored in index.fetch(rows):
+        want, passage = expected[stored.row], PASSAGES[stored.row]
+        assert (stored.pid, stored.title, stored.text) == (passage.id, passage.title, passage.text)
+        assert torch.equal(stored.tokens.token_ids, want.token_ids)
+        assert torch.equal(stored.tokens.bits, want.bits)
+        assert torch.equal(stored.tokens.scale, want.scale)
+    # The reader takes the fetched bits as they are.
+    stored = [p.tokens for p in index.fetch([0, 1])]
+    assert reader.extract(["what is it?"], [stored], "btr")[0].text
+
+
+def test_manifest_records_reader_codec_and_counts(index_path, reader):
+    manifest = json.loads((index_path / "manifest.json").read_text())
+    assert manifest["format_version"] == 1
+    assert manifest["reader"]["split_layer"] == 2 and manifest["reader"]["hidden_size"] == 64
+    assert manifest["reader"]["weights_digest"] == reader.identity().weights_digest
+    assert manifest["passages"] == 24 and manifest["tokens"] == sum(len(r) for r in encode_corpus(reader, PASSAGES))
+    assert set(manifest["codec"]["files"]) >= {"prototypes.npy"}
+    for shard in manifest["shards"]:
+        assert shard["bytes"] == (index_path / SHARDS / shard["name"] / "data.mdb").stat().st_size
+
+
+def test_shard_bytes_are_deterministic(tmp_path, reader):
+    a = build_index(tmp_path / "a", reader, PASSAGES, shard_size=10)
+    b = build_index(tmp_path / "b", reader, PASSAGES, shard_size=10)
+    assert [s.digest for s in a.shards] == [s.digest for s in b.shards]
+
+
+def test_no_manifest_no_index(tmp_path, reader):
+    records = encode_corpus(reader, PASSAGES[:5])
+    codec = Codec.fit(((r.token_ids.numpy(), r.bits.numpy()) for r in records), reader.vocab_size, 64)
+    writer = IndexWriter(tmp_path / "idx", reader.identity(), codec)
+    info = writer.write_shard(0, 0, ((p.id, p.title, p.text, r) for p, r in zip(PASSAGES, records)))
+    with pytest.raises(IndexNotFound, match="manifest.json is missing"):
+        Index.open(tmp_path / "idx")
+    with pytest.raises(ValueError, match="expected 0"):
+        writer.publish([type(info)(**{**info.to_dict(), "first_row": 3})])
+    writer.publish([info])
+    assert len(Index.open(tmp_path / "idx")) == 5
+
+
+def _flip_byte_inside_record(index_path: Path, row: int) -> str:
+    index = Index.open(index_path)
+    [value] = index.read_raw([row])
+    shard = index.manifest.shards[0].name
+    data_file = index_path / SHARDS / shard / "data.mdb"
+    data = bytearray(data_file.read_bytes())
+    at = data.find(value[40:80])
+    assert at > 0 and data.find(value[40:80], at + 1) == -1
+    data[at + 10] ^= 0x40
+    data_file.write_bytes(bytes(data))
+    return shard
+
+
+def test_flipped_byte_is_caught_by_verify_and_by_the_reader_path(index_path, capsys):
+    assert verify_main([str(index_path)]) == 0
+    shard = _flip_byte_inside_record(index_path, row=3)
+    assert verify_main([str(index_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{shard}: digest differs" in err and f"{shard} row 3 (passage 'wiki-3'): checksum mismatch" in err
+    index = Index.open(index_path)
+    with pytest.raises(CorruptRecord, match=f"{shard} row 3: checksum mismatch"):
+        index.fetch([2, 3])
+    assert index.fetch([2])[0].pid == "wiki-2"  # the rest stays readable
+
+
+def test_verify_without_an_index_says_so(tmp_path, capsys):
+    assert verify_main([str(tmp_path)]) == 2
+    assert "manifest.json is missing" in capsys.readouterr().err
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from storage.shard import write_shard
+
+class DiesMidway(list):
+    # Killed with SIGKILL half-way through the second pass over its values: the LMDB puts.
+
+    passes = 0
+
+    def __iter__(self):
+        DiesMidway.passes += 1
+        for i, value in enumerate(list.__iter__(self)):
+            if DiesMidway.passes == 2 and i == 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield value
+
+write_shard(Path(sys.argv[1]), 1, 10, DiesMidway([b"x" * 5000] * 10), 10)
+"""
+
+
+def test_half_written_shard_is_never_listed_and_is_rebuilt(index_path, reader):
+    writer_script = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(index_path)], cwd=Path.cwd())
+    assert writer_script.returncode == -9
+    leftover = index_path / SHARDS / f".tmp-{shard_name(1)}"
+    assert leftover.exists()
+    # The published index is untouched: its shard 1 is the sealed one.
+    index = Index.open(index_path)
+    assert index.fetch([10])[0].pid == "wiki-10"
+    assert verify_main([str(index_path)]) == 0
+    # A sealed shard whose data changed is not trusted by a resumed run either.
+    writer = IndexWriter(index_path, reader.identity(), index.format.codec)
+    assert writer.sealed(1) is not None
+    with open(index_path / SHARDS / shard_name(1) / "data.mdb", "r+b") as f:
+        f.seek(5000)
+        f.write(b"\x00garbage")
+    assert writer.sealed(1) is None
+    # The next run rebuilds shard 1 and clears the leftover.
+    records = encode_corpus(reader, PASSAGES[10:20])
+    info = writer.write_shard(1, 10, ((p.id, p.title, p.text, r) for p, r in zip(PASSAGES[10:20], records)))
+    assert not leftover.exists() and writer.sealed(1) == info
+    writer.publish([Index.open(index_path).manifest.shards[0], info, Index.open(index_path).manifest.shards[2]])
+    assert verify_main([str(index_path)]) == 0
+
+
+def test_index_from_another_split_or_model_is_refused(index_path, make_extractive):
+    other_k = make_extractive(BTRConfig(split_layer=3, max_passage_tokens=96), hidden_size=64)
+    with pytest.raises(IncompatibleIndex, match="split layer k: index 2, reader 3"):
+        Index.open(index_path, expect=other_k.identity())
+    other_weights = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64, seed=1)
+    with pytest.raises(IncompatibleIndex, match="model weights"):
+        Index.open(index_path, expect=other_weights.identity())
+
+
+def test_writer_refuses_bits_from_another_split(tmp_path, reader, make_extractive):
+    other = make_extractive(BTRConfig(split_layer=1, max_passage_tokens=96), hidden_size=64)
+    [foreign] = other.encode_passages(PASSAGES[:1])
+    codec = Codec.fit([(foreign.token_ids.numpy(), foreign.bits.numpy())], reader.vocab_size, 64)
+    writer = IndexWriter(tmp_path / "idx", reader.identity(), codec)
+    with pytest.raises(ValueError, match="k=1"):
+        writer.write_shard(0, 0, [("p", "t", "x", foreign)])
+
+
+def _digest_of_fetch(index_path: str, rows: list[int]) -> str:
+    import hashlib
+
+    index = Index.open(index_path)
+    digest = hashlib.sha256()
+    for p in index.fetch(rows):
+        digest.update(p.pid.encode() + p.tokens.bits.numpy().tobytes() + p.tokens.scale.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def test_threads_and_processes_read_identical_results(index_path):
+    rows = list(np.random.default_rng(0).integers(0, 24, size=60))
+    rows = [int(r) for r in rows]
+    serial = _digest_of_fetch(str(index_path), rows)
+    index = Index.open(index_path)  # one index shared by every thread
+    with futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: [(p.pid, p.tokens.bits.sum().item()) for p in index.fetch(rows)], range(16)))
+    assert all(r == results[0] for r in results)
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        digests = pool.starmap(_digest_of_fetch, [(str(index_path), rows)] * 8)
+    assert set(digests) == {serial}
+    # A forked child reopens the shards it inherited instead of using the parent's environments;
+    # a pickled index (spawn) works too.
+    global _INHERITED
+    _INHERITED = index
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        forked = pool.map(_fetch_inherited, [rows] * 2)
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        pickled = pool.starmap(_fetch_pickled, [(index, rows)])
+    assert forked + pickled == [[p.pid for p in index.fetch(rows)]] * 3
+
+
+_INHERITED: Index | None = None
+
+
+def _fetch_inherited(rows: list[int]) -> list[str]:
+    return [p.pid for p in _INHERITED.fetch(rows)]
+
+
+def _fetch_pickled(index: Index, rows: list[int]) -> list[str]:
+    return [p.pid for p in index.fetch(rows)]
+
+
+def test_prototypes_are_the_per_dimension_majority():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5, size=200)
+    bits = rng.integers(0, 256, size=(200, 2), dtype=np.uint8)
+    counter = PrototypeCounter(6, 16)
+    counter.add(ids[:120], bits[:120])
+    counter.add(ids[120:], bits[120:])
+    protos = np.unpackbits(counter.prototypes(min_count=1), axis=1, bitorder="little")
+    unpacked = np.unpackbits(bits, axis=1, bitorder="little")
+    for token in range(5):
+        assert np.array_equal(protos[token], (unpacked[ids == token].mean(0) >= 0.5).astype(np.uint8))
+    overall = (unpacked.mean(0) >= 0.5).astype(np.uint8)
+    assert np.array_equal(protos[5], overall)  # never seen: the global prototype
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        counter.add(np.array([9]), bits[:1])
