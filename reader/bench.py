@@ -21,7 +21,7 @@ from dataclasses import asdict
 import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from .assets import minilm_path, wikipedia_sample_path
+from .assets import minilm_path, wikipedia_sample
 from .config import NO_MERGE, BTRConfig, RuntimeMerge
 from .fid import FiDReader
 from .inputs import Passage
@@ -35,13 +35,7 @@ SHAPES = {
 
 def sample_passages(count: int, min_words: int) -> list[Passage]:
     """The first ``count`` articles of the bundled sample with at least ``min_words`` words."""
-    with open(wikipedia_sample_path(), encoding="utf-8") as f:
-        articles = json.load(f)
-    picked = [
-        Passage(a["title"], a["extract"], key)
-        for key, a in articles.items()
-        if len(a["extract"].split()) >= min_words
-    ][:count]
+    picked = wikipedia_sample(count, min_words)
     if len(picked) < count:
         raise SystemExit(f"the sample has only {len(picked)} articles of {min_words}+ words; asked for {count}")
     return picked

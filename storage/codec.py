@@ -2,8 +2,8 @@
 
 Sign bits are packed 8 per byte, XORed with their vocabulary token's prototype (the per-dimension
 majority bit over the corpus, i.e. the sign of the mean), and the sparse residual is compressed
-with zstd using a dictionary trained on the corpus' residuals. Token ids and fp16 scales go through
-zstd too (scales byte-shuffled: high bytes, then low bytes). Decoding is byte-wise (XOR of packed
+with zstd using a dictionary trained on the corpus' residuals. Token ids, fp16 scales (byte-shuffled:
+high bytes, then low bytes) and passage text go through plain zstd. Decoding is byte-wise (XOR of packed
 rows, no per-bit work), which is what keeps a query's fetch in milliseconds.
 """
 
@@ -124,6 +124,12 @@ class Codec:
         return self._local.decompress
 
     # ---- coding ---------------------------------------------------------------------------------
+    def encode_text(self, text: str) -> bytes:
+        return self._compressors()[1].compress(text.encode())
+
+    def decode_text(self, data: bytes) -> str:
+        return self._decompressors()[1].decompress(data).decode()
+
     def residual(self, ids: np.ndarray, bits: np.ndarray) -> np.ndarray:
         """Packed bits XOR their tokens' prototypes: mostly zero bytes (and its own inverse)."""
         return np.bitwise_xor(bits, self.prototypes[ids])
@@ -131,21 +137,38 @@ class Codec:
     def encode(self, ids: np.ndarray, bits: np.ndarray, scale: np.ndarray) -> tuple[bytes, bytes, bytes]:
         """Compressed (ids, scale, bits) sections of one passage."""
         bits_z, plain_z = self._compressors()
-        shuffled = np.ascontiguousarray(scale.astype("<f2").view(np.uint8).reshape(-1, 2).T)
+        shuffled = np.ascontiguousarray(scale.astype("<f2").view(np.uint8).reshape(-1, 2).T)  # low bytes, high bytes
         return (
             plain_z.compress(ids.astype(self.id_dtype).tobytes()),
             plain_z.compress(shuffled.tobytes()),
             bits_z.compress(self.residual(ids, bits).tobytes()),
         )
 
-    def decode(self, ids_z: bytes, scale_z: bytes, bits_z: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """ids int32 [L], packed bits uint8 [L, d/8], scale float16 [L] from the three sections."""
+    def decode_many(self, sections: list[tuple]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Decode several passages' (ids, scale, bits) sections (any buffers) at once.
+
+        Returns (ids int32 [L], packed bits uint8 [L, d/8], scale float16 [L]) per passage. The
+        prototype lookup and XOR run once over all passages: a query's fetch pays numpy's per-call
+        overhead once, not per passage.
+        """
         bits_d, plain_d = self._decompressors()
-        ids = np.frombuffer(plain_d.decompress(ids_z), dtype=self.id_dtype).astype(np.int32)
-        halves = np.frombuffer(plain_d.decompress(scale_z), dtype=np.uint8).reshape(2, -1)
-        scale = np.ascontiguousarray(halves.T).view("<f2").reshape(-1).astype(np.float16)
-        residual = np.frombuffer(bits_d.decompress(bits_z), dtype=np.uint8).reshape(len(ids), -1)
-        return ids, self.residual(ids, residual), scale
+        ids = [np.frombuffer(plain_d.decompress(ids_z), dtype=self.id_dtype) for ids_z, _, _ in sections]
+        lengths = [len(i) for i in ids]
+        all_ids = np.concatenate(ids).astype(np.int32)
+        residual = np.frombuffer(b"".join(bits_d.decompress(bits_z) for _, _, bits_z in sections), dtype=np.uint8)
+        bits = np.bitwise_xor(residual.reshape(len(all_ids), -1), np.take(self.prototypes, all_ids, axis=0))
+        out, start = [], 0
+        for (_, scale_z, _), n in zip(sections, lengths):
+            shuffled = plain_d.decompress(scale_z)
+            scale = np.empty(2 * n, dtype=np.uint8)
+            scale[0::2], scale[1::2] = np.frombuffer(shuffled, np.uint8, n), np.frombuffer(shuffled, np.uint8, n, n)
+            out.append((all_ids[start : start + n], bits[start : start + n], scale.view("<f2")))
+            start += n
+        return out
+
+    def decode(self, ids_z, scale_z, bits_z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One passage's ids, packed bits and scales (see ``decode_many``)."""
+        return self.decode_many([(ids_z, scale_z, bits_z)])[0]
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, folder: Path) -> dict:

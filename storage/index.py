@@ -22,7 +22,7 @@ from reader.binary import BinaryTokens
 from reader.identity import ReaderIdentity
 
 from .codec import Codec
-from .record import RecordFormat, StoredPassage, decode_record, encode_record
+from .record import RecordFormat, StoredPassage, decode_records, encode_record
 from .shard import KEY, SHARDS, ShardInfo, open_shard, sealed_shard, write_shard
 
 FORMAT_VERSION = 1
@@ -183,10 +183,9 @@ class Index:
 
     def fetch(self, rows: Sequence[int]) -> list[StoredPassage]:
         """Passages for ``rows`` in order, each record's checksum verified (CorruptRecord if not)."""
-        return [
-            decode_record(self.format, value, row, f"{self._shard_of(row).name} row {row}")
-            for row, value in zip(rows, self.read_raw(rows))
-        ]
+        rows = list(rows)
+        wheres = [f"{self._shard_of(row).name} row {row}" for row in rows]
+        return decode_records(self.format, self.read_raw(rows), rows, wheres)
 
 
 __all__ = ["SHARDS", "Index", "IndexNotFound", "IndexWriter", "Manifest"]

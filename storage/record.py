@@ -19,7 +19,6 @@ VERSION = 1
 # version, pid length, tokens, then byte lengths of: ids, scale, bits, title, text (zstd)
 _HEADER = struct.Struct("<BHIIIIII")
 _CRC = struct.Struct("<I")
-_TEXT = zstd.ZstdCompressor(level=19, write_checksum=False)
 
 
 class CorruptRecord(ValueError):
@@ -54,7 +53,7 @@ def encode_record(fmt: RecordFormat, pid: str, title: str, text: str, tokens: Bi
     """Serialize one passage."""
     ids = tokens.token_ids.numpy().astype(np.int32)
     ids_z, scale_z, bits_z = fmt.codec.encode(ids, tokens.bits.numpy(), tokens.scale.numpy())
-    pid_b, title_b, text_z = pid.encode(), title.encode(), _TEXT.compress(text.encode())
+    pid_b, title_b, text_z = pid.encode(), title.encode(), fmt.codec.encode_text(text)
     body = b"".join(
         [
             _HEADER.pack(VERSION, len(pid_b), len(ids), len(ids_z), len(scale_z), len(bits_z), len(title_b), len(text_z)),
@@ -70,6 +69,13 @@ def check_record(data: bytes, where: str) -> None:
         raise CorruptRecord(f"{where}: checksum mismatch (the record was altered after it was written)")
 
 
+def section_sizes(data: bytes) -> dict[str, int]:
+    """Bytes per section of a stored record (header and checksum included in ``total``)."""
+    _, pid_len, _, *lengths = _HEADER.unpack_from(data)
+    names = ("ids", "scale", "bits", "title", "text")
+    return {"pid": pid_len, **dict(zip(names, lengths)), "total": len(data)}
+
+
 def record_pid(data: bytes) -> str:
     """The passage id of a record (for error messages), without decoding the rest."""
     try:
@@ -79,8 +85,8 @@ def record_pid(data: bytes) -> str:
         return "?"
 
 
-def decode_record(fmt: RecordFormat, data: bytes, row: int, where: str) -> StoredPassage:
-    """Check and parse one record; CorruptRecord if anything is off."""
+def _sections(data: bytes, where: str) -> tuple[int, list[memoryview]]:
+    """Token count and the (pid, ids, scale, bits, title, text) sections of a checked record."""
     check_record(data, where)
     try:
         version, pid_len, n_tokens, *lengths = _HEADER.unpack_from(data)
@@ -90,22 +96,39 @@ def decode_record(fmt: RecordFormat, data: bytes, row: int, where: str) -> Store
         raise CorruptRecord(f"{where}: record format {version}; this code reads format {VERSION}")
     view, offset, parts = memoryview(data), _HEADER.size, []
     for size in (pid_len, *lengths):
-        parts.append(bytes(view[offset : offset + size]))
+        parts.append(view[offset : offset + size])
         offset += size
-    pid, ids_z, scale_z, bits_z, title, text_z = parts
+    return n_tokens, parts
+
+
+def decode_records(fmt: RecordFormat, values: list[bytes], rows: list[int], wheres: list[str]) -> list[StoredPassage]:
+    """Check and parse records (one batch decode for all); CorruptRecord names the first bad one."""
+    parsed = [_sections(value, where) for value, where in zip(values, wheres)]
     try:
-        ids, bits, scale = fmt.codec.decode(ids_z, scale_z, bits_z)
-        text = zstd.ZstdDecompressor().decompress(text_z).decode()
-    except (zstd.ZstdError, ValueError, UnicodeDecodeError) as error:
-        raise CorruptRecord(f"{where}: record does not decode ({error})") from error
-    if len(ids) != n_tokens:
-        raise CorruptRecord(f"{where}: {len(ids)} token ids, header says {n_tokens}")
-    tokens = BinaryTokens(
-        token_ids=torch.from_numpy(ids),
-        bits=torch.from_numpy(bits),
-        scale=torch.from_numpy(scale),
-        split_layer=fmt.split_layer,
-        hidden_size=fmt.codec.hidden_size,
-        calibration=fmt.calibration,
-    )
-    return StoredPassage(row, pid.decode(), title.decode(), text, tokens)
+        decoded = fmt.codec.decode_many([(p[1], p[2], p[3]) for _, p in parsed])
+    except (zstd.ZstdError, ValueError) as error:
+        # Checksums passed, so this is a codec mismatch or a bug: find and name the record.
+        for (_, parts), where in zip(parsed, wheres):
+            try:
+                fmt.codec.decode(parts[1], parts[2], parts[3])
+            except (zstd.ZstdError, ValueError) as inner:
+                raise CorruptRecord(f"{where}: record does not decode ({inner})") from inner
+        raise
+    out = []
+    for row, where, (n_tokens, parts), (ids, bits, scale) in zip(rows, wheres, parsed, decoded):
+        if len(ids) != n_tokens:
+            raise CorruptRecord(f"{where}: {len(ids)} token ids, header says {n_tokens}")
+        try:
+            pid, title, text = str(parts[0], "utf-8"), str(parts[4], "utf-8"), fmt.codec.decode_text(parts[5])
+        except (UnicodeDecodeError, zstd.ZstdError) as error:
+            raise CorruptRecord(f"{where}: text does not decode ({error})") from error
+        tokens = BinaryTokens(
+            token_ids=torch.from_numpy(ids),
+            bits=torch.from_numpy(bits),
+            scale=torch.from_numpy(scale),
+            split_layer=fmt.split_layer,
+            hidden_size=fmt.codec.hidden_size,
+            calibration=fmt.calibration,
+        )
+        out.append(StoredPassage(row, pid, title, text, tokens))
+    return out

