@@ -4,8 +4,9 @@
 
 Runs the default reader's lower layers (MiniLM, k = 4 of 6) over the bundled Wikipedia sample,
 writes an index through the product's own writer, and reports bits per dimension per token for
-each coding, plus the time to fetch and decode a query's worth of passages against a plain LMDB
-read of the same bytes.
+each coding (plain packed bits, packed + zstd, the index's lossless codec, and after the offline
+merge), plus the time to fetch and decode a query's worth of passages against a plain LMDB read of
+the same bytes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from reader.extractive import ExtractiveReader
 from .build import encode_corpus, write_index
 from .codec import CodecSettings, PrototypeCounter
 from .index import Index
+from .offline import OfflineMerge, merge_index, stopword_ids
 from .record import section_sizes
 
 
@@ -70,9 +72,14 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     manifest = write_index(root, reader, passages, records, args.shard_size, CodecSettings(level=args.level))
     index = Index.open(root, expect=reader.identity())
 
+    merged_root = root.parent / f"{root.name}-merged"
+    merge_index(root, merged_root, stopword_ids(reader.tokenizer), OfflineMerge(args.offline_ratio))
+    merged = Index.open(merged_root, expect=reader.identity())
+
     tokens, d = manifest.tokens, reader.hidden_size
     per_dim = 8 / (tokens * d)  # bytes -> bits per dimension per token
     sizes = [section_sizes(v) for v in index.read_raw(range(len(index)))]
+    merged_sizes = [section_sizes(v) for v in merged.read_raw(range(len(merged)))]
     plain = zstd.ZstdCompressor(level=args.level)
     codec_dir = root / "codec"
     table_bytes = sum(f.stat().st_size for f in codec_dir.iterdir())
@@ -80,11 +87,13 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     lengths = np.array([len(r) for r in records])
     rows = [int(i) for i in np.argsort(np.abs(lengths - args.fetch_tokens), kind="stable")[: args.fetch]]
     fetch_ms, raw_ms = time_reads(index, rows, args.repeats)
+    merged_fetch_ms, _ = time_reads(merged, rows, args.repeats)
     return {
         "bits_per_dim": {
             "packed": 1.0,
             "zstd": round(sum(len(plain.compress(r.bits.numpy().tobytes())) for r in records) * per_dim, 4),
             "lossless": round(sum(s["bits"] for s in sizes) * per_dim, 4),
+            f"merged_{args.offline_ratio}": round(sum(s["bits"] for s in merged_sizes) * per_dim, 4),
         },
         "entropy_given_token_dim": round(entropy_given_token_dim(records, reader.vocab_size, d), 4),
         "other_bits_per_dim": {
@@ -94,6 +103,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         },
         "fetch_decode_ms_40": round(fetch_ms, 3),
         "raw_read_ms_40": round(raw_ms, 3),
+        "fetch_decode_ms_40_merged": round(merged_fetch_ms, 3),
         "fetch_tokens_mean": round(float(lengths[rows].mean()), 1),
         "index_bytes": sum(s.bytes for s in manifest.shards) + table_bytes,
         "record_bytes_per_token": round(sum(s["total"] for s in sizes) / tokens, 2),
@@ -107,6 +117,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             "max_passage_tokens": args.passage_tokens,
             "shards": len(manifest.shards),
             "zstd_level": args.level,
+            "offline_merge": merged.manifest.extra["offline_merge"],
             "fetch": args.fetch,
             "repeats": args.repeats,
         },
@@ -120,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passage-tokens", type=int, default=256, help="passage length limit")
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--level", type=int, default=19, help="zstd level")
+    parser.add_argument("--offline-ratio", type=float, default=0.2, help="r_o of the offline merge")
     parser.add_argument("--fetch", type=int, default=40, help="passages per timed fetch (a query's worth)")
     parser.add_argument("--fetch-tokens", type=int, default=200, help="fetch the passages closest to this length")
     parser.add_argument("--repeats", type=int, default=50)

@@ -1,15 +1,17 @@
 """Lossless coding of binary token representations.
 
 Sign bits are packed 8 per byte, XORed with their vocabulary token's prototype (the per-dimension
-majority bit over the corpus, i.e. the sign of the mean), and the sparse residual is compressed
-with zstd using a dictionary trained on the corpus' residuals. Token ids, fp16 scales (byte-shuffled:
-high bytes, then low bytes) and passage text go through plain zstd. Decoding is byte-wise (XOR of packed
+majority bit over the corpus, i.e. the sign of the mean); all-zero residual rows are dropped behind
+a bitmap, and the rest is compressed with zstd using a dictionary trained on the corpus' residuals.
+Token ids, fp16 scales (byte-shuffled: low bytes, then high bytes) and passage text go through
+plain zstd. Decoding is byte-wise (XOR of packed
 rows, no per-bit work), which is what keeps a query's fetch in milliseconds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -17,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import zstandard as zstd
+
+
+PROTOTYPES = "prototypes.npy.zst"
 
 
 @dataclass(frozen=True)
@@ -99,15 +104,19 @@ class Codec:
             counter.add(ids, bits)
             if len(sample) < settings.dictionary_samples:
                 sample.append((ids, bits))
-        codec = cls(counter.prototypes(settings.min_count), None, settings)
-        if settings.dictionary_bytes and sample:
-            residuals = [codec.residual(ids, bits).tobytes() for ids, bits in sample]
+        return cls(counter.prototypes(settings.min_count), None, settings).with_dictionary(sample)
+
+    def with_dictionary(self, sample: list[tuple[np.ndarray, np.ndarray]]) -> "Codec":
+        """This codec's prototypes with a zstd dictionary trained on ``sample``'s residuals."""
+        dictionary = None
+        if self.settings.dictionary_bytes and sample:
+            residuals = [self._elide_zero_rows(self.residual(ids, bits)) for ids, bits in sample]
             try:
-                trained = zstd.train_dictionary(settings.dictionary_bytes, residuals, level=settings.level)
-                codec.dictionary = trained.as_bytes()
+                trained = zstd.train_dictionary(self.settings.dictionary_bytes, residuals, level=self.settings.level)
+                dictionary = trained.as_bytes()
             except zstd.ZstdError:
-                codec.dictionary = None  # too little data to learn from: plain zstd
-        return codec
+                dictionary = None  # too little data to learn from: plain zstd
+        return Codec(self.prototypes, dictionary, self.settings)
 
     # ---- per-thread zstd state ------------------------------------------------------------------
     def _compressors(self) -> tuple[zstd.ZstdCompressor, zstd.ZstdCompressor]:
@@ -141,8 +150,15 @@ class Codec:
         return (
             plain_z.compress(ids.astype(self.id_dtype).tobytes()),
             plain_z.compress(shuffled.tobytes()),
-            bits_z.compress(self.residual(ids, bits).tobytes()),
+            bits_z.compress(self._elide_zero_rows(self.residual(ids, bits))),
         )
+
+    @staticmethod
+    def _elide_zero_rows(residual: np.ndarray) -> bytes:
+        """A bitmap of the non-zero residual rows, then those rows: tokens equal to their prototype
+        (all stopwords after offline merging) cost one bit."""
+        nonzero = residual.any(1)
+        return np.packbits(nonzero, bitorder="little").tobytes() + residual[nonzero].tobytes()
 
     def decode_many(self, sections: list[tuple]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Decode several passages' (ids, scale, bits) sections (any buffers) at once.
@@ -155,8 +171,17 @@ class Codec:
         ids = [np.frombuffer(plain_d.decompress(ids_z), dtype=self.id_dtype) for ids_z, _, _ in sections]
         lengths = [len(i) for i in ids]
         all_ids = np.concatenate(ids).astype(np.int32)
-        residual = np.frombuffer(b"".join(bits_d.decompress(bits_z) for _, _, bits_z in sections), dtype=np.uint8)
-        bits = np.bitwise_xor(residual.reshape(len(all_ids), -1), np.take(self.prototypes, all_ids, axis=0))
+        masks, rows = [], []
+        for (_, _, bits_z), n in zip(sections, lengths):
+            data = bits_d.decompress(bits_z)
+            head = (n + 7) // 8
+            masks.append(np.unpackbits(np.frombuffer(data, np.uint8, head), count=n, bitorder="little"))
+            rows.append(data[head:])
+        width = self.prototypes.shape[1]
+        nonzero = np.concatenate(masks).astype(bool)
+        residual = np.zeros((len(all_ids), width), dtype=np.uint8)
+        residual[nonzero] = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, width)
+        bits = np.bitwise_xor(residual, np.take(self.prototypes, all_ids, axis=0))
         out, start = [], 0
         for (_, scale_z, _), n in zip(sections, lengths):
             shuffled = plain_d.decompress(scale_z)
@@ -172,10 +197,13 @@ class Codec:
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, folder: Path) -> dict:
-        """Write prototypes.npy (and bits.zdict); return their digests for the manifest."""
+        """Write prototypes.npy.zst (and bits.zdict); return their digests for the manifest."""
         folder.mkdir(parents=True, exist_ok=True)
-        np.save(folder / "prototypes.npy", self.prototypes)
-        files = {"prototypes.npy": file_digest(folder / "prototypes.npy")}
+        buffer = io.BytesIO()
+        np.save(buffer, self.prototypes)
+        # Rows of tokens too rare for their own prototype repeat the global one: zstd removes them.
+        (folder / PROTOTYPES).write_bytes(zstd.ZstdCompressor(level=19).compress(buffer.getvalue()))
+        files = {PROTOTYPES: file_digest(folder / PROTOTYPES)}
         if self.dictionary:
             (folder / "bits.zdict").write_bytes(self.dictionary)
             files["bits.zdict"] = file_digest(folder / "bits.zdict")
@@ -188,7 +216,8 @@ class Codec:
             if file_digest(folder / name) != digest:
                 raise ValueError(f"codec file {folder / name} does not match the manifest's digest")
         dictionary = (folder / "bits.zdict").read_bytes() if "bits.zdict" in description["files"] else None
-        return cls(np.load(folder / "prototypes.npy"), dictionary, CodecSettings(**description["settings"]))
+        prototypes = np.load(io.BytesIO(zstd.ZstdDecompressor().decompress((folder / PROTOTYPES).read_bytes())))
+        return cls(prototypes, dictionary, CodecSettings(**description["settings"]))
 
 
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:

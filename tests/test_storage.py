@@ -62,7 +62,7 @@ def test_manifest_records_reader_codec_and_counts(index_path, reader):
     assert manifest["reader"]["split_layer"] == 2 and manifest["reader"]["hidden_size"] == 64
     assert manifest["reader"]["weights_digest"] == reader.identity().weights_digest
     assert manifest["passages"] == 24 and manifest["tokens"] == sum(len(r) for r in encode_corpus(reader, PASSAGES))
-    assert set(manifest["codec"]["files"]) >= {"prototypes.npy"}
+    assert set(manifest["codec"]["files"]) >= {"prototypes.npy.zst"}
     for shard in manifest["shards"]:
         assert shard["bytes"] == (index_path / SHARDS / shard["name"] / "data.mdb").stat().st_size
 

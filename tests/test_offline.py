@@ -1,0 +1,100 @@
+"""Offline (lossy) compression: stopword collapse, bipartite merging by Hamming distance, the rewrite."""
+
+import json
+
+import numpy as np
+import pytest
+
+from reader.assets import wikipedia_sample
+from reader.config import BTRConfig
+from reader.inputs import Passage
+from storage.build import build_index
+from storage.index import Index
+from storage.offline import OfflineMerge, merge_index, merge_occurrences, stopword_ids
+from storage.record import section_sizes
+from storage.verify import main as verify_main
+
+PASSAGES = [Passage(p.title, p.text, f"wiki-{i}") for i, p in enumerate(wikipedia_sample(40))]
+
+
+def packed(signs: np.ndarray) -> np.ndarray:
+    return np.packbits(signs > 0, axis=1, bitorder="little")
+
+
+def test_nearest_occurrences_merge_into_sign_of_sum_with_prototype_ties():
+    rng = np.random.default_rng(0)
+    base = rng.choice([-1, 1], size=(1, 16))
+    far = -base
+    # A = rows 0, 2, 4; B = rows 1, 3, 5. Row 0 is one bit from row 1; the others are far apart.
+    near = base.copy()
+    near[0, 0] *= -1
+    rows = np.concatenate([near, base, far, rng.choice([-1, 1], size=(3, 16))])
+    prototype = packed(np.ones((1, 16)))[0]
+    out = np.unpackbits(merge_occurrences(packed(rows), prototype, ratio=1 / 6), axis=1, bitorder="little")
+    expected = (base[0] > 0).astype(np.uint8)
+    expected[0] = 1  # the one disagreement is a tie: the prototype's bit (+1) wins
+    assert np.array_equal(out[0], expected) and np.array_equal(out[1], expected)
+    assert np.array_equal(out[2:], np.unpackbits(packed(rows[2:]), axis=1, bitorder="little"))  # untouched
+
+
+def test_ratio_zero_and_tiny_groups_are_left_alone():
+    bits = np.arange(12, dtype=np.uint8).reshape(6, 2)
+    assert merge_occurrences(bits, np.zeros(2, np.uint8), 0.0) is bits
+    single = bits[:1]
+    assert merge_occurrences(single, np.zeros(2, np.uint8), 0.2) is single
+
+
+def test_stopwords_include_function_words_punctuation_and_specials(tokenizer):
+    ids = stopword_ids(tokenizer)
+    for token in ("the", "of", ",", ".", "[SEP]", "[CLS]", "title", "context"):
+        assert tokenizer.convert_tokens_to_ids(token) in ids
+    for token in ("paris", "tragedy", "1600"):
+        assert tokenizer.convert_tokens_to_ids(token) not in ids
+
+
+@pytest.fixture
+def indexes(tmp_path, make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=128), hidden_size=64)
+    build_index(tmp_path / "lossless", reader, PASSAGES, shard_size=15)
+    stopwords = stopword_ids(reader.tokenizer)
+    merge_index(tmp_path / "lossless", tmp_path / "merged", stopwords, OfflineMerge(0.2, chunk=64, buckets=3))
+    return reader, stopwords, Index.open(tmp_path / "lossless"), Index.open(tmp_path / "merged")
+
+
+def test_merged_index_is_smaller_verified_and_keeps_everything_else(indexes, tmp_path):
+    reader, stopwords, lossless, merged = indexes
+    assert verify_main([str(tmp_path / "merged")]) == 0
+    assert [s.rows for s in merged.manifest.shards] == [15, 15, 10]
+    manifest = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert manifest["extra"]["offline_merge"]["ratio"] == 0.2
+    bits = lambda index: sum(section_sizes(v)["bits"] for v in index.read_raw(range(len(index))))  # noqa: E731
+    assert bits(merged) < 0.8 * bits(lossless)
+    rows = list(range(len(lossless)))
+    for before, after in zip(lossless.fetch(rows), merged.fetch(rows)):
+        assert (before.pid, before.text) == (after.pid, after.text)
+        assert np.array_equal(before.tokens.token_ids, after.tokens.token_ids)
+        assert np.array_equal(before.tokens.scale, after.tokens.scale)
+    # The reader reads the merged bits like any others.
+    assert reader.extract(["what?"], [[p.tokens for p in merged.fetch([0, 1])]], "btr")[0].text
+
+
+def test_stopwords_collapse_and_about_a_fifth_of_the_rest_merge(indexes):
+    _, stopwords, lossless, merged = indexes
+    rows = list(range(len(lossless)))
+    ids = np.concatenate([p.tokens.token_ids.numpy() for p in lossless.fetch(rows)])
+    before = np.concatenate([p.tokens.bits.numpy() for p in lossless.fetch(rows)])
+    after = np.concatenate([p.tokens.bits.numpy() for p in merged.fetch(rows)])
+    prototypes = merged.format.codec.prototypes
+    is_stop = np.isin(ids, list(stopwords))
+    assert is_stop.mean() > 0.3
+    assert np.array_equal(after[is_stop], prototypes[ids[is_stop]])
+    changed = (after != before).any(1) & ~is_stop
+    assert 0.1 < changed.sum() / (~is_stop).sum() < 0.45  # merged A tokens and the B tokens they joined
+    # Identical vectors now stand for each merged group: fewer distinct vectors per token.
+    distinct = lambda bits: len({(t, v.tobytes()) for t, v in zip(ids[~is_stop], bits[~is_stop])})  # noqa: E731
+    assert distinct(after) < distinct(before)
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match=r"\[0, 0.5\]"):
+        OfflineMerge(ratio=0.7)
