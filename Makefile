@@ -22,6 +22,7 @@ test: install
 
 bench: install
 	$(BIN)/python -m reader.bench --json
+	$(BIN)/python -m storage.bench --json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoModelForQuestionAnswering
 
 from .binary import BinaryTokens
 from .config import BTRConfig, check_mode
@@ -37,6 +37,7 @@ class ExtractiveReader(SplitReader):
     """BERT-family reader that picks the best span across all retrieved passages."""
 
     calibration = "mean_abs"
+    model_class = AutoModelForQuestionAnswering  # a plain encoder checkpoint gets a fresh span head
 
     def __init__(self, model, tokenizer, config: BTRConfig | None = None, max_answer_tokens: int = 30) -> None:
         config = config or BTRConfig()
@@ -56,17 +57,6 @@ class ExtractiveReader(SplitReader):
             )
         self.model = model
         self.max_answer_tokens = max_answer_tokens
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, config: BTRConfig | None = None, **kwargs) -> "ExtractiveReader":
-        """Any BERT-family checkpoint; a plain encoder gets a freshly initialised span head."""
-        model = AutoModelForQuestionAnswering.from_pretrained(name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=kwargs.get("local_files_only", False))
-        return cls(model, tokenizer, config)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.hidden_size
 
     # ---- encoder hooks ------------------------------------------------------------------------
     def _positions(self, width: int, segment: str) -> tuple[torch.Tensor, torch.Tensor]:

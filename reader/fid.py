@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import AutoTokenizer, T5ForConditionalGeneration
+from transformers import T5ForConditionalGeneration
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from .config import BTRConfig, RuntimeMerge
@@ -30,23 +30,13 @@ class FiDReader(SplitReader):
     """Generative BTR reader: T5 encoder split at k, FiD decoder."""
 
     calibration = "rms"
+    model_class = T5ForConditionalGeneration
 
     def __init__(self, model: T5ForConditionalGeneration, tokenizer, config: BTRConfig | None = None) -> None:
         config = config or BTRConfig()
         layout = TokenLayout((), (), (_end_token(tokenizer),), model.config.pad_token_id)
         super().__init__(tokenizer, layout, model.config.num_layers, config)
         self.model = model
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, config: BTRConfig | None = None, **kwargs) -> "FiDReader":
-        """Any T5 checkpoint by hub name or local path (kwargs go to ``from_pretrained``)."""
-        model = T5ForConditionalGeneration.from_pretrained(name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=kwargs.get("local_files_only", False))
-        return cls(model, tokenizer, config)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.model.config.d_model
 
     # ---- encoder hooks ------------------------------------------------------------------------
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor, segment: str) -> Tokens:

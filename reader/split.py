@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from .binary import BinaryTokens, binarize, restore, to_binary_tokens, unpack_bits
 from .config import BTRConfig, check_mode
@@ -45,6 +46,7 @@ class SplitReader(nn.Module):
     """Base of both reader families; subclasses set ``self.model`` and implement the hooks below."""
 
     calibration: str  # "rms" (pre-norm) or "mean_abs" (post-norm)
+    model_class: type  # the transformers class a checkpoint loads as
 
     def __init__(self, tokenizer, layout: TokenLayout, num_layers: int, config: BTRConfig) -> None:
         super().__init__()
@@ -54,10 +56,18 @@ class SplitReader(nn.Module):
         self.config = config
         self.split_layer = config.resolve_split_layer(num_layers)
 
-    # ---- family hooks -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, config: BTRConfig | None = None, **kwargs):
+        """Any checkpoint of the family by hub name or local path (kwargs go to ``from_pretrained``)."""
+        model = cls.model_class.from_pretrained(name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=kwargs.get("local_files_only", False))
+        return cls(model, tokenizer, config)
+
     @property
     def hidden_size(self) -> int:
-        raise NotImplementedError
+        return self.model.config.hidden_size  # T5's config maps this name to d_model
+
+    # ---- family hooks -------------------------------------------------------------------------
 
     def _embed(self, ids: torch.Tensor, mask: torch.Tensor, segment: str) -> Tokens:
         """Embeddings of query (segment "query") or passage ("passage") tokens, before layer 1."""

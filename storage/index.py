@@ -184,6 +184,8 @@ class Index:
     def fetch(self, rows: Sequence[int]) -> list[StoredPassage]:
         """Passages for ``rows`` in order, each record's checksum verified (CorruptRecord if not)."""
         rows = list(rows)
+        if not rows:
+            return []
         wheres = [f"{self._shard_of(row).name} row {row}" for row in rows]
         return decode_records(self.format, self.read_raw(rows), rows, wheres)
 

@@ -44,6 +44,7 @@ def test_fetch_returns_exactly_what_was_written(index_path, reader):
     expected = encode_corpus(reader, PASSAGES)
     index = Index.open(index_path, expect=reader.identity())
     assert len(index) == 24 and [s.rows for s in index.manifest.shards] == [10, 10, 4]
+    assert index.fetch([]) == []
     rows = [23, 0, 11, 5, 10]
     for stored in index.fetch(rows):
         want, passage = expected[stored.row], PASSAGES[stored.row]
