@@ -1,0 +1,124 @@
+"""Corpus readers: every format, every reason a record is rejected, the normalized parquet."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.corpus import CorpusError, Reject, normalize, read_corpus, read_rows
+from flows.wikitext import split_words, strip_markup
+
+DUMP = Path(__file__).parent / "fixtures" / "enwiki-excerpt.xml.bz2"
+
+
+def test_wikipedia_dump_excerpt_becomes_clean_100_word_passages(tmp_path):
+    items = list(read_corpus(DUMP, "wikixml"))
+    passages = [p for p in items if not isinstance(p, Reject)]
+    titles = {p.title for p in passages}
+    assert len(titles) == 106 and len(passages) > 4000
+    assert "Anarchism" in titles and "AccessibleComputing" not in titles  # redirects are skipped
+    assert all(len(p.text.split()) <= 100 for p in passages)
+    for marker in ("[[", "]]", "<ref", "</", "'''", "&nbsp;"):
+        assert not any(marker in p.text for p in passages), marker
+    # Templates whose arguments hold literal braces (the ASCII table) are the one known leftover.
+    leftovers = {p.title for p in passages if "{{" in p.text or "{|" in p.text}
+    assert leftovers <= {"ASCII"}
+    first = next(p for p in passages if p.title == "Anarchism")
+    assert first.id == "12-0" and first.text.startswith("Anarchism is a political philosophy")
+
+
+def test_markup_rules():
+    text = strip_markup(
+        "'''Paris''' is the [[capital city|capital]] of [[France]].{{Infobox|a={{nested}}}}<ref>cite</ref> "
+        "[[File:Paris.jpg|thumb|A [[view]]]] See [http://example.org the site].\n== History ==\n* Founded.\n"
+        "== References ==\n* a reference"
+    )
+    assert text == "Paris is the capital of France. See the site. History. Founded."
+    assert split_words("a b c d e", 2) == ["a b", "c d", "e"]
+
+
+def write_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_dpr_tsv_with_every_kind_of_bad_record(tmp_path):
+    path = write_lines(
+        tmp_path / "psgs.tsv",
+        [
+            b"id\ttext\ttitle",
+            b'1\t"Aaron is a prophet, high priest."\tAaron',
+            b"2\tonly two fields",
+            b"3\t\tEmpty",
+            b"4\t\xff\xfe broken utf-8\tBroken",
+            b"5\t" + b"x" * 30000 + b"\tHuge",
+            b"6\tThe Nile is a river.\tNile",
+        ],
+    )
+    summary = normalize(path, "dpr", tmp_path / "out")
+    assert (summary.passages, summary.rejects) == (2, 4)
+    rejects = [json.loads(line) for line in open(summary.rejects_path)]
+    assert [r["where"] for r in rejects] == ["line 3", "line 4", "line 5", "line 6"]
+    assert "expected 3" in rejects[0]["reason"] and rejects[1]["reason"] == "empty text"
+    assert rejects[2]["reason"] == "invalid UTF-8" and "limit" in rejects[3]["reason"]
+    passages = read_rows(summary.path, 0, 2)
+    assert [(p.id, p.title, p.text) for p in passages] == [
+        ("1", "Aaron", "Aaron is a prophet, high priest."), ("6", "Nile", "The Nile is a river.")
+    ]
+
+
+def test_jsonl_rejects(tmp_path):
+    path = write_lines(
+        tmp_path / "c.jsonl",
+        [
+            json.dumps({"id": "a", "title": "A", "text": "Alpha text."}).encode(),
+            b"{not json",
+            b"[1, 2]",
+            json.dumps({"id": "b", "title": "B"}).encode(),
+            json.dumps({"id": 7, "title": "C", "text": "Seven."}).encode(),
+        ],
+    )
+    items = list(read_corpus(path, "jsonl"))
+    assert [getattr(i, "id", None) for i in items] == ["a", None, None, None, "7"]
+    assert [i.reason for i in items if isinstance(i, Reject)] == [
+        "not JSON (Expecting property name enclosed in double quotes)", "not a JSON object", "missing field 'text'"
+    ]
+
+
+def test_parquet_in_the_wikipedia_dump_layout(tmp_path):
+    table = pa.table({
+        "id": pa.array([12, 25, 39]),
+        "url": ["u1", "u2", "u3"],
+        "title": ["Anarchism", "Autism", "Albedo"],
+        "text": ["Anarchism is a philosophy.", None, "Albedo is reflectance."],
+    })
+    pq.write_table(table, tmp_path / "wiki.parquet")
+    items = list(read_corpus(tmp_path / "wiki.parquet", "parquet"))
+    assert [i.id if not isinstance(i, Reject) else i.reason for i in items] == ["12", "missing field 'text'", "39"]
+    pq.write_table(table.drop(["title"]), tmp_path / "bad.parquet")
+    with pytest.raises(CorpusError, match="no column title"):
+        list(read_corpus(tmp_path / "bad.parquet", "parquet"))
+
+
+def test_bundled_sample_and_row_ranges_across_row_groups(tmp_path):
+    summary = normalize(None, "sample", tmp_path, row_group=1000)
+    assert (summary.passages, summary.rejects) == (10033, 0)
+    rows = read_rows(summary.path, 995, 1005)
+    everything = pq.read_table(summary.path).slice(995, 10).to_pylist()
+    assert [p.id for p in rows] == [r["id"] for r in everything]
+    assert read_rows(summary.path, 10030, 10040)[-1].title == "Zoroastrianism"
+
+
+def test_normalizing_is_deterministic(tmp_path):
+    a = normalize(DUMP, "wikixml", tmp_path / "a")
+    b = normalize(DUMP, "wikixml", tmp_path / "b")
+    assert pq.read_table(a.path).equals(pq.read_table(b.path))
+
+
+def test_whole_corpus_errors(tmp_path):
+    with pytest.raises(CorpusError, match="unknown corpus format"):
+        read_corpus(tmp_path, "csv")
+    with pytest.raises(CorpusError, match="does not exist"):
+        read_corpus(tmp_path / "missing.tsv", "dpr")
