@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import threading
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -197,7 +198,7 @@ class Codec:
 
     # ---- files ----------------------------------------------------------------------------------
     def save(self, folder: Path) -> dict:
-        """Write prototypes.npy.zst (and bits.zdict); return their digests for the manifest."""
+        """Write prototypes.npy.zst, bits.zdict and codec.json (settings, file digests); return the latter."""
         folder.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, self.prototypes)
@@ -207,11 +208,14 @@ class Codec:
         if self.dictionary:
             (folder / "bits.zdict").write_bytes(self.dictionary)
             files["bits.zdict"] = file_digest(folder / "bits.zdict")
-        return {"settings": self.settings.to_dict(), "files": files}
+        description = {"settings": self.settings.to_dict(), "files": files}
+        (folder / "codec.json").write_text(json.dumps(description, indent=1))
+        return description
 
     @classmethod
-    def load(cls, folder: Path, description: dict) -> "Codec":
-        """Read a saved codec, checking its files against the digests the manifest recorded."""
+    def load(cls, folder: Path, description: dict | None = None) -> "Codec":
+        """Read a saved codec, checking its files against ``description`` (the manifest's, or codec.json)."""
+        description = description or json.loads((folder / "codec.json").read_text())
         for name, digest in description["files"].items():
             if file_digest(folder / name) != digest:
                 raise ValueError(f"codec file {folder / name} does not match the manifest's digest")

@@ -101,12 +101,17 @@ def _record_format(codec: Codec, identity: ReaderIdentity) -> RecordFormat:
 class IndexWriter:
     """Writes shards (one writer per shard) and, last, the manifest."""
 
-    def __init__(self, root: Path | str, identity: ReaderIdentity, codec: Codec) -> None:
+    def __init__(self, root: Path | str, identity: ReaderIdentity, codec: Codec | None = None) -> None:
+        """With a codec, save it as the index's; without, use the one already saved (parallel writers)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.identity = identity
+        if codec is None:
+            codec = Codec.load(self.root / CODEC)
+            self.codec_description = json.loads((self.root / CODEC / "codec.json").read_text())
+        else:
+            self.codec_description = codec.save(self.root / CODEC)
         self.format = _record_format(codec, identity)
-        self.codec_description = codec.save(self.root / CODEC)
 
     def encode(self, pid: str, title: str, text: str, tokens: BinaryTokens) -> bytes:
         """One record's bytes (after checking the bits come from this index's reader)."""

@@ -1,0 +1,230 @@
+"""The flow `index-wikipedia`: a corpus in, a BTR index out.
+
+    normalize the corpus -> plan shards -> fit the codec on a sample
+      -> fan shards out over Ray workers (lower layers, bits, embeddings, sealed shards)
+      -> faiss retriever index -> offline merge -> manifest, last
+
+Run it as a deployment (`prefect deployment run index-wikipedia/local`, see prefect.yaml) or
+directly: `python -m flows.index_wikipedia --index indexes/wikipedia-sample`. A rerun with the same
+settings resumes: shards already sealed and verified are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import ray
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect_ray import RayTaskRunner
+from prefect_ray.context import remote_options
+
+from reader.load import ReaderSpec, load_reader
+from reader.identity import ReaderIdentity
+from reader.retriever import build_faiss
+from storage.codec import CodecSettings
+from storage.index import IndexWriter
+from storage.offline import OfflineMerge, merge_index, stopword_ids
+from storage.shard import ShardInfo
+from workers.actor import start_workers, stop_workers
+from workers.indexer import ShardPlan, calibrate_codec, plan_shards, shard_embeddings
+
+from .corpus import normalize
+
+DASHBOARD_PORT = 8265
+# A local Ray listens on loopback only, dashboard included.
+LOCAL_RAY = {
+    "_node_ip_address": "127.0.0.1",
+    "include_dashboard": True,
+    "dashboard_host": "127.0.0.1",
+    "dashboard_port": DASHBOARD_PORT,
+}
+
+
+def _loopback_ray() -> None:
+    """Make a local Ray single-node and loopback-only (its default picks the machine's outward IP).
+
+    Ray reads this switch at import; the environment carries it to Ray's own processes and the
+    constant to this one. A cluster given by address is left alone.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+@task(name="normalize-corpus", cache_policy=NO_CACHE)
+def normalize_corpus(corpus: str | None, corpus_format: str, work: str) -> dict:
+    """The corpus as passages.parquet (skipped when an earlier run left it), rejects counted."""
+    logger = get_run_logger()
+    target = Path(work) / "passages.parquet"
+    if target.exists() and (Path(work) / "corpus.json").exists():
+        summary = json.loads((Path(work) / "corpus.json").read_text())
+        logger.info("corpus already normalized: %s passages, %s rejected", summary["passages"], summary["rejects"])
+        return summary
+    summary = asdict(normalize(corpus, corpus_format, work))
+    (Path(work) / "corpus.json").write_text(json.dumps(summary))
+    logger.info("corpus: %s passages, %s rejected (reasons in %s)", summary["passages"], summary["rejects"], summary["rejects_path"])
+    return summary
+
+
+@task(name="fit-codec", cache_policy=NO_CACHE)
+def fit_codec(staging: str, corpus_path: str, spec: dict, sample: int) -> dict:
+    """Codec prototypes and dictionary from a sample; the reader's identity for the manifest."""
+    description = calibrate_codec(Path(staging), Path(corpus_path), ReaderSpec(**spec), sample, CodecSettings())
+    return {"codec": description, "reader": load_reader(ReaderSpec(**spec)).identity().to_dict()}
+
+
+@task(name="index-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
+def index_shard(plan: dict, worker: str) -> dict:
+    """One shard on one Ray worker actor; returns its summary (paths, counts, digest)."""
+    result = ray.get(ray.get_actor(worker).index.remote(plan))
+    if not result["skipped"]:
+        get_run_logger().info(
+            "shard %s: %s passages, %s tokens in %.1f s (%s passages/s, %s tokens/s)",
+            plan["shard_id"], result["passages"], result["tokens"], result["seconds"],
+            result["passages_per_s"], result["tokens_per_s"],
+        )
+    return result
+
+
+@flow(name="index-shards")
+def index_shards(
+    plans: list[dict], staging: str, corpus_path: str, spec: dict, encoder: str | None, workers: int, batch_size: int
+) -> list[dict]:
+    """Fan the shards out over Ray workers (started here, stopped at the end)."""
+    logger = get_run_logger()
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    count = workers or gpus or 1
+    logger.info("Ray: %s; %s worker(s), %s", ray.get_runtime_context().gcs_address, count, "1 GPU each" if gpus else "CPU")
+    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        logger.info("Ray dashboard: http://127.0.0.1:%s", DASHBOARD_PORT)
+    workers_by_name = start_workers(count, gpus > 0, staging, corpus_path, spec, encoder, batch_size)
+    names = list(workers_by_name)
+    try:
+        with remote_options(num_cpus=0):  # dispatchers only wait; the actors hold the CPUs/GPUs
+            futures = [index_shard.submit(plan, names[i % count]) for i, plan in enumerate(plans)]
+        results, start, tokens = [], time.perf_counter(), 0
+        progress = _progress(len(plans))
+        for future in futures:
+            results.append(future.result())
+            tokens += 0 if results[-1]["skipped"] else results[-1]["tokens"]
+            elapsed = time.perf_counter() - start
+            progress(len(results), f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s")
+            logger.info("%d/%d shards done (%.0f tokens/s overall)", len(results), len(plans), tokens / max(elapsed, 1e-9))
+        return results
+    finally:
+        stop_workers(workers_by_name)
+
+
+def _progress(total: int):
+    """A terminal progress bar when stderr is a terminal; otherwise nothing (the logs carry progress)."""
+    if not sys.stderr.isatty():
+        return lambda done, note: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="shard")
+    return lambda done, note: (bar.update(done - bar.n), bar.set_postfix_str(note), done == total and bar.close())
+
+
+@task(name="build-retriever", cache_policy=NO_CACHE)
+def build_retriever(staging: str, index: str, plans: list[dict], encoder: str | None) -> dict:
+    from reader.retriever import Encoder
+
+    parts = shard_embeddings(Path(staging), [ShardPlan(**p) for p in plans])
+    info = build_faiss(parts, Path(index), Encoder(encoder).identity())
+    get_run_logger().info("retriever: faiss %s over %s passages", info["factory"], info["count"])
+    return info
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish(
+    staging: str, index: str, reader: dict, shards: list[dict], extra: dict, offline_ratio: float, spec: dict
+) -> dict:
+    """Write the manifest last: directly, or after the offline merge into the final folder."""
+    identity = ReaderIdentity.from_dict(reader)
+    infos = [ShardInfo.from_dict(s) for s in shards]
+    staged = IndexWriter(staging, identity).publish(infos, extra=extra)
+    if Path(staging).resolve() == Path(index).resolve():
+        return staged.to_dict()
+    tokenizer = load_reader(ReaderSpec(**spec)).tokenizer
+    manifest = merge_index(staging, index, stopword_ids(tokenizer), OfflineMerge(offline_ratio))
+    return manifest.to_dict()
+
+
+@flow(name="index-wikipedia", log_prints=True)
+def index_wikipedia(
+    index: str = "indexes/wikipedia-sample",
+    corpus: str | None = None,
+    corpus_format: str = "sample",
+    reader_checkpoint: str | None = None,
+    reader_family: str = "extractive",
+    split_layer: int | None = None,
+    max_passage_tokens: int = 320,
+    retriever: str | None = None,
+    shard_size: int = 1000,
+    offline_merge: float = 0.2,
+    codec_sample: int = 2000,
+    ray_address: str | None = None,
+    workers: int = 0,
+    batch_size: int = 32,
+) -> dict:
+    """Index a corpus (default: the bundled Wikipedia sample) into a BTR index folder."""
+    OfflineMerge(offline_merge)  # validate before any work
+    out = Path(index)
+    work = out / ".work"
+    staging = work / "lossless" if offline_merge > 0 else out
+    work.mkdir(parents=True, exist_ok=True)
+    spec = ReaderSpec(reader_family, reader_checkpoint, split_layer, max_passage_tokens).to_dict()
+
+    corpus_summary = normalize_corpus(corpus, corpus_format, str(work))
+    plans = [asdict(p) for p in plan_shards(corpus_summary["passages"], shard_size)]
+    fitted = fit_codec(str(staging), corpus_summary["path"], spec, codec_sample)
+
+    if not ray_address:
+        _loopback_ray()
+    runner = RayTaskRunner(
+        address=ray_address,
+        init_kwargs={} if ray_address else LOCAL_RAY,
+    )
+    results = index_shards.with_options(task_runner=runner)(
+        plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size
+    )
+    retriever_info = build_retriever(str(staging), str(out), plans, retriever)
+    extra = {
+        "reader_spec": spec,
+        "corpus": {k: corpus_summary[k] for k in ("passages", "rejects")} | {"format": corpus_format, "source": corpus},
+        "retriever": retriever_info,
+        "shard_size": shard_size,
+    }
+    manifest = publish(str(staging), str(out), fitted["reader"], [r["shard"] for r in results], extra, offline_merge, spec)
+    skipped = sum(r["skipped"] for r in results)
+    print(f"index ready at {out}: {manifest['passages']} passages, {manifest['tokens']} tokens, "
+          f"{len(manifest['shards'])} shards ({skipped} resumed from an earlier run)")
+    if offline_merge > 0:
+        shutil.rmtree(work / "lossless" / "shards", ignore_errors=True)  # the merged copy is the index
+    return {"index": str(out), "passages": manifest["passages"], "tokens": manifest["tokens"], "resumed_shards": skipped}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.index_wikipedia", description=__doc__.splitlines()[0])
+    parser.add_argument("--index", default="indexes/wikipedia-sample")
+    parser.add_argument("--corpus", default=None)
+    parser.add_argument("--corpus-format", default="sample")
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--offline-merge", type=float, default=0.2)
+    parser.add_argument("--ray-address", default=None)
+    args = parser.parse_args(argv)
+    index_wikipedia(
+        index=args.index, corpus=args.corpus, corpus_format=args.corpus_format, shard_size=args.shard_size,
+        offline_merge=args.offline_merge, ray_address=args.ray_address,
+    )
+
+
+if __name__ == "__main__":
+    main()

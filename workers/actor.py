@@ -1,0 +1,43 @@
+"""The Ray actor: one ShardIndexer per worker process, loaded once, serving many shards."""
+
+from __future__ import annotations
+
+import ray
+
+from reader.load import ReaderSpec
+
+from .indexer import ShardIndexer, ShardPlan
+
+ACTOR_PREFIX = "btr-index-worker"
+
+
+@ray.remote(max_restarts=3, max_task_retries=3)
+class IndexWorker:
+    """A Ray actor around ShardIndexer; Ray restarts it (and retries its shard) if it dies."""
+
+    def __init__(self, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int) -> None:
+        self.indexer = ShardIndexer(index_root, corpus, ReaderSpec(**spec), encoder, batch_size)
+
+    def index(self, plan: dict) -> dict:
+        return self.indexer.index(ShardPlan(**plan))
+
+
+def start_workers(
+    count: int, gpus: bool, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int
+) -> dict[str, ray.actor.ActorHandle]:
+    """Start ``count`` named workers (one GPU each where there are GPUs).
+
+    The caller keeps the returned handles for as long as the workers should live: Ray collects a
+    named actor once no handle to it is left.
+    """
+    workers = {}
+    for i in range(count):
+        name = f"{ACTOR_PREFIX}-{i}"
+        options = {"name": name, "get_if_exists": True, "num_gpus": 1 if gpus else 0, "num_cpus": 1}
+        workers[name] = IndexWorker.options(**options).remote(index_root, corpus, spec, encoder, batch_size)
+    return workers
+
+
+def stop_workers(workers: dict[str, ray.actor.ActorHandle]) -> None:
+    for handle in workers.values():
+        ray.kill(handle)

@@ -1,0 +1,135 @@
+"""The work of one shard: read its rows, run the lower layers, binarize and pack, embed, write.
+
+``ShardIndexer`` holds the reader and the retriever's encoder, loaded once; the Ray actor in
+``workers.actor`` wraps it so a worker serves many shards. Every method returns small summaries
+(paths, counts, digests), never tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flows.corpus import read_rows
+from reader.load import ReaderSpec, load_reader
+from reader.retriever import Encoder, passage_text
+from storage.build import encode_corpus
+from storage.codec import Codec, CodecSettings, file_digest
+from storage.index import IndexWriter
+from storage.shard import shard_name
+
+EMBEDDINGS = "embeddings"
+# Fault injection for the pipeline's own tests: "<shard id>:<marker file>" makes the worker SIGKILL
+# itself once, half-way through writing that shard (the marker records that it happened).
+FAULT_ENV = "BTR_FAULT_KILL_SHARD"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Rows ``first_row .. first_row + rows - 1`` of the normalized corpus become shard ``shard_id``."""
+
+    shard_id: int
+    first_row: int
+    rows: int
+
+
+def plan_shards(passages: int, shard_size: int) -> list[ShardPlan]:
+    """Deterministic shards: the same corpus and shard size always give the same plan."""
+    if shard_size < 1:
+        raise ValueError(f"shard size must be positive, got {shard_size}")
+    return [
+        ShardPlan(i, first, min(shard_size, passages - first)) for i, first in enumerate(range(0, passages, shard_size))
+    ]
+
+
+def calibrate_codec(
+    index_root: Path, corpus: Path, spec: ReaderSpec, sample: int, settings: CodecSettings | None = None
+) -> dict:
+    """Fit the codec (prototypes, zstd dictionary) on the first ``sample`` passages and save it.
+
+    A codec saved by an earlier run is kept as it is, so a resumed run writes the same bytes.
+    """
+    folder = index_root / "codec"
+    if (folder / "codec.json").exists():
+        return json.loads((folder / "codec.json").read_text())
+    reader = load_reader(spec)
+    passages = read_rows(corpus, 0, sample)
+    records = encode_corpus(reader, passages)
+    codec = Codec.fit(((r.token_ids.numpy(), r.bits.numpy()) for r in records), reader.vocab_size, reader.hidden_size, settings)
+    return codec.save(folder)
+
+
+class ShardIndexer:
+    """Turns shards of the normalized corpus into sealed index shards and embedding files."""
+
+    def __init__(self, index_root: str, corpus: str, spec: ReaderSpec, encoder: str | None = None, batch_size: int = 32):
+        self.root, self.corpus, self.batch_size = Path(index_root), Path(corpus), batch_size
+        self.reader = load_reader(spec)
+        if torch.cuda.is_available():
+            self.reader.to("cuda", dtype=torch.bfloat16)
+        self.encoder = Encoder(encoder)
+        self.writer = IndexWriter(self.root, self.reader.identity())
+        (self.root / EMBEDDINGS).mkdir(exist_ok=True)
+
+    def _embeddings_path(self, shard_id: int) -> Path:
+        return self.root / EMBEDDINGS / f"{shard_name(shard_id)}.npy"
+
+    def done(self, plan: ShardPlan) -> dict | None:
+        """The summary of a shard an earlier run completed intact, else None."""
+        info = self.writer.sealed(plan.shard_id)
+        digest_file = self._embeddings_path(plan.shard_id).with_suffix(".sha256")
+        if info is None or info.rows != plan.rows or info.first_row != plan.first_row or not digest_file.exists():
+            return None
+        if file_digest(self._embeddings_path(plan.shard_id)) != digest_file.read_text().strip():
+            return None
+        return {"shard": info.to_dict(), "skipped": True, "passages": info.rows, "tokens": info.tokens, "seconds": 0.0}
+
+    def index(self, plan: ShardPlan) -> dict:
+        """Index one shard (or skip it when already complete); a small summary comes back."""
+        previous = self.done(plan)
+        if previous is not None:
+            return previous
+        start = time.perf_counter()
+        passages = read_rows(self.corpus, plan.first_row, plan.first_row + plan.rows)
+        records = encode_corpus(self.reader, passages, self.batch_size)
+        embeddings = self.encoder.embed([passage_text(p) for p in passages])
+        rows = ((p.id, p.title, p.text, r) for p, r in zip(passages, records))
+        info = self.writer.write_shard(plan.shard_id, plan.first_row, _maybe_die(rows, plan.shard_id))
+        path = self._embeddings_path(plan.shard_id)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, embeddings)
+        os.replace(tmp, path)
+        path.with_suffix(".sha256").write_text(file_digest(path))
+        seconds = time.perf_counter() - start
+        return {
+            "shard": info.to_dict(),
+            "skipped": False,
+            "passages": info.rows,
+            "tokens": info.tokens,
+            "seconds": round(seconds, 3),
+            "passages_per_s": round(info.rows / seconds, 1),
+            "tokens_per_s": round(info.tokens / seconds, 1),
+        }
+
+
+def _maybe_die(rows, shard_id: int):
+    """Pass rows through; under FAULT_ENV, SIGKILL this process half-way through the named shard once."""
+    fault = os.environ.get(FAULT_ENV)
+    target, marker = fault.split(":", 1) if fault else (None, None)
+    for n, row in enumerate(rows):
+        if target is not None and int(target) == shard_id and n == 2 and not Path(marker).exists():
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield row
+
+
+def shard_embeddings(index_root: Path, plans: list[ShardPlan]) -> list[np.ndarray]:
+    """Every shard's embeddings, in row order, memory-mapped (never all in RAM at once)."""
+    return [np.load(index_root / EMBEDDINGS / f"{shard_name(p.shard_id)}.npy", mmap_mode="r") for p in plans]
