@@ -27,7 +27,6 @@ bench: install
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-demo:
-	@echo "make demo (index the bundled Wikipedia sample, then answer from it) arrives with the indexing pipeline." >&2
-	@echo "Today: make test, make bench (see README)." >&2
-	@exit 2
+# Local Prefect server + worker + Ray, the index-wikipedia deployment on the bundled sample, an answer.
+demo: install
+	$(BIN)/python -m flows.demo

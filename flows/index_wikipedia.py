@@ -23,6 +23,7 @@ from pathlib import Path
 import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 from prefect_ray import RayTaskRunner
 from prefect_ray.context import remote_options
 
@@ -95,14 +96,15 @@ def index_shard(plan: dict, worker: str) -> dict:
 
 @flow(name="index-shards")
 def index_shards(
-    plans: list[dict], staging: str, corpus_path: str, spec: dict, encoder: str | None, workers: int, batch_size: int
+    plans: list[dict], staging: str, corpus_path: str, spec: dict, encoder: str | None, workers: int, batch_size: int,
+    local_ray: bool,
 ) -> list[dict]:
     """Fan the shards out over Ray workers (started here, stopped at the end)."""
     logger = get_run_logger()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = workers or gpus or 1
     logger.info("Ray: %s; %s worker(s), %s", ray.get_runtime_context().gcs_address, count, "1 GPU each" if gpus else "CPU")
-    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    if local_ray:
         logger.info("Ray dashboard: http://127.0.0.1:%s", DASHBOARD_PORT)
     workers_by_name = start_workers(count, gpus > 0, staging, corpus_path, spec, encoder, batch_size)
     names = list(workers_by_name)
@@ -110,26 +112,34 @@ def index_shards(
         with remote_options(num_cpus=0):  # dispatchers only wait; the actors hold the CPUs/GPUs
             futures = [index_shard.submit(plan, names[i % count]) for i, plan in enumerate(plans)]
         results, start, tokens = [], time.perf_counter(), 0
-        progress = _progress(len(plans))
-        for future in futures:
+        progress = _Progress(len(plans))
+        for future in as_completed(futures):  # report shards as they finish, in any order
             results.append(future.result())
             tokens += 0 if results[-1]["skipped"] else results[-1]["tokens"]
             elapsed = time.perf_counter() - start
-            progress(len(results), f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s")
+            progress.update(len(results), f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s")
             logger.info("%d/%d shards done (%.0f tokens/s overall)", len(results), len(plans), tokens / max(elapsed, 1e-9))
-        return results
+        return sorted(results, key=lambda r: r["shard"]["first_row"])
     finally:
         stop_workers(workers_by_name)
 
 
-def _progress(total: int):
-    """A terminal progress bar when stderr is a terminal; otherwise nothing (the logs carry progress)."""
-    if not sys.stderr.isatty():
-        return lambda done, note: None
-    from tqdm import tqdm
+class _Progress:
+    """A progress bar when stderr is a terminal; otherwise silent (the logs carry the progress)."""
 
-    bar = tqdm(total=total, unit="shard")
-    return lambda done, note: (bar.update(done - bar.n), bar.set_postfix_str(note), done == total and bar.close())
+    def __init__(self, total: int) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="shard")
+
+    def update(self, done: int, note: str) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix_str(note)
+            if done == self.bar.total:
+                self.bar.close()
 
 
 @task(name="build-retriever", cache_policy=NO_CACHE)
@@ -193,7 +203,7 @@ def index_wikipedia(
         init_kwargs={} if ray_address else LOCAL_RAY,
     )
     results = index_shards.with_options(task_runner=runner)(
-        plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size
+        plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, not ray_address
     )
     retriever_info = build_retriever(str(staging), str(out), plans, retriever)
     extra = {

@@ -48,9 +48,7 @@ def make_fid(tokenizer):
     return build
 
 
-@pytest.fixture
-def make_extractive(tokenizer):
-    """Build a tiny extractive BERT reader: 4 layers, d=32."""
+def _extractive_builder(tokenizer):
 
     def build(config: BTRConfig | None = None, hidden_size: int = 32, seed: int = 0) -> ExtractiveReader:
         torch.manual_seed(seed)
@@ -61,3 +59,14 @@ def make_extractive(tokenizer):
         return ExtractiveReader(BertForQuestionAnswering(bert).eval(), tokenizer, config)
 
     return build
+
+
+@pytest.fixture
+def make_extractive(tokenizer):
+    """Build a tiny extractive BERT reader: 4 layers, d=32."""
+    return _extractive_builder(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def make_extractive_module(tokenizer):
+    return _extractive_builder(tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ray
+import torch
 
 from reader.load import ReaderSpec
 
@@ -15,7 +16,8 @@ ACTOR_PREFIX = "btr-index-worker"
 class IndexWorker:
     """A Ray actor around ShardIndexer; Ray restarts it (and retries its shard) if it dies."""
 
-    def __init__(self, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int) -> None:
+    def __init__(self, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int, threads: int) -> None:
+        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs reserved
         self.indexer = ShardIndexer(index_root, corpus, ReaderSpec(**spec), encoder, batch_size)
 
     def index(self, plan: dict) -> dict:
@@ -30,11 +32,12 @@ def start_workers(
     The caller keeps the returned handles for as long as the workers should live: Ray collects a
     named actor once no handle to it is left.
     """
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)) // count)
     workers = {}
     for i in range(count):
         name = f"{ACTOR_PREFIX}-{i}"
-        options = {"name": name, "get_if_exists": True, "num_gpus": 1 if gpus else 0, "num_cpus": 1}
-        workers[name] = IndexWorker.options(**options).remote(index_root, corpus, spec, encoder, batch_size)
+        options = {"name": name, "get_if_exists": True, "num_gpus": 1 if gpus else 0, "num_cpus": cpus}
+        workers[name] = IndexWorker.options(**options).remote(index_root, corpus, spec, encoder, batch_size, cpus)
     return workers
 
 

@@ -1,0 +1,113 @@
+"""`make demo`: a local Prefect server and worker, the index-wikipedia deployment on the bundled
+sample, then a question answered from the index. Everything it starts listens on 127.0.0.1 and is
+stopped at the end, also on failure or Ctrl-C.
+
+    python -m flows.demo [--question "..."] [--port 4200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+POOL = "btr-local"
+QUESTION = "Who directed 2001: A Space Odyssey?"
+
+
+def prefect_env(port: int) -> dict[str, str]:
+    """A project-local Prefect home, telemetry off, the API on loopback."""
+    return {
+        **os.environ,
+        "PREFECT_HOME": str(ROOT / ".prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+def step(title: str) -> None:
+    print(f"\n==> {title}", flush=True)
+
+
+def run(args: list[str], env: dict[str, str]) -> None:
+    subprocess.run(args, env=env, cwd=ROOT, check=True)
+
+
+def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A background service in its own process group (so it can be stopped with its children)."""
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited (see {ROOT / '.prefect' / 'server.log'})")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise RuntimeError(f"the Prefect server did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--question", default=QUESTION)
+    parser.add_argument("--port", type=int, default=4200)
+    args = parser.parse_args(argv)
+    env = prefect_env(args.port)
+    bin_dir = Path(sys.executable).parent
+    logs = ROOT / ".prefect"
+    logs.mkdir(exist_ok=True)
+    services: list[subprocess.Popen] = []
+    try:
+        step(f"Prefect server on http://127.0.0.1:{args.port} (UI there; log in .prefect/server.log)")
+        server = start([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(args.port)], env, logs / "server.log")
+        services.append(server)
+        wait_healthy(args.port, server)
+
+        step(f"work pool {POOL}, deployment index-wikipedia/local, worker")
+        run([str(bin_dir / "prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
+        run([str(bin_dir / "prefect"), "deploy", "--name", "local", "--no-prompt"], env)
+        services.append(start([str(bin_dir / "prefect"), "worker", "start", "--pool", POOL], env, logs / "worker.log"))
+
+        step("prefect deployment run index-wikipedia/local (Ray dashboard: http://127.0.0.1:8265 while it runs)")
+        run([str(bin_dir / "prefect"), "deployment", "run", "index-wikipedia/local", "--watch", "--watch-interval", "10"], env)
+        if not (ROOT / "indexes" / "wikipedia-sample" / "manifest.json").exists():
+            raise RuntimeError("the flow run ended without an index (see .prefect/worker.log)")
+
+        step(f"python -m reader.answer {args.question!r}")
+        run([sys.executable, "-m", "reader.answer", args.question], env)
+        return 0
+    except (subprocess.CalledProcessError, RuntimeError) as error:
+        print(f"demo failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        step("stopping the worker and the server")
+        for process in reversed(services):
+            stop(process)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
