@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         run([str(bin_dir / "prefect"), "deploy", "--name", "local", "--no-prompt"], env)
         services.append(start([str(bin_dir / "prefect"), "worker", "start", "--pool", POOL], env, logs / "worker.log"))
 
-        step("prefect deployment run index-wikipedia/local (Ray dashboard: http://127.0.0.1:8265 while it runs)")
+        step("prefect deployment run index-wikipedia/local (Ray dashboard: http://127.0.0.1:8265 while it runs,\n    or the port .prefect/worker.log names if 8265 was taken)")
         run([str(bin_dir / "prefect"), "deployment", "run", "index-wikipedia/local", "--watch", "--watch-interval", "10"], env)
         if not (ROOT / "indexes" / "wikipedia-sample" / "manifest.json").exists():
             raise RuntimeError("the flow run ended without an index (see .prefect/worker.log)")

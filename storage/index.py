@@ -23,9 +23,9 @@ from reader.identity import ReaderIdentity
 
 from .codec import Codec
 from .record import RecordFormat, StoredPassage, decode_records, encode_record
-from .shard import KEY, SHARDS, ShardInfo, open_shard, sealed_shard, write_shard
+from .shard import BLOCK_ROWS, SHARDS, ShardInfo, block_key, block_records, open_shard, sealed_shard, write_shard
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: records packed in blocks of BLOCK_ROWS rows per LMDB value
 MANIFEST = "manifest.json"
 CODEC = "codec"
 
@@ -166,24 +166,31 @@ class Index:
     def __len__(self) -> int:
         return self.manifest.passages
 
-    def _shard_of(self, row: int) -> ShardInfo:
+    def _check_row(self, row: int) -> int:
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} is outside the index's {len(self)} passages")
-        return self.manifest.shards[bisect.bisect_right(self._starts, row) - 1]
+        return row
+
+    def _shard_of(self, row: int) -> ShardInfo:
+        return self.manifest.shards[bisect.bisect_right(self._starts, self._check_row(row)) - 1]
 
     def read_raw(self, rows: Sequence[int]) -> list[bytes]:
         """Record bytes for ``rows``, unchecked and undecoded (grouped by shard, one transaction each)."""
-        by_shard: dict[str, list[int]] = {}
+        by_shard: dict[int, list[int]] = {}
         for row in rows:
-            by_shard.setdefault(self._shard_of(row).name, []).append(row)
+            by_shard.setdefault(bisect.bisect_right(self._starts, self._check_row(row)) - 1, []).append(row)
         found: dict[int, bytes] = {}
-        for name, shard_rows in by_shard.items():
-            with open_shard(self.root, name).begin(buffers=False) as txn:
+        for index, shard_rows in by_shard.items():
+            shard = self.manifest.shards[index]
+            # Blocks are read in place from the memory map; only the wanted records are copied out.
+            with open_shard(self.root, shard.name).begin(buffers=True) as txn:
                 for row in shard_rows:
-                    value = txn.get(KEY.pack(row))
-                    if value is None:
-                        raise KeyError(f"{name}: row {row} is missing from its shard")
-                    found[row] = value
+                    block = txn.get(block_key(row, shard.first_row))
+                    records = block_records(block) if block is not None else []
+                    offset = (row - shard.first_row) % BLOCK_ROWS
+                    if offset >= len(records):
+                        raise KeyError(f"{shard.name}: row {row} is missing from its shard")
+                    found[row] = bytes(records[offset])
         return [found[row] for row in rows]
 
     def fetch(self, rows: Sequence[int]) -> list[StoredPassage]:

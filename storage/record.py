@@ -15,7 +15,7 @@ from reader.inputs import Passage
 
 from .codec import Codec
 
-VERSION = 1
+VERSION = 1  # the record layout (the index format version lives in the manifest)
 # version, pid length, tokens, then byte lengths of: ids, scale, bits, title, text (zstd)
 _HEADER = struct.Struct("<BHIIIIII")
 _CRC = struct.Struct("<I")

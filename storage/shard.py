@@ -8,6 +8,7 @@ read-only without a lock file: nothing ever writes them again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,9 +23,34 @@ import lmdb
 
 from .codec import file_digest
 
-KEY = struct.Struct(">Q")  # global row number: fixed width, big-endian, so keys sort and bulk loads append
+KEY = struct.Struct(">Q")  # a block's first global row: fixed width, big-endian, so keys sort and loads append
 SHARDS = "shards"
+# Records of consecutive rows share one LMDB value: a ~2.6 KB record alone would take a whole 4 KB
+# overflow page (1.46x on disk, measured); 16 of them waste under 4 KB in ~40 KB.
+BLOCK_ROWS = 16
+_COUNT = struct.Struct("<I")
 _PAGE = 4096
+
+
+def pack_block(records: Sequence[bytes]) -> bytes:
+    """One LMDB value: record count, end offsets, then the records."""
+    ends = itertools.accumulate(len(r) for r in records)
+    return _COUNT.pack(len(records)) + struct.pack(f"<{len(records)}I", *ends) + b"".join(records)
+
+
+def block_records(block) -> list:
+    """The records of a block (as slices of the buffer given: no copy of a memory-mapped value)."""
+    view = memoryview(block)
+    (count,) = _COUNT.unpack_from(view)
+    ends = struct.unpack_from(f"<{count}I", view, _COUNT.size)
+    base = _COUNT.size + 4 * count
+    starts = (0, *ends[:-1])
+    return [view[base + a : base + b] for a, b in zip(starts, ends)]
+
+
+def block_key(row: int, first_row: int) -> bytes:
+    """The key of the block holding ``row`` in a shard starting at ``first_row``."""
+    return KEY.pack(first_row + (row - first_row) // BLOCK_ROWS * BLOCK_ROWS)
 
 
 def shard_name(shard_id: int) -> str:
@@ -51,9 +77,9 @@ class ShardInfo:
 
 
 def map_size_for(values: Sequence[bytes]) -> int:
-    """An upper bound on the LMDB map a shard needs, from its records' sizes.
+    """An upper bound on the LMDB map a shard needs, from its values' sizes.
 
-    Large values take whole overflow pages; small ones share leaf pages. Each record is charged its
+    Large values take whole overflow pages; small ones share leaf pages. Each value is charged its
     page-rounded size plus a node header, and a tenth more covers branch pages and the free list.
     """
     pages = sum(math.ceil((len(v) + KEY.size + 64) / _PAGE) for v in values)
@@ -68,8 +94,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_shard(root: Path, shard_id: int, first_row: int, values: Sequence[bytes], tokens: int) -> ShardInfo:
+def write_shard(root: Path, shard_id: int, first_row: int, records: Sequence[bytes], tokens: int) -> ShardInfo:
     """Write records ``first_row..`` as one sealed shard; replaces leftovers of an earlier attempt."""
+    records = list(records)
+    values = [pack_block(records[i : i + BLOCK_ROWS]) for i in range(0, len(records), BLOCK_ROWS)]
     shards = root / SHARDS
     shards.mkdir(parents=True, exist_ok=True)
     name = shard_name(shard_id)
@@ -78,15 +106,16 @@ def write_shard(root: Path, shard_id: int, first_row: int, values: Sequence[byte
     env = lmdb.open(str(tmp), map_size=map_size_for(values), subdir=True, max_dbs=0, sync=True)
     try:
         with env.begin(write=True) as txn:
-            for row, value in enumerate(values, start=first_row):
+            for block, value in enumerate(values):
+                row = first_row + block * BLOCK_ROWS
                 if not txn.put(KEY.pack(row), value, append=True):
-                    raise RuntimeError(f"{name}: row {row} was not appended")
+                    raise RuntimeError(f"{name}: the block at row {row} was not appended")
         env.sync(True)
     finally:
         env.close()
     (tmp / "lock.mdb").unlink(missing_ok=True)  # sealed shards are opened without a lock file
     data = tmp / "data.mdb"
-    info = ShardInfo(name, first_row, len(values), tokens, data.stat().st_size, file_digest(data))
+    info = ShardInfo(name, first_row, len(records), tokens, data.stat().st_size, file_digest(data))
     (tmp / "shard.json").write_text(json.dumps(info.to_dict(), indent=1))
     if final.exists():
         shutil.rmtree(final)

@@ -14,7 +14,7 @@ from pathlib import Path
 from .codec import Codec, file_digest
 from .index import CODEC, IndexNotFound, Manifest
 from .record import CorruptRecord, check_record, record_pid
-from .shard import KEY, SHARDS, open_shard
+from .shard import KEY, SHARDS, block_records, open_shard
 
 
 def verify(root: Path) -> tuple[list[str], int]:
@@ -35,19 +35,20 @@ def verify(root: Path) -> tuple[list[str], int]:
             problems.append(f"{shard.name}: digest differs from the manifest (the file changed after it was sealed)")
         env = open_shard(root, shard.name)
         try:
-            with env.begin(buffers=False) as txn:
+            with env.begin(buffers=True) as txn:
                 expected = shard.first_row
-                for key, value in txn.cursor():
-                    row = KEY.unpack(key)[0]
-                    if row != expected:
-                        problems.append(f"{shard.name}: row {expected} is missing (next key is row {row})")
-                        expected = row
-                    try:
-                        check_record(value, f"{shard.name} row {row} (passage {record_pid(value)!r})")
-                    except CorruptRecord as error:
-                        problems.append(str(error))
-                    expected += 1
-                    checked += 1
+                for key, block in txn.cursor():
+                    first = KEY.unpack(key)[0]
+                    if first != expected:
+                        problems.append(f"{shard.name}: row {expected} is missing (next block starts at row {first})")
+                        expected = first
+                    for row, value in enumerate(block_records(block), start=first):
+                        try:
+                            check_record(value, f"{shard.name} row {row} (passage {record_pid(value)!r})")
+                        except CorruptRecord as error:
+                            problems.append(str(error))
+                        expected += 1
+                        checked += 1
                 if expected != shard.first_row + shard.rows:
                     problems.append(f"{shard.name}: {expected - shard.first_row} rows, manifest says {shard.rows}")
         except Exception as error:  # lmdb raises its own errors on a damaged file

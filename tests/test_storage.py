@@ -59,7 +59,7 @@ def test_fetch_returns_exactly_what_was_written(index_path, reader):
 
 def test_manifest_records_reader_codec_and_counts(index_path, reader):
     manifest = json.loads((index_path / "manifest.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["reader"]["split_layer"] == 2 and manifest["reader"]["hidden_size"] == 64
     assert manifest["reader"]["weights_digest"] == reader.identity().weights_digest
     assert manifest["passages"] == 24 and manifest["tokens"] == sum(len(r) for r in encode_corpus(reader, PASSAGES))
@@ -118,23 +118,22 @@ def test_verify_without_an_index_says_so(tmp_path, capsys):
 
 
 _KILLED_WRITER = """
-import os, signal, sys
+import os, signal, struct, sys
 from pathlib import Path
-from storage.shard import write_shard
+import storage.shard as shard
 
-class DiesMidway(list):
-    # Killed with SIGKILL half-way through the second pass over its values: the LMDB puts.
+class DyingKey:
+    # Packs keys for the LMDB puts, and SIGKILLs the writer at the third: two blocks are in.
+    size, calls = 8, 0
 
-    passes = 0
+    def pack(self, row):
+        DyingKey.calls += 1
+        if DyingKey.calls == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return struct.pack(">Q", row)
 
-    def __iter__(self):
-        DiesMidway.passes += 1
-        for i, value in enumerate(list.__iter__(self)):
-            if DiesMidway.passes == 2 and i == 5:
-                os.kill(os.getpid(), signal.SIGKILL)
-            yield value
-
-write_shard(Path(sys.argv[1]), 1, 10, DiesMidway([b"x" * 5000] * 10), 10)
+shard.KEY = DyingKey()
+shard.write_shard(Path(sys.argv[1]), 1, 10, [b"x" * 5000] * 40, 40)
 """
 
 
@@ -238,3 +237,17 @@ def test_prototypes_are_the_per_dimension_majority():
     assert np.array_equal(protos[5], overall)  # never seen: the global prototype
     with pytest.raises(ValueError, match="outside the vocabulary"):
         counter.add(np.array([9]), bits[:1])
+
+
+def test_blocks_of_rows_cross_boundaries_and_waste_little(tmp_path, reader):
+    from storage.shard import BLOCK_ROWS
+
+    passages = [Passage(p.title, p.text, f"w{i}") for i, p in enumerate(wikipedia_sample(60))]
+    build_index(tmp_path / "idx", reader, passages, shard_size=24)  # blocks of 16 + 8 per shard
+    index = Index.open(tmp_path / "idx")
+    rows = [0, BLOCK_ROWS - 1, BLOCK_ROWS, 23, 24, 24 + BLOCK_ROWS, 59]
+    assert [p.pid for p in index.fetch(rows)] == [f"w{r}" for r in rows]
+    stored = sum(len(v) for v in index.read_raw(range(60)))
+    on_disk = sum(s.bytes for s in index.manifest.shards)
+    assert on_disk < 1.5 * stored + 3 * 8 * 4096  # page rounding per block, plus LMDB's own pages
+    assert verify_main([str(tmp_path / "idx")]) == 0
