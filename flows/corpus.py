@@ -18,7 +18,7 @@ import bz2
 import csv
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,14 +64,18 @@ def check(pid, title, text, where: str) -> Passage | Reject:
     return Passage(title, text, pid)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
-    """(line number, decoded line or None when it is not valid UTF-8)."""
+def _read_lines(path: Path, parse: Callable[[int, str], Passage | Reject | None]) -> Iterator[Passage | Reject]:
+    """Decode a file line by line (one bad line is one reject, not a failed run) and parse each."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
-                yield number, raw.decode("utf-8").rstrip("\r\n")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
-                yield number, None
+                yield Reject(f"line {number}", "invalid UTF-8")
+                continue
+            item = parse(number, line)
+            if item is not None:
+                yield item
 
 
 def read_sample(path: Path | None) -> Iterator[Passage | Reject]:
@@ -84,38 +88,33 @@ def read_sample(path: Path | None) -> Iterator[Passage | Reject]:
         yield check(key, article.get("title"), article.get("extract"), f"article {key!r}")
 
 
+def _dpr_line(number: int, line: str) -> Passage | Reject | None:
+    fields = next(csv.reader([line], delimiter="\t"), [])
+    if number == 1 and fields[:3] == ["id", "text", "title"]:
+        return None  # the header
+    if len(fields) != 3:
+        return Reject(f"line {number}", f"{len(fields)} tab-separated fields; expected 3 (id, text, title)")
+    return check(fields[0], fields[2], fields[1], f"line {number}")
+
+
+def _jsonl_line(number: int, line: str) -> Passage | Reject | None:
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return Reject(f"line {number}", f"not JSON ({error.msg})")
+    if not isinstance(record, dict):
+        return Reject(f"line {number}", "not a JSON object")
+    return check(record.get("id"), record.get("title"), record.get("text"), f"line {number}")
+
+
 def read_dpr(path: Path) -> Iterator[Passage | Reject]:
-    for number, line in _lines(path):
-        where = f"line {number}"
-        if line is None:
-            yield Reject(where, "invalid UTF-8")
-            continue
-        fields = next(csv.reader([line], delimiter="\t"), [])
-        if number == 1 and fields[:3] == ["id", "text", "title"]:
-            continue
-        if len(fields) != 3:
-            yield Reject(where, f"{len(fields)} tab-separated fields; expected 3 (id, text, title)")
-            continue
-        yield check(fields[0], fields[2], fields[1], where)
+    return _read_lines(path, _dpr_line)
 
 
 def read_jsonl(path: Path) -> Iterator[Passage | Reject]:
-    for number, line in _lines(path):
-        where = f"line {number}"
-        if line is None:
-            yield Reject(where, "invalid UTF-8")
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            yield Reject(where, f"not JSON ({error.msg})")
-            continue
-        if not isinstance(record, dict):
-            yield Reject(where, "not a JSON object")
-            continue
-        yield check(record.get("id"), record.get("title"), record.get("text"), where)
+    return _read_lines(path, _jsonl_line)
 
 
 def read_parquet(path: Path) -> Iterator[Passage | Reject]:
