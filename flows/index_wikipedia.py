@@ -54,6 +54,25 @@ def _loopback_ray() -> None:
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+def check_plan(work: Path, plan: dict) -> None:
+    """Record what this index folder is being built from; refuse to resume a build of something else.
+
+    Resuming trusts sealed shards and the normalized corpus, so they must come from the same corpus
+    file (path, size, modification time), reader and shard settings.
+    """
+    path = work / "plan.json"
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier != plan:
+            changed = sorted(k for k in plan.keys() | earlier.keys() if plan.get(k) != earlier.get(k))
+            raise ValueError(
+                f"{work.parent} holds an unfinished or finished build with other settings ({', '.join(changed)} "
+                "differ); choose another index folder, or delete this one to start over"
+            )
+    else:
+        path.write_text(json.dumps(plan, indent=1))
+
+
 @task(name="normalize-corpus", cache_policy=NO_CACHE)
 def normalize_corpus(corpus: str | None, corpus_format: str, work: str) -> dict:
     """The corpus as passages.parquet (skipped when an earlier run left it), rejects counted."""
@@ -183,6 +202,14 @@ def index_wikipedia(
     staging = work / "lossless" if offline_merge > 0 else out
     work.mkdir(parents=True, exist_ok=True)
     spec = ReaderSpec(reader_family, reader_checkpoint, split_layer, max_passage_tokens).to_dict()
+    source = Path(corpus) if corpus else None
+    stat = source.stat() if source is not None and source.exists() else None
+    check_plan(work, {
+        "corpus": str(source.resolve()) if source else None, "corpus_format": corpus_format,
+        "corpus_bytes": stat.st_size if stat else None, "corpus_mtime": stat.st_mtime if stat else None,
+        "reader": spec, "retriever": retriever, "shard_size": shard_size, "offline_merge": offline_merge,
+        "codec_sample": codec_sample,
+    })
 
     corpus_summary = normalize_corpus(corpus, corpus_format, str(work))
     plans = [asdict(p) for p in plan_shards(corpus_summary["passages"], shard_size)]

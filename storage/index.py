@@ -23,7 +23,7 @@ from reader.identity import ReaderIdentity
 
 from .codec import Codec
 from .record import RecordFormat, StoredPassage, decode_records, encode_record
-from .shard import BLOCK_ROWS, SHARDS, ShardInfo, block_key, block_records, open_shard, sealed_shard, write_shard
+from .shard import BLOCK_ROWS, SHARDS, ShardInfo, block_key, block_record, open_shard, sealed_shard, write_shard
 
 FORMAT_VERSION = 2  # 2: records packed in blocks of BLOCK_ROWS rows per LMDB value
 MANIFEST = "manifest.json"
@@ -153,6 +153,8 @@ class Index:
         self.manifest = manifest
         self.format = _record_format(codec, manifest.reader)
         self._starts = [s.first_row for s in manifest.shards]
+        self._envs: dict[str, object] = {}  # this process's open shards (published shards never change)
+        self._pid = os.getpid()
 
     @classmethod
     def open(cls, root: Path | str, expect: ReaderIdentity | None = None) -> "Index":
@@ -165,6 +167,17 @@ class Index:
 
     def __len__(self) -> int:
         return self.manifest.passages
+
+    def _env(self, name: str):
+        if self._pid != os.getpid():  # a forked child: the parent's environments are not ours
+            self._envs, self._pid = {}, os.getpid()
+        env = self._envs.get(name)
+        if env is None:
+            env = self._envs[name] = open_shard(self.root, name)
+        return env
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_envs": {}}
 
     def _check_row(self, row: int) -> int:
         if not 0 <= row < len(self):
@@ -183,14 +196,13 @@ class Index:
         for index, shard_rows in by_shard.items():
             shard = self.manifest.shards[index]
             # Blocks are read in place from the memory map; only the wanted records are copied out.
-            with open_shard(self.root, shard.name).begin(buffers=True) as txn:
+            with self._env(shard.name).begin(buffers=True) as txn:
                 for row in shard_rows:
                     block = txn.get(block_key(row, shard.first_row))
-                    records = block_records(block) if block is not None else []
-                    offset = (row - shard.first_row) % BLOCK_ROWS
-                    if offset >= len(records):
+                    record = block_record(block, (row - shard.first_row) % BLOCK_ROWS) if block is not None else None
+                    if record is None:
                         raise KeyError(f"{shard.name}: row {row} is missing from its shard")
-                    found[row] = bytes(records[offset])
+                    found[row] = bytes(record)
         return [found[row] for row in rows]
 
     def fetch(self, rows: Sequence[int]) -> list[StoredPassage]:

@@ -48,6 +48,18 @@ def block_records(block) -> list:
     return [view[base + a : base + b] for a, b in zip(starts, ends)]
 
 
+def block_record(block, index: int):
+    """Record ``index`` of a block (a slice of the buffer, no copy), or None when the block is shorter."""
+    view = memoryview(block)
+    (count,) = _COUNT.unpack_from(view)
+    if index >= count:
+        return None
+    base = _COUNT.size + 4 * count
+    start = struct.unpack_from("<I", view, _COUNT.size + 4 * (index - 1))[0] if index else 0
+    end = struct.unpack_from("<I", view, _COUNT.size + 4 * index)[0]
+    return view[base + start : base + end]
+
+
 def block_key(row: int, first_row: int) -> bytes:
     """The key of the block holding ``row`` in a shard starting at ``first_row``."""
     return KEY.pack(first_row + (row - first_row) // BLOCK_ROWS * BLOCK_ROWS)

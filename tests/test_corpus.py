@@ -122,3 +122,13 @@ def test_whole_corpus_errors(tmp_path):
         read_corpus(tmp_path, "csv")
     with pytest.raises(CorpusError, match="does not exist"):
         read_corpus(tmp_path / "missing.tsv", "dpr")
+
+
+def test_an_index_folder_refuses_to_resume_a_build_of_something_else(tmp_path):
+    from flows.index_wikipedia import check_plan
+
+    plan = {"corpus": "/data/a.tsv", "corpus_format": "dpr", "shard_size": 1000}
+    check_plan(tmp_path, plan)
+    check_plan(tmp_path, dict(plan))  # the same build resumes
+    with pytest.raises(ValueError, match="corpus, shard_size differ"):
+        check_plan(tmp_path, {**plan, "corpus": "/data/b.tsv", "shard_size": 500})
