@@ -91,8 +91,9 @@ def normalize_corpus(corpus: str | None, corpus_format: str, work: str) -> dict:
 @task(name="fit-codec", cache_policy=NO_CACHE)
 def fit_codec(staging: str, corpus_path: str, spec: dict, sample: int) -> dict:
     """Codec prototypes and dictionary from a sample; the reader's identity for the manifest."""
-    description = calibrate_codec(Path(staging), Path(corpus_path), ReaderSpec(**spec), sample, CodecSettings())
-    return {"codec": description, "reader": load_reader(ReaderSpec(**spec)).identity().to_dict()}
+    reader = load_reader(ReaderSpec(**spec))
+    description = calibrate_codec(Path(staging), Path(corpus_path), reader, sample, CodecSettings())
+    return {"codec": description, "reader": reader.identity().to_dict()}
 
 
 @task(name="index-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)

@@ -184,15 +184,16 @@ class Index:
             raise IndexError(f"row {row} is outside the index's {len(self)} passages")
         return row
 
-    def _shard_of(self, row: int) -> ShardInfo:
-        return self.manifest.shards[bisect.bisect_right(self._starts, self._check_row(row)) - 1]
-
     def read_raw(self, rows: Sequence[int]) -> list[bytes]:
         """Record bytes for ``rows``, unchecked and undecoded (grouped by shard, one transaction each)."""
+        return [value for _, value in self._read(rows)]
+
+    def _read(self, rows: Sequence[int]) -> list[tuple[str, bytes]]:
+        """(shard name, record bytes) for each of ``rows``, in order."""
         by_shard: dict[int, list[int]] = {}
         for row in rows:
             by_shard.setdefault(bisect.bisect_right(self._starts, self._check_row(row)) - 1, []).append(row)
-        found: dict[int, bytes] = {}
+        found: dict[int, tuple[str, bytes]] = {}
         for index, shard_rows in by_shard.items():
             shard = self.manifest.shards[index]
             # Blocks are read in place from the memory map; only the wanted records are copied out.
@@ -202,7 +203,7 @@ class Index:
                     record = block_record(block, (row - shard.first_row) % BLOCK_ROWS) if block is not None else None
                     if record is None:
                         raise KeyError(f"{shard.name}: row {row} is missing from its shard")
-                    found[row] = bytes(record)
+                    found[row] = shard.name, bytes(record)
         return [found[row] for row in rows]
 
     def fetch(self, rows: Sequence[int]) -> list[StoredPassage]:
@@ -210,8 +211,9 @@ class Index:
         rows = list(rows)
         if not rows:
             return []
-        wheres = [f"{self._shard_of(row).name} row {row}" for row in rows]
-        return decode_records(self.format, self.read_raw(rows), rows, wheres)
+        read = self._read(rows)
+        wheres = [f"{name} row {row}" for (name, _), row in zip(read, rows)]
+        return decode_records(self.format, [value for _, value in read], rows, wheres)
 
 
 __all__ = ["SHARDS", "Index", "IndexNotFound", "IndexWriter", "Manifest"]

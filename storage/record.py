@@ -106,7 +106,7 @@ def decode_records(fmt: RecordFormat, values: list[bytes], rows: list[int], wher
     parsed = [_sections(value, where) for value, where in zip(values, wheres)]
     try:
         decoded = fmt.codec.decode_many([(p[1], p[2], p[3]) for _, p in parsed])
-    except (zstd.ZstdError, ValueError) as error:
+    except (zstd.ZstdError, ValueError):
         # Checksums passed, so this is a codec mismatch or a bug: find and name the record.
         for (_, parts), where in zip(parsed, wheres):
             try:

@@ -1,6 +1,5 @@
 """FiD over T5: the split against the unsplit library model, bits, merging, gradients."""
 
-import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 

@@ -1,7 +1,6 @@
 """Bad input: clear errors, truncation by rule, mismatched bits."""
 
 import pytest
-import torch
 
 from reader.binary import IncompatibleRepresentation
 from reader.config import BTRConfig, RuntimeMerge

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from flows.corpus import normalize
 from reader.assets import wikipedia_sample
 from reader.config import BTRConfig
-from reader.load import ReaderSpec
+from reader.load import ReaderSpec, load_reader
 from storage.index import Index
 from storage.verify import main as verify_main
 from workers.indexer import FAULT_ENV, ShardIndexer, calibrate_codec, plan_shards
@@ -72,7 +71,7 @@ def test_a_worker_killed_mid_shard_is_retried_and_a_resumed_run_gives_the_same_s
     work = index_b / ".work"
     corpus = normalize(setup / "corpus.jsonl", "jsonl", work)
     spec = ReaderSpec("extractive", str(setup / "reader"), 2, 96)
-    calibrate_codec(index_b, Path(corpus.path), spec, PASSAGES)
+    calibrate_codec(index_b, Path(corpus.path), load_reader(spec), PASSAGES)
     indexer = ShardIndexer(str(index_b), corpus.path, spec, str(setup / "reader"))
     plans = plan_shards(corpus.passages, SHARD_SIZE)
     for plan in plans[:2]:

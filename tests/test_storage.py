@@ -5,7 +5,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import json
 import multiprocessing
-import os
 import subprocess
 import sys
 from pathlib import Path

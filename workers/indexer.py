@@ -20,6 +20,7 @@ import torch
 from flows.corpus import read_rows
 from reader.load import ReaderSpec, load_reader
 from reader.retriever import Encoder, passage_text
+from reader.split import SplitReader
 from storage.build import encode_corpus
 from storage.codec import Codec, CodecSettings, file_digest
 from storage.index import IndexWriter
@@ -50,7 +51,7 @@ def plan_shards(passages: int, shard_size: int) -> list[ShardPlan]:
 
 
 def calibrate_codec(
-    index_root: Path, corpus: Path, spec: ReaderSpec, sample: int, settings: CodecSettings | None = None
+    index_root: Path, corpus: Path, reader: SplitReader, sample: int, settings: CodecSettings | None = None
 ) -> dict:
     """Fit the codec (prototypes, zstd dictionary) on the first ``sample`` passages and save it.
 
@@ -59,7 +60,6 @@ def calibrate_codec(
     folder = index_root / "codec"
     if (folder / "codec.json").exists():
         return json.loads((folder / "codec.json").read_text())
-    reader = load_reader(spec)
     passages = read_rows(corpus, 0, sample)
     records = encode_corpus(reader, passages)
     codec = Codec.fit(((r.token_ids.numpy(), r.bits.numpy()) for r in records), reader.vocab_size, reader.hidden_size, settings)
