@@ -249,10 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--offline-merge", type=float, default=0.2)
     parser.add_argument("--ray-address", default=None)
+    parser.add_argument("--reader-checkpoint", default=None, help="reader to index with (default: the trained default)")
     args = parser.parse_args(argv)
     index_wikipedia(
         index=args.index, corpus=args.corpus, corpus_format=args.corpus_format, shard_size=args.shard_size,
-        offline_merge=args.offline_merge, ray_address=args.ray_address,
+        offline_merge=args.offline_merge, ray_address=args.ray_address, reader_checkpoint=args.reader_checkpoint,
     )
 
 

@@ -1,9 +1,12 @@
-"""Answer a question from a BTR index, citing the passages it drew on.
+"""Answer questions from a BTR index, citing the passages each answer drew on.
 
-    python -m reader.answer "who directed 2001: A Space Odyssey?" [--index DIR] [--k 10] [--mode btr] [--json]
+    python -m reader.answer "who directed 2001: A Space Odyssey?" [--index DIR] [--k 5] [--mode btr] [--json]
+    python -m reader.answer --questions questions.jsonl [--index DIR] ...   (one JSON answer per line)
 
-Retrieves passages with the index's faiss retriever, fetches their bits from LMDB, runs the upper
-layers and extracts (or generates) the answer. Bad input is one line on stderr and exit status 2.
+Retrieves passages with the index's faiss retriever, reads their records from LMDB, decodes the
+bits, runs the upper layers and extracts (or generates) the answer. Bad input is one line on
+stderr and exit status 2; in a questions file a bad line gets an ``{"line", "error"}`` object in
+its place, the others are answered, and the exit status is 2.
 """
 
 from __future__ import annotations
@@ -12,88 +15,226 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .binary import IncompatibleRepresentation
-from .config import MODES
+from .config import MODES, check_mode
 from .identity import IncompatibleIndex
 from .inputs import ReaderInputError
-from .load import ReaderSpec, load_reader
-from .retriever import Retriever
+from .load import ReaderSpec, load_reader, quiet_library_logs
+from .retriever import Hit, Retriever
 
 DEFAULT_INDEX = "indexes/wikipedia-sample"
+DEFAULT_K = 5
+
+
+def bad_input_errors() -> tuple[type[Exception], ...]:
+    """Exceptions that mean bad input (question, index, options), reported without a traceback."""
+    from storage.record import CorruptRecord
+
+    return ReaderInputError, IncompatibleIndex, IncompatibleRepresentation, CorruptRecord, FileNotFoundError, ValueError
+
+
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[stage]`` (milliseconds)."""
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + 1000 * (time.perf_counter() - start)
+
+
+@dataclass
+class Lookup:
+    """A question with its retrieved hits and their raw records: the part of a query that is I/O."""
+
+    question: str
+    hits: list[Hit]
+    raw: list[tuple[str, bytes]]
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Answerer:
-    """An index, its retriever and its reader, loaded once to answer many questions."""
+    """An index, its retriever and its reader, loaded once to answer many questions.
 
-    def __init__(self, index: Path | str) -> None:
+    ``lookup`` (retrieve + LMDB read) is safe to call from many threads at once; ``read`` runs the
+    model over a batch of lookups, so a server can batch concurrent questions through it.
+    """
+
+    def __init__(self, index: Path | str, text_reader: str | None = None) -> None:
+        """Load the index and the reader that built it.
+
+        ``text_reader``: another checkpoint of the same family to read passage *text* with (baseline
+        and split modes only; the index's bits belong to the reader that built it).
+        """
         from storage.index import Index, Manifest  # storage builds on reader; import it late
 
         manifest = Manifest.load(Path(index))
         spec = manifest.extra.get("reader_spec")
         if spec is None:
             raise IncompatibleIndex(f"{index}: the manifest does not say which reader built it (no reader_spec)")
-        self.reader = load_reader(ReaderSpec(**spec))
-        self.index = Index.open(index, expect=self.reader.identity())
+        spec = ReaderSpec(**spec)
+        self.text_only = text_reader is not None
+        if self.text_only:
+            spec = ReaderSpec(spec.family, text_reader, None, spec.max_passage_tokens)
+        self.reader = load_reader(spec)
+        self.index = Index.open(index, expect=None if self.text_only else self.reader.identity())
         self.retriever = Retriever(index)
 
-    def answer(self, question: str, k: int = 10, mode: str = "btr") -> dict:
-        """The answer, its passages (id, title, score, snippet) and the time spent per stage."""
-        timings = {}
-        start = time.perf_counter()
-        self.reader.question_ids(question)  # a bad question fails here, before any work
-        hits = self.retriever.search([question], k)[0]
-        timings["retrieve"] = time.perf_counter() - start
-        start = time.perf_counter()
-        stored = self.index.fetch([h.row for h in hits])
-        timings["fetch"] = time.perf_counter() - start
-        start = time.perf_counter()
-        passages = [s.tokens if mode == "btr" else s.passage for s in stored]
+    def check(self, question: str, k: int, mode: str) -> None:
+        """Raise ReaderInputError / ValueError for a question, k or mode this answerer cannot take."""
+        if not isinstance(question, str):
+            raise ReaderInputError("the question must be a string")
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ReaderInputError("the question is not valid UTF-8 text") from None
+        self.reader.question_ids(question)  # empty or too long fails here, before any work
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.index):
+            raise ValueError(f"k must be a whole number from 1 to {len(self.index)} (the index's passages), got {k!r}")
+        check_mode(mode)
+        if mode == "btr" and self.text_only:
+            raise ValueError("btr mode reads the index's bits, so it needs the reader that built the index")
+
+    def lookup(self, question: str, k: int = DEFAULT_K) -> Lookup:
+        """Retrieve the top-k passages of one question and read their records (undecoded)."""
+        timings: dict[str, float] = {}
+        with timed(timings, "retrieve"):
+            hits = self.retriever.search([question], k)[0]
+        with timed(timings, "fetch"):
+            raw = self.index.read([h.row for h in hits])
+        return Lookup(question, hits, raw, timings)
+
+    def read(self, lookups: Sequence[Lookup], mode: str = "btr") -> list[dict]:
+        """Answers for a batch of lookups (all with the same k), one model pass for all of them."""
+        reader, timings = self.reader, {}
+        with timed(timings, "decode"):
+            stored = [self.index.decode(l.raw, [h.row for h in l.hits]) for l in lookups]
+            groups = [[s.tokens if mode == "btr" else s.passage for s in group] for group in stored]
+            batch = reader.prepare([l.question for l in lookups], groups)
+            with torch.inference_mode():
+                states = reader.passage_states(batch, mode) if mode == "btr" else None
         with torch.inference_mode():
-            if hasattr(self.reader, "extract"):
-                span = self.reader.extract([question], [passages], mode)[0]
-                source = stored[span.passage]
-                ids = source.tokens.token_ids.tolist()
-                text = self.reader.span_text(source.passage, ids, span.start, span.end)
-            else:
-                text = self.reader.answer([question], [passages], mode)[0]
-        timings["read"] = time.perf_counter() - start
-        return {
-            "answer": text,
-            "passages": [
-                {"id": s.pid, "title": s.title, "score": round(h.score, 4), "snippet": s.text[:160]}
-                for s, h in zip(stored, hits)
-            ],
-            "timings_ms": {stage: round(1000 * seconds, 2) for stage, seconds in timings.items()},
-        }
+            if mode == "split":  # continuous lower states, computed now from the passage text
+                with timed(timings, "lower"):
+                    states = reader.passage_states(batch, mode)
+            with timed(timings, "upper"):
+                pairs = reader.encode_pairs(batch, mode, reader.encoder_merge_ratio(mode), passages=states)
+            with timed(timings, "extract" if hasattr(reader, "best_spans") else "generate"):
+                outputs = reader.read_out(batch, pairs, mode)
+        results = []
+        for lookup, group, output in zip(lookups, stored, outputs):
+            source = None
+            if isinstance(output, str):
+                text = output
+            else:  # a span: slice the stored passage's own text
+                source = output.passage
+                ids = group[source].tokens.token_ids.tolist()
+                text = reader.span_text(group[source].passage, ids, output.start, output.end)
+            stages = lookup.timings | timings
+            results.append(
+                {
+                    "question": lookup.question,
+                    "answer": text,
+                    "source": source,
+                    "mode": mode,
+                    "passages": [
+                        {"id": s.pid, "title": s.title, "score": round(h.score, 4), "snippet": snippet(s.text)}
+                        for s, h in zip(group, lookup.hits)
+                    ],
+                    "timings_ms": {stage: round(ms, 2) for stage, ms in stages.items()}
+                    | {"total": round(sum(stages.values()), 2), "batch": len(lookups)},
+                }
+            )
+        return results
+
+    def answer(self, question: str, k: int = DEFAULT_K, mode: str = "btr") -> dict:
+        """One question: checked, looked up and read."""
+        self.check(question, k, mode)
+        return self.read([self.lookup(question, k)], mode)[0]
+
+
+def snippet(text: str, width: int = 160) -> str:
+    """The start of a passage, cut at a word boundary."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[:width].rsplit(" ", 1)[0] + " ..."
+
+
+def question_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, question, error) for each non-blank line of a questions JSONL file (or - for stdin)."""
+    stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+    with stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield number, None, "not valid UTF-8"
+                continue
+            except json.JSONDecodeError as error:
+                yield number, None, f"not JSON ({error.msg})"
+                continue
+            question = record.get("question") if isinstance(record, dict) else None
+            if not isinstance(question, str):
+                yield number, None, 'needs a "question" string'
+                continue
+            yield number, question, None
+
+
+def print_text(result: dict) -> None:
+    print(f"answer: {result['answer']}")
+    for i, p in enumerate(result["passages"], 1):
+        mark = "*" if result["source"] == i - 1 else " "
+        print(f" {mark}[{i}] {p['title']} ({p['score']:.3f}): {p['snippet'][:110]}")
+    print("  time (ms): " + ", ".join(f"{stage} {ms}" for stage, ms in result["timings_ms"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reader.answer", description=__doc__.splitlines()[0])
-    parser.add_argument("question")
+    parser.add_argument("question", nargs="?", help="the question (or use --questions)")
+    parser.add_argument("--questions", help='JSONL file of {"question": ...} lines (- for stdin); one JSON answer per line')
     parser.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default {DEFAULT_INDEX})")
-    parser.add_argument("--k", type=int, default=10, help="passages to read")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages to read (default {DEFAULT_K})")
     parser.add_argument("--mode", choices=MODES, default="btr")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    quiet_library_logs()
+    if (args.question is None) == (args.questions is None):
+        parser.error("give a question or --questions FILE, not both")
+    errors = bad_input_errors()
     try:
-        if not args.question.strip():
+        if args.question is not None and not args.question.strip():
             raise ReaderInputError("the question is empty")
-        result = Answerer(args.index).answer(args.question, args.k, args.mode)
-    except (ReaderInputError, IncompatibleIndex, IncompatibleRepresentation, FileNotFoundError, ValueError) as error:
+        if args.questions not in (None, "-") and not Path(args.questions).is_file():
+            raise FileNotFoundError(f"questions file {args.questions} does not exist")
+        answerer = Answerer(args.index)
+        if args.question is not None:
+            result = answerer.answer(args.question, args.k, args.mode)
+            if args.json:
+                print(json.dumps(result, ensure_ascii=False))
+            else:
+                print_text(result)
+            return 0
+    except errors as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    print(f"answer: {result['answer']}")
-    for i, p in enumerate(result["passages"], 1):
-        print(f"  [{i}] {p['title']} ({p['score']:.3f}): {p['snippet'][:100]}...")
-    print("  time: " + ", ".join(f"{stage} {ms} ms" for stage, ms in result["timings_ms"].items()))
-    return 0
+    failed = 0
+    for number, question, problem in question_lines(args.questions):
+        try:
+            if problem:
+                raise ReaderInputError(problem)
+            result = answerer.answer(question, args.k, args.mode)
+        except errors as error:
+            failed += 1
+            result = {"line": number, "error": str(error)}
+            print(f"error: line {number}: {error}", file=sys.stderr)
+        print(json.dumps(result, ensure_ascii=False), flush=True)
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

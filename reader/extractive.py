@@ -79,8 +79,12 @@ class ExtractiveReader(SplitReader):
     def _layer(self, index: int, hidden: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return self.model.base_model.encoder.layer[index](hidden, attention_mask=bias)
 
-    def _encode_unsplit(self, batch: Batch) -> Tokens:
-        """The library's own forward over [query block; passage block], same positions as the split."""
+    def _encode_unsplit(self, batch: Batch, attention_from: int | None = None) -> Tokens:
+        """The library's own forward over [query block; passage block], same positions as the split.
+
+        With ``attention_from`` = j, also returns the attention probabilities [B*n, N, N] averaged
+        over heads and layers j.. (the model must run eager attention; training's teacher does).
+        """
         query, query_mask = pad(batch.query_ids, self.layout.pad_id)
         passage, passage_mask = pad(batch.passage_ids, self.layout.pad_id)
         n = batch.per_query
@@ -90,16 +94,29 @@ class ExtractiveReader(SplitReader):
         passage_pos, passage_type = self._positions(passage.shape[1], "passage")
         position = torch.cat([query_pos, passage_pos], 1).expand_as(ids)
         types = torch.cat([query_type, passage_type], 1).expand_as(ids)
-        hidden = self.model.base_model(
-            input_ids=ids, attention_mask=mask, token_type_ids=types, position_ids=position
-        ).last_hidden_state
-        return Tokens(hidden, mask.float(), position.float())
+        output = self.model.base_model(
+            input_ids=ids,
+            attention_mask=mask,
+            token_type_ids=types,
+            position_ids=position,
+            output_attentions=attention_from is not None,
+        )
+        tokens = Tokens(output.last_hidden_state, mask.float(), position.float())
+        if attention_from is None:
+            return tokens
+        attention = torch.stack(output.attentions[attention_from:]).mean(dim=(0, 2))
+        return tokens, attention
 
     # ---- spans --------------------------------------------------------------------------------
-    def span_logits(self, batch: Batch, mode: str = "btr") -> tuple[torch.Tensor, torch.Tensor]:
-        """Start and end logits [B*n, Lp] over passage tokens; -inf where no answer may start or end."""
+    def span_logits(
+        self, batch: Batch, mode: str = "btr", pairs: Tokens | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start and end logits [B*n, Lp] over passage tokens; -inf where no answer may start or end.
+
+        ``pairs`` is the encoder output when the caller already has it (training).
+        """
         check_mode(mode)
-        pairs = self.encode_pairs(batch, mode)
+        pairs = self.encode_pairs(batch, mode) if pairs is None else pairs
         width = batch.passage_width
         logits = self.model.qa_outputs(pairs.hidden[:, -width:]).float()
         lengths = torch.tensor([len(ids) - len(self.layout.passage_suffix) for ids in batch.passage_ids])
@@ -113,7 +130,15 @@ class ExtractiveReader(SplitReader):
         """The best span per question across all its passages (score = start + end logit)."""
         batch = self.prepare(questions, passages)
         with torch.no_grad():
-            start, end = self.span_logits(batch, mode)
+            return self.best_spans(batch, *self.span_logits(batch, mode))
+
+    def read_out(self, batch: Batch, pairs: Tokens, mode: str) -> list[Span]:
+        """The query path's last stage: spans from encoder output the caller already has."""
+        return self.best_spans(batch, *self.span_logits(batch, mode, pairs))
+
+    def best_spans(self, batch: Batch, start: torch.Tensor, end: torch.Tensor) -> list[Span]:
+        """The best span per question across all its passages, from start and end logits [B*n, Lp]."""
+        questions = batch.query_ids
         width = start.shape[1]
         scores = start[:, :, None] + end[:, None, :]  # [B*n, Lp(start), Lp(end)]
         offset = torch.arange(width, device=scores.device)

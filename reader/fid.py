@@ -155,8 +155,15 @@ class FiDReader(SplitReader):
         max_new_tokens: int = 20,
     ) -> list[str]:
         """Answers, one per question, from its passages (text, or bits from an index)."""
-        merge = self.config.merge_for(mode)
+        batch = self.prepare(questions, passages)
         with torch.no_grad():
-            memory = self.encode(questions, passages, mode, merge)
-            ids = self.generate(memory, merge, max_new_tokens)
+            pairs = self.encode_pairs(batch, mode, self.encoder_merge_ratio(mode))
+            return self.read_out(batch, pairs, mode, max_new_tokens)
+
+    def encoder_merge_ratio(self, mode: str) -> float:
+        return self.config.merge_for(mode).encoder_ratio
+
+    def read_out(self, batch: Batch, pairs: Tokens, mode: str, max_new_tokens: int = 20) -> list[str]:
+        """The query path's last stage: fuse each question's passages and generate its answer."""
+        ids = self.generate(pairs.flatten_groups(batch.per_query), self.config.merge_for(mode), max_new_tokens)
         return [text.strip() for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -13,11 +15,19 @@ from .fid import FiDReader
 from .split import SplitReader
 
 FAMILIES = {"extractive": ExtractiveReader, "fid": FiDReader}
+DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint"  # the trained MiniLM reader (model card inside)
+BASE_ENCODER = "all-MiniLM-L6-v2"  # the packaged encoder the default was trained from (fresh span head)
+SETTINGS_FILE = "btr.json"
 
 
 @dataclass(frozen=True)
 class ReaderSpec:
-    """A reader family, a checkpoint (hub name or path; None = the packaged MiniLM), and BTR settings."""
+    """A reader family, a checkpoint, and BTR settings.
+
+    ``checkpoint``: a hub name or a path; None = the trained default in ``reader/checkpoint``;
+    ``"all-MiniLM-L6-v2"`` = the packaged encoder with a fresh span head (what training starts from).
+    ``split_layer`` None = the checkpoint's own (its btr.json), else 3/4 of the layers.
+    """
 
     family: str = "extractive"
     checkpoint: str | None = None
@@ -28,17 +38,51 @@ class ReaderSpec:
         return asdict(self)
 
 
+def resolve_checkpoint(spec: ReaderSpec) -> tuple[str, bool]:
+    """The path or hub name to load and whether it must be local."""
+    if spec.checkpoint is None:
+        if not (DEFAULT_CHECKPOINT / SETTINGS_FILE).exists():
+            raise FileNotFoundError(f"the default reader checkpoint is missing from {DEFAULT_CHECKPOINT}")
+        return str(DEFAULT_CHECKPOINT), True
+    if spec.checkpoint == BASE_ENCODER:
+        return str(minilm_path()), True
+    return spec.checkpoint, Path(spec.checkpoint).exists()
+
+
+def checkpoint_settings(checkpoint: str) -> dict | None:
+    """The BTR settings a training stage saved beside its weights (None for other checkpoints)."""
+    path = Path(checkpoint) / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def quiet_library_logs() -> None:
+    """Command-line tools print their own lines: no weight-loading bars or load reports on stderr."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def load_reader(spec: ReaderSpec) -> SplitReader:
-    """Build the reader a spec names (offline for the packaged default)."""
+    """Build the reader a spec names (offline for the packaged checkpoints), in float32 on CPU."""
     if spec.family not in FAMILIES:
         raise ValueError(f"unknown reader family {spec.family!r}; expected one of {', '.join(FAMILIES)}")
-    if spec.checkpoint is None and spec.family != "extractive":
-        raise ValueError("the packaged default checkpoint is an extractive (BERT) reader; name a T5 checkpoint for fid")
-    config = BTRConfig(split_layer=spec.split_layer, max_passage_tokens=spec.max_passage_tokens)
-    checkpoint = spec.checkpoint or str(minilm_path())
+    family = FAMILIES[spec.family]
+    checkpoint, local = resolve_checkpoint(spec)
+    split_layer = spec.split_layer
+    settings = checkpoint_settings(checkpoint)
+    if settings is not None:
+        if settings["family"] != family.__name__:
+            raise ValueError(f"{checkpoint} is a {settings['family']} checkpoint, not {family.__name__}")
+        if split_layer is not None and split_layer != settings["split_layer"]:
+            raise ValueError(f"{checkpoint} was trained to split at k={settings['split_layer']}, not k={split_layer}")
+        split_layer = settings["split_layer"]
+    config = BTRConfig(split_layer=split_layer, max_passage_tokens=spec.max_passage_tokens)
     # Parameters a checkpoint lacks (the span head of a plain encoder) are initialised from a fixed
     # seed, so the same spec always gives the same reader, and the same weights digest.
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        reader = FAMILIES[spec.family].from_pretrained(checkpoint, config, local_files_only=spec.checkpoint is None)
+        reader = family.from_pretrained(checkpoint, config, local_files_only=local, dtype=torch.float32)
+    if settings is not None and settings["calibration"] != reader.calibration:
+        raise ValueError(f"{checkpoint} was trained with {settings['calibration']} calibration, not {reader.calibration}")
     return reader.eval()

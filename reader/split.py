@@ -202,20 +202,32 @@ class SplitReader(nn.Module):
         if mode == "btr" and isinstance(batch.passages[0], BinaryTokens):
             return self.restore_bits(batch.passages)  # type: ignore[arg-type]
         states = self.lower(*pad(batch.passage_ids, self.layout.pad_id))
-        if mode == "btr":
-            signs, scale = binarize(states.hidden, self.calibration)
-            states = Tokens(restore(signs, scale), states.size, states.position)
-        return states
+        return self.binarized(states)[0] if mode == "btr" else states
 
-    def encode_pairs(self, batch: Batch, mode: str = "btr", merge_ratio: float = 0.0) -> Tokens:
-        """Encoder output for every (question, passage) pair: [B*n, N, d]."""
+    def binarized(self, states: Tokens) -> tuple[Tokens, torch.Tensor]:
+        """Passage states as btr mode reads them (s * sign(h), straight-through), and the signs."""
+        signs, scale = binarize(states.hidden, self.calibration)
+        return Tokens(restore(signs, scale), states.size, states.position), signs
+
+    def encoder_merge_ratio(self, mode: str) -> float:
+        """Runtime token merging in the upper encoder layers for ``mode`` (none unless a family says so)."""
+        return 0.0
+
+    def encode_pairs(
+        self, batch: Batch, mode: str = "btr", merge_ratio: float = 0.0, passages: Tokens | None = None
+    ) -> Tokens:
+        """Encoder output for every (question, passage) pair: [B*n, N, d].
+
+        ``passages`` overrides the passage states of split/btr mode (training inspects them).
+        """
         check_mode(mode)
         if mode == "baseline":
             if merge_ratio > 0:
                 raise ValueError("the unsplit baseline does not merge tokens")
             return self._encode_unsplit(batch)
         query = self.lower(*pad(batch.query_ids, self.layout.pad_id), segment="query")
-        return self.upper(query, self.passage_states(batch, mode), batch.per_query, merge_ratio)
+        passages = self.passage_states(batch, mode) if passages is None else passages
+        return self.upper(query, passages, batch.per_query, merge_ratio)
 
     def _encode_unsplit(self, batch: Batch) -> Tokens:
         """The baseline: the wrapped model's own encoder over query + passage, [B*n, N, d]."""

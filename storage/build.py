@@ -35,6 +35,7 @@ def write_index(
     records: Sequence[BinaryTokens],
     shard_size: int = 1000,
     settings: CodecSettings | None = None,
+    extra: dict | None = None,
 ) -> Manifest:
     """Fit the codec on ``records``, write them as shards of ``shard_size`` passages, publish."""
     codec = Codec.fit(
@@ -45,12 +46,12 @@ def write_index(
     for shard_id, first in enumerate(range(0, len(passages), shard_size)):
         rows = zip(passages[first : first + shard_size], records[first : first + shard_size])
         shards.append(writer.write_shard(shard_id, first, ((p.id, p.title, p.text, r) for p, r in rows)))
-    return writer.publish(shards)
+    return writer.publish(shards, extra)
 
 
 def build_index(
     root: Path | str, reader: SplitReader, passages: Sequence[Passage], shard_size: int = 1000,
-    settings: CodecSettings | None = None,
+    settings: CodecSettings | None = None, extra: dict | None = None,
 ) -> Manifest:
     """Encode ``passages`` with ``reader``'s lower layers and write them as an index at ``root``."""
-    return write_index(root, reader, passages, encode_corpus(reader, passages), shard_size, settings)
+    return write_index(root, reader, passages, encode_corpus(reader, passages), shard_size, settings, extra)

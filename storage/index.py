@@ -186,10 +186,13 @@ class Index:
 
     def read_raw(self, rows: Sequence[int]) -> list[bytes]:
         """Record bytes for ``rows``, unchecked and undecoded (grouped by shard, one transaction each)."""
-        return [value for _, value in self._read(rows)]
+        return [value for _, value in self.read(rows)]
 
-    def _read(self, rows: Sequence[int]) -> list[tuple[str, bytes]]:
-        """(shard name, record bytes) for each of ``rows``, in order."""
+    def read(self, rows: Sequence[int]) -> list[tuple[str, bytes]]:
+        """(shard name, record bytes) for each of ``rows``, in order: the LMDB half of ``fetch``.
+
+        Safe from many threads: each call reads in its own transaction of the process's environments.
+        """
         by_shard: dict[int, list[int]] = {}
         for row in rows:
             by_shard.setdefault(bisect.bisect_right(self._starts, self._check_row(row)) - 1, []).append(row)
@@ -209,11 +212,12 @@ class Index:
     def fetch(self, rows: Sequence[int]) -> list[StoredPassage]:
         """Passages for ``rows`` in order, each record's checksum verified (CorruptRecord if not)."""
         rows = list(rows)
-        if not rows:
-            return []
-        read = self._read(rows)
+        return self.decode(self.read(rows), rows) if rows else []
+
+    def decode(self, read: Sequence[tuple[str, bytes]], rows: Sequence[int]) -> list[StoredPassage]:
+        """Passages from what ``read`` returned for ``rows``: checksums verified, bits decompressed."""
         wheres = [f"{name} row {row}" for (name, _), row in zip(read, rows)]
-        return decode_records(self.format, [value for _, value in read], rows, wheres)
+        return decode_records(self.format, [value for _, value in read], list(rows), wheres)
 
 
 __all__ = ["SHARDS", "Index", "IndexNotFound", "IndexWriter", "Manifest"]

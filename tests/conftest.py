@@ -11,6 +11,7 @@ from reader.config import BTRConfig
 from reader.extractive import ExtractiveReader
 from reader.fid import FiDReader
 from reader.inputs import Passage
+from storage.index import SHARDS, Index
 
 QUESTIONS = ["who wrote hamlet?", "what is the capital of france?"]
 PASSAGES = [
@@ -70,3 +71,22 @@ def make_extractive(tokenizer):
 @pytest.fixture(scope="module")
 def make_extractive_module(tokenizer):
     return _extractive_builder(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def flip_record_byte():
+    """Corrupt one byte inside a stored record (found by its bytes in the shard file); returns the shard."""
+
+    def flip(index_path, row: int) -> str:
+        index = Index.open(index_path)
+        [value] = index.read_raw([row])
+        shard = index.manifest.shards[0].name
+        data_file = index_path / SHARDS / shard / "data.mdb"
+        data = bytearray(data_file.read_bytes())
+        at = data.find(value[40:80])
+        assert at > 0 and data.find(value[40:80], at + 1) == -1
+        data[at + 10] ^= 0x40
+        data_file.write_bytes(bytes(data))
+        return shard
+
+    return flip

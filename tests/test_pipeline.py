@@ -97,6 +97,6 @@ def test_a_worker_killed_mid_shard_is_retried_and_a_resumed_run_gives_the_same_s
     ids = [p["id"] for p in results["btr"]["passages"]]
     assert len(ids) == 4 and all(r["passages"] == results["btr"]["passages"] for r in results.values())
     assert all(r["answer"] for r in results.values())
-    assert set(results["btr"]["timings_ms"]) == {"retrieve", "fetch", "read"}
+    assert {"retrieve", "fetch", "decode", "upper", "extract"} <= set(results["btr"]["timings_ms"])
     assert answer_main(["  ", "--index", str(index_b)]) == 2
     assert answer_main(["a question", "--index", str(tmp_path / "nowhere")]) == 2

@@ -86,22 +86,9 @@ def test_no_manifest_no_index(tmp_path, reader):
     assert len(Index.open(tmp_path / "idx")) == 5
 
 
-def _flip_byte_inside_record(index_path: Path, row: int) -> str:
-    index = Index.open(index_path)
-    [value] = index.read_raw([row])
-    shard = index.manifest.shards[0].name
-    data_file = index_path / SHARDS / shard / "data.mdb"
-    data = bytearray(data_file.read_bytes())
-    at = data.find(value[40:80])
-    assert at > 0 and data.find(value[40:80], at + 1) == -1
-    data[at + 10] ^= 0x40
-    data_file.write_bytes(bytes(data))
-    return shard
-
-
-def test_flipped_byte_is_caught_by_verify_and_by_the_reader_path(index_path, capsys):
+def test_flipped_byte_is_caught_by_verify_and_by_the_reader_path(index_path, capsys, flip_record_byte):
     assert verify_main([str(index_path)]) == 0
-    shard = _flip_byte_inside_record(index_path, row=3)
+    shard = flip_record_byte(index_path, row=3)
     assert verify_main([str(index_path)]) == 1
     err = capsys.readouterr().err
     assert f"{shard}: digest differs" in err and f"{shard} row 3 (passage 'wiki-3'): checksum mismatch" in err

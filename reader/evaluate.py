@@ -1,0 +1,127 @@
+"""Accuracy and speed of a reader over an index: EM, F1, retrieval recall, QPS, latency.
+
+    python -m reader.evaluate --index INDEX --questions dev.jsonl --mode baseline|split|btr [--k 5] [--json]
+
+Each line of the questions file is ``{"question": ..., "answers": [...]}``. Every mode reads the same
+retrieved passages (the retriever does not depend on the mode): baseline re-encodes their text with
+the unsplit reader, split computes continuous lower-layer states, btr reads the bits in the index.
+EM and F1 use SQuAD's answer normalization (lower case, no punctuation, no articles, single
+spaces), maximised over the gold answers. ``recall_at_k``: a retrieved passage contains an answer.
+Questions are answered one at a time, so the latencies are those a single user sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import string
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .answer import DEFAULT_K, Answerer, bad_input_errors
+from .config import MODES
+from .load import quiet_library_logs
+from .train import read_examples
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lower case, punctuation and articles removed, whitespace collapsed."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def exact_match(prediction: str, answers: list[str]) -> float:
+    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
+
+
+def f1_score(prediction: str, answers: list[str]) -> float:
+    """Token-overlap F1 against the best-matching gold answer."""
+    best = 0.0
+    predicted = normalize_answer(prediction).split()
+    for answer in answers:
+        gold = normalize_answer(answer).split()
+        common = sum((Counter(predicted) & Counter(gold)).values())
+        if common:
+            precision, recall = common / len(predicted), common / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+        elif not predicted and not gold:
+            best = 1.0
+    return best
+
+
+def has_answer(texts: list[str], answers: list[str]) -> bool:
+    """Whether any passage contains a gold answer (normalized, as whole tokens)."""
+    wanted = [f" {normalize_answer(a)} " for a in answers if normalize_answer(a)]
+    return any(w in f" {normalize_answer(t)} " for t in texts for w in wanted)
+
+
+def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFAULT_K) -> dict:
+    """Score ``mode`` on ``questions``; returns the summary and keeps per-question results."""
+    ems, f1s, recalls, latencies = [], [], [], []
+    started = time.perf_counter()
+    for record in questions:
+        answerer.check(record["question"], k, mode)
+        begin = time.perf_counter()
+        lookup = answerer.lookup(record["question"], k)
+        result = answerer.read([lookup], mode)[0]
+        latencies.append(1000 * (time.perf_counter() - begin))
+        texts = [s.text for s in answerer.index.decode(lookup.raw, [h.row for h in lookup.hits])]
+        ems.append(exact_match(result["answer"], record["answers"]))
+        f1s.append(f1_score(result["answer"], record["answers"]))
+        recalls.append(float(has_answer(texts, record["answers"])))
+    elapsed = time.perf_counter() - started
+    n = len(questions)
+    return {
+        "mode": mode,
+        "n": n,
+        "em": round(100 * float(np.mean(ems)), 2),
+        "f1": round(100 * float(np.mean(f1s)), 2),
+        "recall_at_k": round(100 * float(np.mean(recalls)), 2),
+        "k": k,
+        "qps": round(n / elapsed, 3),
+        "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        "latency_p95_ms": round(float(np.percentile(latencies, 95)), 1),
+    }
+
+
+def load_questions(path: Path | str, limit: int | None = None) -> list[dict]:
+    """Question records (question, answers) from a JSONL file, the first ``limit`` of them."""
+    records = [record for _, record in read_examples(path)]
+    return records[:limit] if limit else records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reader.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--index", required=True, help="index folder")
+    parser.add_argument("--questions", required=True, help='JSONL of {"question", "answers"}')
+    parser.add_argument("--mode", choices=MODES, default="btr")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages per question (default {DEFAULT_K})")
+    parser.add_argument("--limit", type=int, help="only the first N questions")
+    parser.add_argument("--checkpoint", help="read text with this checkpoint instead (baseline/split modes)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    quiet_library_logs()
+    try:
+        questions = load_questions(args.questions, args.limit)
+        summary = evaluate(Answerer(args.index, args.checkpoint), questions, args.mode, args.k)
+    except bad_input_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary["index"] = args.index
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>15}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Load test of `reader.serve` on loopback: QPS and latency at several client counts, batched or not.
+
+    python -m reader.loadtest [--index indexes/wikipedia-sample] [--questions data/qa/dev.jsonl]
+                              [--clients 1 4 16] [--requests 48] [--time-limit 120] [--json]
+
+Starts the service itself on a free 127.0.0.1 port, twice: with dynamic batching (``--max-batch``,
+default 16) and one question at a time (max batch 1), and for each runs every client count: that
+many threads post questions back to back until ``--requests`` are answered or ``--time-limit``
+seconds pass. Prints QPS, p50/p95 latency and errors per phase, and batched/unbatched QPS ratios.
+Without ``--questions``, questions are made from the index's passage titles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .answer import DEFAULT_INDEX
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def request(port: int, method: str, path: str, body: dict | None = None, timeout: float = 120) -> tuple[int, dict]:
+    """One HTTP request to the local service; (status, JSON body)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        payload = json.dumps(body).encode() if body is not None else None
+        connection.request(method, path, payload, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+@contextmanager
+def running_service(index: str, max_batch: int, threads: int | None = None, startup: float = 180):
+    """A `reader.serve` subprocess on a free loopback port, stopped on exit; yields the port."""
+    port = free_port()
+    command = [sys.executable, "-m", "reader.serve", "--index", index, "--port", str(port), "--max-batch", str(max_batch)]
+    if threads:
+        command += ["--threads", str(threads)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + startup
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"reader.serve exited with {process.returncode}: {process.stderr.read()[-2000:]}")
+            try:
+                if request(port, "GET", "/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reader.serve did not answer /health within {startup} s")
+            time.sleep(0.5)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def phase(port: int, questions: list[str], clients: int, requests: int, time_limit: float, k: int) -> dict:
+    """``clients`` threads posting questions until ``requests`` are done or time runs out."""
+    lock, latencies, errors, batches = threading.Lock(), [], [], []
+    counter = iter(range(requests))
+    stop = time.monotonic() + time_limit
+
+    def client() -> None:
+        while time.monotonic() < stop:
+            with lock:
+                number = next(counter, None)
+            if number is None:
+                return
+            begin = time.perf_counter()
+            try:
+                status, body = request(port, "POST", "/answer", {"question": questions[number % len(questions)], "k": k})
+            except OSError as error:
+                status, body = 0, {"error": str(error)}
+            with lock:
+                if status == 200:
+                    latencies.append(1000 * (time.perf_counter() - begin))
+                    batches.append(body["timings_ms"]["batch"])
+                else:
+                    errors.append(body.get("error", f"HTTP {status}"))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    return {
+        "clients": clients,
+        "answered": len(latencies),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+        "qps": round(len(latencies) / elapsed, 3),
+        "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+        "latency_p95_ms": round(float(np.percentile(latencies, 95)), 1) if latencies else None,
+        "mean_batch": round(float(np.mean(batches)), 2) if batches else None,
+    }
+
+
+def default_questions(index: str, count: int = 64) -> list[str]:
+    """Questions from the index's first passage titles, when no questions file is given."""
+    from storage.index import Index
+
+    stored = Index.open(index).fetch(range(min(count, len(Index.open(index)))))
+    return [f"What is {s.title}?" for s in stored]
+
+
+def run(index: str, questions: list[str], clients: list[int], requests: int, time_limit: float,
+        k: int = 5, max_batch: int = 16, threads: int | None = None) -> dict:
+    """Every client count against a batched and an unbatched service; returns all phases and ratios."""
+    results: dict = {"index": index, "requests_per_phase": requests, "k": k, "phases": {}}
+    for label, batch in (("batched", max_batch), ("unbatched", 1)):
+        with running_service(index, batch, threads) as port:
+            request(port, "POST", "/answer", {"question": questions[0], "k": k})  # warm up
+            results["phases"][label] = [phase(port, questions, c, requests, time_limit, k) for c in clients]
+            for row in results["phases"][label]:
+                print(json.dumps({"service": label, "max_batch": batch} | row), file=sys.stderr, flush=True)
+    results["qps_ratio_batched_over_unbatched"] = {
+        str(b["clients"]): round(b["qps"] / u["qps"], 2) if u["qps"] else None
+        for b, u in zip(results["phases"]["batched"], results["phases"]["unbatched"])
+    }
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reader.loadtest", description=__doc__.splitlines()[0])
+    parser.add_argument("--index", default=DEFAULT_INDEX)
+    parser.add_argument("--questions", help='JSONL of {"question": ...} (default: from passage titles)')
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=48, help="requests per phase")
+    parser.add_argument("--time-limit", type=float, default=120, help="seconds per phase at most")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    if not Path(args.index, "manifest.json").exists():
+        print(f"error: no index at {args.index}; run `make demo` or pass --index", file=sys.stderr)
+        return 2
+    if args.questions:
+        lines = Path(args.questions).read_text(encoding="utf-8").splitlines()
+        questions = [json.loads(line)["question"] for line in lines if line.strip()]
+    else:
+        questions = default_questions(args.index)
+    results = run(args.index, questions, args.clients, args.requests, args.time_limit, args.k, args.max_batch)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(f"{'service':<10} {'clients':>7} {'answered':>8} {'errors':>6} {'QPS':>7} {'p50 ms':>8} {'p95 ms':>8} {'batch':>6}")
+        for label, rows in results["phases"].items():
+            for r in rows:
+                print(f"{label:<10} {r['clients']:>7} {r['answered']:>8} {r['errors']:>6} {r['qps']:>7.2f} "
+                      f"{r['latency_p50_ms']:>8} {r['latency_p95_ms']:>8} {r['mean_batch']:>6}")
+        print("QPS batched / unbatched: " + ", ".join(
+            f"{c} clients {r}x" for c, r in results["qps_ratio_batched_over_unbatched"].items()))
+    errors = sum(r["errors"] for rows in results["phases"].values() for r in rows)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Training the extractive BTR reader: one stage of the paper's three, resumable.
+
+1. ``plain``: the unsplit reader on the task loss;
+2. ``split``: the split reader (continuous lower states) from stage 1, task loss + query-aware
+   passage token distillation: MSE to the frozen stage-1 reader's last-layer passage states, on the
+   top half of each passage's tokens ranked by the teacher's query-to-passage attention (averaged
+   over the upper layers and heads);
+3. ``bits``: binarization on (straight-through sign), task loss + passage representation recovery:
+   a linear map W b + c of the bits trained to give back h_k (MSE averaged over d; h_k detached, so
+   the loss shapes the lower layers through the bits).
+
+The task loss is shared-normalization span cross-entropy: the start (and end) logits of all the
+passages of a question form one softmax, so spans in distractor passages learn to score low.
+Examples are ``{"question", "answers", "passages": [{"title", "text", "id"?}, ...]}``; the first
+passage that contains an answer is the positive.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .extractive import ExtractiveReader
+from .inputs import Passage, ReaderInputError, pad, passage_string, tokenize_passage
+from .merge import Tokens
+
+STAGES = ("plain", "split", "bits")
+SETTINGS_FILE = "btr.json"
+
+
+class TrainingDataError(ValueError):
+    """A training file that cannot be used: the message names the file, line and reason."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A question, its answers, and the passages it is trained on (the positive first)."""
+
+    question: str
+    answers: tuple[str, ...]
+    passages: tuple[Passage, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage: which mode it trains, its extra losses, and its optimisation settings."""
+
+    kind: str  # plain | split | bits
+    distill: bool = True  # split stage only
+    recovery: bool = True  # bits stage only
+    steps: int = 200
+    batch_size: int = 8
+    learning_rate: float = 5e-5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in STAGES:
+            raise ValueError(f"unknown stage {self.kind!r}; expected one of {', '.join(STAGES)}")
+
+    @property
+    def mode(self) -> str:
+        return {"plain": "baseline", "split": "split", "bits": "btr"}[self.kind]
+
+    @property
+    def name(self) -> str:
+        """The stage's folder name; the switched-off loss is part of it so ablations never collide."""
+        suffix = {"split": "" if self.distill else "-nodistill", "bits": "" if self.recovery else "-norecovery"}
+        return self.kind + suffix.get(self.kind, "")
+
+
+def read_examples(path: Path | str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file; bad lines raise with their number."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TrainingDataError(f"{path}:{number}: not JSON ({error.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+                raise TrainingDataError(f"{path}:{number}: needs a \"question\" string")
+            answers = record.get("answers")
+            if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+                raise TrainingDataError(f"{path}:{number}: needs \"answers\", a non-empty list of strings")
+            yield number, record
+
+
+def to_example(record: dict, per_question: int) -> Example | None:
+    """An Example with ``per_question`` passages (positive first), or None if no passage has an answer."""
+    passages = [Passage(p.get("title", ""), p.get("text", ""), str(p.get("id", ""))) for p in record["passages"]]
+    holds = [any(a in passage_string(p) for a in record["answers"]) for p in passages]
+    if True not in holds:
+        return None
+    positive = holds.index(True)
+    negatives = [p for p, has in zip(passages, holds) if not has][: per_question - 1]
+    if len(negatives) < per_question - 1:
+        return None
+    return Example(record["question"], tuple(record["answers"]), (passages[positive], *negatives))
+
+
+def answer_span(reader: ExtractiveReader, passage: Passage, answers: Sequence[str]) -> tuple[int, int] | None:
+    """First (start, end) token span of an answer inside the passage's kept tokens, context before title."""
+    text = passage_string(passage)
+    offsets = tokenize_passage(reader.tokenizer, reader.layout, passage, reader.config.max_passage_tokens, offsets=True)[
+        "offset_mapping"
+    ]
+    body = len(offsets) - len(reader.layout.passage_suffix)
+    context = text.find(" context: ") + len(" context: ")
+    for answer in answers:
+        for begin in (text.find(answer, context), text.find(answer)):
+            if begin < 0:
+                continue
+            end = begin + len(answer)
+            starts = [i for i in range(body) if offsets[i][1] > begin]
+            ends = [i for i in range(body) if offsets[i][0] < end]
+            if starts and ends and offsets[ends[-1]][1] >= end and starts[0] <= ends[-1]:
+                return starts[0], ends[-1]
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """An example with the token span of its answer in the positive passage."""
+
+    example: Example
+    start: int
+    end: int
+
+
+def targets(reader: ExtractiveReader, examples: Sequence[Example]) -> tuple[list[Target], dict[str, int]]:
+    """Examples whose answer survives truncation and whose question fits, with counts of the rest."""
+    kept, dropped = [], {"question_too_long": 0, "answer_truncated": 0}
+    for example in examples:
+        try:
+            reader.question_ids(example.question)
+        except ReaderInputError:
+            dropped["question_too_long"] += 1
+            continue
+        span = answer_span(reader, example.passages[0], example.answers)
+        if span is None:
+            dropped["answer_truncated"] += 1
+            continue
+        kept.append(Target(example, *span))
+    return kept, dropped
+
+
+def batch_order(count: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Deterministic batches for every step (epochs reshuffled), so a resumed run sees the same data."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(count, generator=generator).tolist()
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+def span_loss(reader: ExtractiveReader, batch, chosen: Sequence[Target], pairs: Tokens, mode: str) -> torch.Tensor:
+    """Shared-normalization cross-entropy of the answer's start and end across each question's passages."""
+    start, end = reader.span_logits(batch, mode, pairs)
+    n, width = batch.per_query, batch.passage_width
+    start, end = start.reshape(len(chosen), n * width), end.reshape(len(chosen), n * width)
+    device = start.device
+    first = torch.tensor([t.start for t in chosen], device=device)  # the positive is passage 0
+    last = torch.tensor([t.end for t in chosen], device=device)
+    return (F.cross_entropy(start, first) + F.cross_entropy(end, last)) / 2
+
+
+def distillation_loss(student: Tokens, teacher: Tokens, attention: torch.Tensor, width: int, share: float = 0.5):
+    """MSE to the teacher's passage states on the top ``share`` of each passage's tokens by query attention."""
+    query_width = teacher.hidden.shape[1] - width
+    query_rows = teacher.size[:, :query_width, None]  # real query tokens only
+    received = (attention[:, :query_width, query_width:] * query_rows).sum(1)  # [B*n, width]
+    real = teacher.size[:, query_width:] > 0
+    received = received.masked_fill(~real, float("-inf"))
+    keep = torch.zeros_like(real)
+    for row, count in enumerate(real.sum(1).tolist()):
+        top = received[row].topk(max(1, math.ceil(share * count))).indices
+        keep[row, top] = True
+    error = (student.hidden[:, -width:].float() - teacher.hidden[:, -width:].float()).pow(2).mean(-1)
+    return error[keep].mean()
+
+
+def recovery_loss(projection: torch.nn.Linear, signs: torch.Tensor, states: Tokens) -> torch.Tensor:
+    """MSE (averaged over d) between W b + c and the continuous h_k, on real passage tokens."""
+    real = states.size > 0
+    recovered = projection(signs.float())
+    return (recovered - states.hidden.detach().float()).pow(2).mean(-1)[real].mean()
+
+
+def stage_losses(reader, stage: Stage, chosen: Sequence[Target], teacher=None, projection=None) -> dict[str, torch.Tensor]:
+    """The losses of one training step (``loss`` is their sum)."""
+    batch = reader.prepare([t.example.question for t in chosen], [t.example.passages for t in chosen])
+    losses: dict[str, torch.Tensor] = {}
+    if stage.kind == "plain":
+        pairs = reader.encode_pairs(batch, "baseline")
+    elif stage.kind == "split":
+        pairs = reader.encode_pairs(batch, "split")
+        if teacher is not None:
+            with torch.no_grad():
+                taught, attention = teacher._encode_unsplit(batch, attention_from=reader.split_layer)
+            losses["distill"] = distillation_loss(pairs, taught, attention, batch.passage_width)
+    else:
+        states = reader.lower(*pad(batch.passage_ids, reader.layout.pad_id))
+        restored, signs = reader.binarized(states)
+        pairs = reader.encode_pairs(batch, "btr", passages=restored)
+        if projection is not None:
+            losses["recovery"] = recovery_loss(projection, signs, states)
+    losses["task"] = span_loss(reader, batch, chosen, pairs, stage.mode)
+    losses["loss"] = sum(losses.values())
+    return losses
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def stage_done(folder: Path, stage: Stage) -> bool:
+    """Whether a stage folder holds this stage's finished checkpoint (another stage's is an error)."""
+    path = folder / SETTINGS_FILE
+    if not path.exists():
+        return False
+    trained = json.loads(path.read_text()).get("training", {}).get("stage", {})
+    wanted = asdict(stage) | {"name": stage.name, "mode": stage.mode}
+    if trained != wanted:
+        changed = sorted(k for k in wanted if trained.get(k) != wanted[k])
+        raise TrainingDataError(
+            f"{folder} holds a stage trained with other settings ({', '.join(changed)} differ); "
+            "train into another folder or delete it"
+        )
+    return True
+
+
+def train_stage(
+    reader: ExtractiveReader,
+    stage: Stage,
+    data: Sequence[Target],
+    out: Path,
+    teacher: ExtractiveReader | None = None,
+    save_every: int = 25,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train ``reader`` in place for one stage, checkpointing to ``out`` and resuming from it."""
+    if not data:
+        raise TrainingDataError("no usable training examples (every answer truncated or every question too long)")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(stage.seed)
+    projection = None
+    if stage.kind == "bits" and stage.recovery:
+        projection = torch.nn.Linear(reader.hidden_size, reader.hidden_size).to(reader.device)
+    parameters = list(reader.parameters()) + (list(projection.parameters()) if projection else [])
+    optimizer = torch.optim.AdamW(parameters, lr=stage.learning_rate, weight_decay=0.01)
+    warmup = max(1, stage.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (stage.steps - step) / (stage.steps - warmup)))
+    )
+    first = 0
+    resume = out / "resume.pt"
+    if resume.exists():
+        state = torch.load(resume, map_location=reader.device, weights_only=False)
+        reader.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        if projection is not None:
+            projection.load_state_dict(state["projection"])
+        first = state["step"]
+        log(f"{stage.name}: resuming at step {first} of {stage.steps}")
+    curve = out / "loss.jsonl"
+    kept = [line for line in curve.read_text().splitlines() if json.loads(line)["step"] <= first] if curve.exists() else []
+    curve.write_text("".join(line + "\n" for line in kept))
+    if teacher is not None:
+        teacher.model.base_model.set_attn_implementation("eager")
+        teacher.eval().requires_grad_(False)
+    reader.train()
+    cuda = reader.device.type == "cuda"
+    batches = batch_order(len(data), stage.steps, stage.batch_size, stage.seed)
+    began, recent = time.perf_counter(), []
+    for step in range(first, stage.steps):
+        with torch.autocast(reader.device.type, dtype=torch.bfloat16, enabled=cuda):
+            losses = stage_losses(reader, stage, [data[i] for i in batches[step]], teacher, projection)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        values = {name: round(value.item(), 5) for name, value in losses.items()}
+        recent.append(values["loss"])
+        with open(curve, "a") as f:
+            f.write(json.dumps({"step": step + 1, **values, "lr": schedule.get_last_lr()[0]}) + "\n")
+        if (step + 1) % 10 == 0 or step + 1 == stage.steps:
+            rate = (step + 1 - first) / (time.perf_counter() - began)
+            log(f"{stage.name}: step {step + 1}/{stage.steps} loss {sum(recent) / len(recent):.4f} "
+                + " ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "loss") + f" ({rate:.2f} steps/s)")
+            recent = []
+        if (step + 1) % save_every == 0 and step + 1 < stage.steps:
+            state = {"model": reader.model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "schedule": schedule.state_dict(), "step": step + 1}
+            if projection is not None:
+                state["projection"] = projection.state_dict()
+            _atomic_save(state, resume)
+    reader.eval()
+    final = [json.loads(line) for line in curve.read_text().splitlines()[-10:]]
+    summary = {
+        "stage": asdict(stage) | {"name": stage.name, "mode": stage.mode},
+        "examples": len(data),
+        "final_loss": {k: round(sum(r[k] for r in final) / len(final), 4) for k in final[-1] if k not in ("step", "lr")},
+    }
+    save_checkpoint(reader, out, summary)
+    if projection is not None:
+        torch.save(projection.state_dict(), out / "recovery.pt")
+    resume.unlink(missing_ok=True)
+    return summary
+
+
+def save_checkpoint(reader: ExtractiveReader, out: Path, training: dict, dtype: torch.dtype | None = None) -> None:
+    """``save_pretrained`` (model + tokenizer) plus btr.json: the split an index records and the reader checks."""
+    model = reader.model if dtype is None else copy.deepcopy(reader.model).to(dtype)
+    model.save_pretrained(out)
+    reader.tokenizer.save_pretrained(out)
+    settings = {
+        "family": type(reader).__name__,
+        "split_layer": reader.split_layer,
+        "calibration": reader.calibration,
+        "hidden_size": reader.hidden_size,
+        "max_query_tokens": reader.config.max_query_tokens,
+        "training": training,
+        "done": True,
+    }
+    (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def chain(distill: bool = True, recovery: bool = True, learning_rate: float | None = None, **settings) -> list[Stage]:
+    """The three stages with the ablation switches; ``settings`` (steps, batch_size, seed) apply to all.
+
+    Without a learning rate, the plain stage (a fresh span head) takes 1e-4 and the others 5e-5.
+    """
+    stages = [Stage("plain", **settings), Stage("split", distill=distill, **settings), Stage("bits", recovery=recovery, **settings)]
+    return [replace(s, learning_rate=learning_rate or (1e-4 if s.kind == "plain" else 5e-5)) for s in stages]
+
+
+def stage_folder(root: Path, stages: Sequence[Stage], index: int) -> Path:
+    """Folder of stage ``index`` in a chain: named by every stage up to it, so ablations share prefixes."""
+    return root / "+".join(s.name for s in stages[: index + 1])

@@ -1,0 +1,208 @@
+"""The query path over a small index built here: reader.answer, reader.evaluate, reader.serve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reader.answer import Answerer, main as answer_main
+from reader.assets import wikipedia_sample
+from reader.config import BTRConfig
+from reader.evaluate import exact_match, f1_score, has_answer, main as evaluate_main, normalize_answer
+from reader.load import ReaderSpec, load_reader
+from reader.retriever import Encoder, build_faiss, passage_text
+from reader.serve import Batcher
+from storage.build import build_index
+
+PASSAGES = wikipedia_sample(40, min_words=30)
+QUESTIONS = [f"What is {p.title}?" for p in PASSAGES[:4]]
+STAGES = {"retrieve", "fetch", "decode", "upper", "extract", "total", "batch"}
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory, make_extractive_module) -> Path:
+    """40 sample passages indexed by a tiny saved reader (k=2), with a faiss retriever."""
+    root = tmp_path_factory.mktemp("query")
+    tiny = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)
+    tiny.model.save_pretrained(root / "reader")
+    tiny.tokenizer.save_pretrained(root / "reader")
+    spec = ReaderSpec("extractive", str(root / "reader"), 2, 96)
+    build_index(root / "index", load_reader(spec), PASSAGES, shard_size=16, extra={"reader_spec": spec.to_dict()})
+    encoder = Encoder(root / "reader")
+    build_faiss([encoder.embed([passage_text(p) for p in PASSAGES])], root / "index", encoder.identity())
+    return root / "index"
+
+
+def run_answer(capsys, *argv) -> tuple[int, str, str]:
+    status = answer_main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_answer_prints_the_answer_its_passages_and_stage_timings(index, capsys):
+    status, out, err = run_answer(capsys, QUESTIONS[0], "--index", index, "--k", 3, "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert isinstance(result["answer"], str) and result["answer"]
+    assert len(result["passages"]) == 3 and all({"id", "title", "score", "snippet"} <= set(p) for p in result["passages"])
+    scores = [p["score"] for p in result["passages"]]
+    assert scores == sorted(scores, reverse=True)
+    assert set(result["timings_ms"]) == STAGES and result["timings_ms"]["batch"] == 1
+    # The answer is a piece of the passage it cites.
+    source = result["passages"][result["source"]]
+    text = next(p.text for p in PASSAGES if p.id == source["id"])
+    assert result["answer"] in f"title: {source['title']} context: {text}"
+
+    status, out, _ = run_answer(capsys, QUESTIONS[0], "--index", index, "--k", 3)
+    assert status == 0 and out.startswith(f"answer: {result['answer']}\n")
+    assert all(p["title"] in out for p in result["passages"]) and "retrieve" in out and "upper" in out
+
+
+def test_every_mode_reads_the_same_passages(index):
+    answerer = Answerer(index)
+    results = {mode: answerer.answer(QUESTIONS[1], 4, mode) for mode in ("baseline", "split", "btr")}
+    assert all(r["passages"] == results["btr"]["passages"] for r in results.values())
+    assert "lower" in results["split"]["timings_ms"] and "lower" not in results["btr"]["timings_ms"]
+
+
+def _copy_with_spec(index: Path, tmp_path: Path, **changes) -> Path:
+    copy = tmp_path / "index-copy"
+    shutil.copytree(index, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["extra"]["reader_spec"].update(changes)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+@pytest.mark.parametrize(
+    "question, options, message",
+    [
+        ("   ", [], "the question is empty"),
+        ("why " * 60, [], "this reader takes at most 40"),
+        ("what is \udcff?", [], "not valid UTF-8"),
+        (QUESTIONS[0], ["--k", "0"], "k must be a whole number from 1 to 40"),
+        (QUESTIONS[0], ["--k", "41"], "k must be a whole number from 1 to 40"),
+    ],
+)
+def test_bad_questions_and_options_are_one_line_and_exit_2(index, capsys, question, options, message):
+    status, out, err = run_answer(capsys, question, "--index", index, *options)
+    assert status == 2 and out == ""
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_index_corrupt_record_and_foreign_index_exit_2(index, tmp_path, capsys, flip_record_byte, make_extractive):
+    status, _, err = run_answer(capsys, QUESTIONS[0], "--index", tmp_path / "nowhere")
+    assert status == 2 and "manifest.json is missing" in err
+
+    # Another split layer than the bits were made with.
+    other_k = _copy_with_spec(index, tmp_path / "k", split_layer=3)
+    status, _, err = run_answer(capsys, QUESTIONS[0], "--index", other_k)
+    assert status == 2 and "split layer k: index 2, reader 3" in err
+
+    # The checkpoint at the recorded path was replaced by another model since the index was built.
+    other = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64, seed=7)
+    other.model.save_pretrained(tmp_path / "other")
+    other.tokenizer.save_pretrained(tmp_path / "other")
+    other_model = _copy_with_spec(index, tmp_path / "model", checkpoint=str(tmp_path / "other"))
+    status, _, err = run_answer(capsys, QUESTIONS[0], "--index", other_model)
+    assert status == 2 and "built by another reader" in err and "model weights" in err
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(index, corrupt)
+    shard = flip_record_byte(corrupt, row=5)
+    status, _, err = run_answer(capsys, QUESTIONS[0], "--index", corrupt, "--k", 40)
+    assert status == 2 and f"{shard} row 5: checksum mismatch" in err
+
+
+def test_questions_file_streams_one_json_line_each_and_keeps_going_past_bad_lines(index, tmp_path, capsys):
+    lines = [json.dumps({"question": QUESTIONS[0]}), "{not json", json.dumps({"question": " "}),
+             json.dumps({"q": "x"}), json.dumps({"question": QUESTIONS[1]})]
+    path = tmp_path / "questions.jsonl"
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b'{"question": "caf\xe9?"}\n')
+    status, out, err = run_answer(capsys, "--questions", path, "--index", index, "--k", 2)
+    results = [json.loads(line) for line in out.splitlines()]
+    assert status == 2 and len(results) == 6
+    assert [r.get("line") for r in results] == [None, 2, 3, 4, None, 6]
+    assert results[0]["question"] == QUESTIONS[0] and results[4]["question"] == QUESTIONS[1]
+    assert "not JSON" in results[1]["error"] and "empty" in results[2]["error"]
+    assert '"question" string' in results[3]["error"] and "UTF-8" in results[5]["error"]
+    assert err.count("error: line") == 4
+    status, _, err = run_answer(capsys, "--questions", tmp_path / "none.jsonl", "--index", index)
+    assert status == 2 and "does not exist" in err
+
+
+def test_eight_processes_answer_the_same_questions_identically(index, tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
+    command = [sys.executable, "-m", "reader.answer", "--questions", str(path), "--index", str(index), "--k", "3"]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert [p.returncode for p in processes] == [0] * 8, [err[-500:] for _, err in outputs]
+    answers = []
+    for out, err in outputs:
+        assert "lmdb" not in err.lower()
+        results = [json.loads(line) for line in out.splitlines()]
+        answers.append([(r["answer"], r["source"], r["passages"]) for r in results])
+    assert len(answers[0]) == len(QUESTIONS) and all(a == answers[0] for a in answers)
+
+
+def test_evaluate_prints_the_summary_and_metrics_follow_squad():
+    assert normalize_answer("The  Eiffel Tower!") == "eiffel tower"
+    assert exact_match("eiffel tower", ["The Eiffel Tower"]) == 1.0 and exact_match("tower", ["Eiffel Tower"]) == 0.0
+    assert f1_score("the tower", ["Eiffel Tower"]) == pytest.approx(2 * (1 * 0.5) / 1.5)
+    assert has_answer(["It opened in 1889."], ["1889"]) and not has_answer(["It opened in 18890."], ["1889"])
+
+
+def test_evaluate_command(index, tmp_path, capsys):
+    path = tmp_path / "dev.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answers": [p.title]}) + "\n" for q, p in zip(QUESTIONS, PASSAGES)))
+    for mode in ("baseline", "btr"):
+        assert evaluate_main(["--index", str(index), "--questions", str(path), "--mode", mode, "--k", "3", "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["n"] == 4 and summary["mode"] == mode and 0 <= summary["em"] <= summary["f1"] <= 100
+        assert summary["recall_at_k"] > 0 and summary["qps"] > 0
+        assert summary["latency_p50_ms"] <= summary["latency_p95_ms"]
+    path.write_text('{"question": "no answers"}\n')
+    assert evaluate_main(["--index", str(index), "--questions", str(path), "--mode", "btr"]) == 2
+    assert '"answers"' in capsys.readouterr().err
+
+
+def test_batcher_reads_waiting_questions_in_one_pass_with_the_same_answers(index):
+    answerer = Answerer(index)
+    lookups = [answerer.lookup(q, 3) for q in QUESTIONS]
+    alone = [answerer.read([lookup], "btr")[0] for lookup in lookups]
+    batcher = Batcher(answerer, max_batch=8, window_ms=500)
+    try:
+        futures = [batcher.submit(lookup, "btr") for lookup in lookups]
+        together = [f.result(timeout=60) for f in futures]
+    finally:
+        batcher.close()
+    assert batcher.batches == [len(QUESTIONS)]
+    assert all(t["timings_ms"]["batch"] == len(QUESTIONS) for t in together)
+    assert [(t["answer"], t["passages"]) for t in together] == [(a["answer"], a["passages"]) for a in alone]
+
+
+def test_service_answers_reports_health_refuses_bad_input_and_survives_concurrency(index):
+    from reader.loadtest import phase, request, running_service
+
+    with running_service(str(index), max_batch=8) as port:
+        status, health = request(port, "GET", "/health")
+        assert status == 200 and health["status"] == "ok" and health["passages"] == 40
+        status, result = request(port, "POST", "/answer", {"question": QUESTIONS[0], "k": 3})
+        assert status == 200 and result["answer"] and len(result["passages"]) == 3
+        for body, message in [({"question": " "}, "empty"), ({"question": QUESTIONS[0], "k": 0}, "k must"),
+                              ({"question": QUESTIONS[0], "mode": "fast"}, "unknown mode"), ([1], "JSON object")]:
+            status, reply = request(port, "POST", "/answer", body)
+            assert status == 400 and message in reply["error"]
+        began = time.monotonic()
+        load = phase(port, QUESTIONS, clients=4, requests=12, time_limit=120, k=3)
+        assert load["errors"] == 0 and load["answered"] == 12, load["first_error"]
+        assert time.monotonic() - began < 120
+        status, again = request(port, "POST", "/answer", {"question": QUESTIONS[0], "k": 3})
+        assert again["answer"] == result["answer"] and again["passages"] == result["passages"]

@@ -1,0 +1,183 @@
+"""Training: generated QA data, the three stages' losses, resuming, and the train-reader flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flows.qa_data import article_questions, generate, is_dev, sentence_questions
+from reader.config import BTRConfig
+from reader.inputs import Passage
+from reader.load import ReaderSpec, load_reader
+import reader.train as train_module
+from reader.train import (
+    Example,
+    Stage,
+    TrainingDataError,
+    answer_span,
+    read_examples,
+    stage_losses,
+    targets,
+    train_stage,
+)
+
+FACTS = [
+    ("Eiffel Tower", "The Eiffel Tower is a tower in Paris. It was completed in 1889 for the World's Fair.", "1889"),
+    ("Danube", "The Danube is a river in Europe. It flows through 10 countries into the Black Sea.", "Black Sea"),
+    ("Hamlet", "Hamlet is a tragedy written by William Shakespeare. It is set in Denmark.", "William Shakespeare"),
+    ("Mount Fuji", "Mount Fuji is a volcano on the island of Honshu. It last erupted in 1707.", "1707"),
+]
+
+
+def examples() -> list[Example]:
+    passages = [Passage(title, text, title) for title, text, _ in FACTS]
+    questions = ["When was the Eiffel Tower completed?", "Where does the Danube flow?",
+                 "Who wrote Hamlet?", "When did Mount Fuji last erupt?"]
+    return [
+        Example(q, (answer,), (passages[i], passages[(i + 1) % len(passages)]))
+        for i, (q, (_, _, answer)) in enumerate(zip(questions, FACTS))
+    ]
+
+
+@pytest.fixture
+def reader(make_extractive):
+    return make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64).train()
+
+
+def test_sentence_rules_ask_for_years_counts_and_names():
+    found = {kind: (q, a) for q, a, kind in sentence_questions("It was completed in 1889 by Gustave Eiffel.", "Eiffel Tower")}
+    assert found["year"] == ("Eiffel Tower was completed in what year by Gustave Eiffel?", "1889")
+    assert found["name"] == ("Eiffel Tower was completed in 1889 by what?", "Gustave Eiffel")
+    [(question, answer, kind)] = sentence_questions("The river flows through 10 countries.", "Danube")
+    assert (question, answer, kind) == ("The river flows through how many countries?", "10", "quantity")
+    assert not list(sentence_questions("Louis Burt Mayer was a producer.", "Louis B. Mayer"))  # no name tails
+    passage = Passage("Danube", FACTS[1][1])
+    assert article_questions(passage, 5) == article_questions(passage, 5) and len(article_questions(passage, 1)) == 1
+
+
+def test_generated_data_is_split_by_article_and_every_answer_is_in_its_passage(tmp_path):
+    summary = generate(tmp_path, corpus_size=1200)
+    assert summary["questions"]["dev"] >= 500 and summary["questions"]["train"] > 5000
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    dev = [json.loads(line) for line in (tmp_path / "dev.jsonl").read_text().splitlines()]
+    assert not {r["passages"][0]["title"] for r in train} & {r["article"] for r in dev}
+    assert not any(is_dev(r["passages"][0]["title"], 0.1) for r in train) and all(is_dev(r["article"], 0.1) for r in dev)
+    for r in train[:500]:
+        positive, negative = r["passages"]
+        assert r["answers"][0] in positive["text"] and r["answers"][0] not in negative["text"]
+        assert r["question"].endswith("?") and ("what" in r["question"] or "how many" in r["question"])
+    corpus = [json.loads(line) for line in (tmp_path / "corpus.jsonl").read_text().splitlines()]
+    assert len(corpus) == 1200 and {r["article"] for r in dev} <= {p["title"] for p in corpus}
+
+
+def test_answer_spans_point_at_the_answer_tokens(reader):
+    for example in examples():
+        start, end = answer_span(reader, example.passages[0], example.answers)
+        ids = reader.passage_ids(example.passages[0])[start : end + 1]
+        assert reader.tokenizer.decode(ids).lower() == example.answers[0].lower()
+    kept, dropped = targets(reader, [examples()[0], Example("why " * 50, ("1889",), examples()[0].passages)])
+    assert len(kept) == 1 and dropped["question_too_long"] == 1
+
+
+def test_bad_training_lines_name_the_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "answers": ["a"]}\n\n{"question": "q", "answers": []}\n')
+    with pytest.raises(TrainingDataError, match=r"train.jsonl:3: needs \"answers\""):
+        list(read_examples(path))
+
+
+def test_each_stage_has_its_losses_and_the_bits_stage_trains_lower_layers_through_recovery(reader, make_extractive):
+    data, _ = targets(reader, examples())
+    teacher = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64, seed=1)
+    teacher.model.base_model.set_attn_implementation("eager")
+    assert set(stage_losses(reader, Stage("plain"), data)) == {"task", "loss"}
+    split = stage_losses(reader, Stage("split"), data, teacher=teacher)
+    assert set(split) == {"task", "distill", "loss"} and split["distill"] > 0
+    projection = torch.nn.Linear(64, 64)
+    bits = stage_losses(reader, Stage("bits"), data, projection=projection)
+    assert set(bits) == {"task", "recovery", "loss"}
+    reader.zero_grad()
+    bits["recovery"].backward()
+    lower = reader.model.base_model.encoder.layer[0].attention.self.query.weight.grad
+    upper = reader.model.base_model.encoder.layer[3].attention.self.query.weight.grad
+    assert lower is not None and lower.abs().sum() > 0  # through the straight-through sign
+    assert upper is None or upper.abs().sum() == 0  # the recovery loss never sees the upper layers
+
+
+def test_training_lowers_the_task_loss_and_resumes_to_the_same_weights(reader, make_extractive, tmp_path, monkeypatch):
+    data, _ = targets(reader, examples())
+    stage = Stage("plain", steps=12, batch_size=4, learning_rate=1e-3)
+    before = stage_losses(reader.eval(), stage, data)["task"].item()
+    summary = train_stage(reader, stage, data, tmp_path / "straight", log=lambda _: None)
+    assert summary["final_loss"]["task"] < before
+    assert (tmp_path / "straight" / "btr.json").exists() and not (tmp_path / "straight" / "resume.pt").exists()
+    curve = [json.loads(line) for line in (tmp_path / "straight" / "loss.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in curve] == list(range(1, 13))
+
+    # Killed during step 8 (last save after step 6), then resumed: the same weights as straight through.
+    resumed = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64).train()
+    calls = []
+
+    def failing_losses(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return stage_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "stage_losses", failing_losses)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(resumed, stage, data, tmp_path / "resumed", save_every=3, log=lambda _: None)
+    assert torch.load(tmp_path / "resumed" / "resume.pt", weights_only=False)["step"] == 6
+    monkeypatch.setattr(train_module, "stage_losses", stage_losses)
+    again = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64, seed=5).train()
+    messages = []
+    train_stage(again, stage, data, tmp_path / "resumed", save_every=3, log=messages.append)
+    assert messages[0] == "plain: resuming at step 6 of 12"
+    for name, value in reader.model.state_dict().items():
+        assert torch.allclose(value, again.model.state_dict()[name], atol=1e-6), name
+    resumed_curve = (tmp_path / "resumed" / "loss.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in resumed_curve] == list(range(1, 13))
+
+
+def test_train_reader_flow_runs_resumes_and_exports(tmp_path, make_extractive):
+    pytest.importorskip("prefect")
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.train_reader import train_reader
+
+    base = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64)
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(
+        json.dumps({"question": e.question, "answers": list(e.answers),
+                    "passages": [{"title": p.title, "text": p.text, "id": p.id} for p in e.passages]}) + "\n"
+        for e in examples()
+    ))
+    out = tmp_path / "checkpoints"
+    with prefect_test_harness(server_startup_timeout=120):
+        last = train_reader(str(data), str(out), str(tmp_path / "base"), steps=2, batch_size=2,
+                            max_passage_tokens=64, split_layer=2, export=str(tmp_path / "export"))
+        assert Path(last) == out / "plain+split+bits"
+        for stage in ("plain", "plain+split", "plain+split+bits"):
+            settings = json.loads((out / stage / "btr.json").read_text())
+            assert settings["done"] and settings["split_layer"] == 2 and settings["calibration"] == "mean_abs"
+        stamp = (out / "plain" / "model.safetensors").stat().st_mtime_ns
+        # An ablation reuses the stages it shares and trains only the new one.
+        train_reader(str(data), str(out), str(tmp_path / "base"), steps=2, batch_size=2, max_passage_tokens=64,
+                     split_layer=2, recovery=False)
+        assert (out / "plain" / "model.safetensors").stat().st_mtime_ns == stamp
+        assert (out / "plain+split+bits-norecovery" / "btr.json").exists()
+        with pytest.raises(TrainingDataError, match="other settings"):
+            train_reader(str(data), str(out), str(tmp_path / "base"), steps=3, batch_size=2, max_passage_tokens=64,
+                         split_layer=2)
+    exported = load_reader(ReaderSpec(checkpoint=str(tmp_path / "export")))
+    assert exported.split_layer == 2
+    final = load_reader(ReaderSpec(checkpoint=last))
+    for a, b in zip(exported.model.state_dict().values(), final.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-2, rtol=1e-2)  # fp16 export of the same weights
+    with pytest.raises(ValueError, match="trained to split at k=2"):
+        load_reader(ReaderSpec(checkpoint=last, split_layer=3))
