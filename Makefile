@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
-.PHONY: install test bench demo clean
+.PHONY: install test bench demo clean data train evaluate loadtest
 
 install: $(STAMP)
 
@@ -26,6 +26,25 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Generated QA pairs from the bundled sample (deterministic), split by article.
+data: install
+	$(BIN)/python -m flows.qa_data --out data/qa
+
+# The three training stages, the default checkpoint (fp16, reader/checkpoint) and the two ablations.
+# About an hour on a 2-core CPU; a rerun resumes.
+train: data
+	$(BIN)/python -m flows.train_reader --split-layer 3 --export reader/checkpoint
+	$(BIN)/python -m flows.train_reader --split-layer 3 --no-recovery
+	$(BIN)/python -m flows.train_reader --split-layer 3 --no-distill
+
+# The README's accuracy table: baseline / split / btr and the ablations on the held-out dev set.
+evaluate: install
+	$(BIN)/python -m flows.evaluate_reader
+
+# QPS and latency of reader.serve at 1, 4 and 16 clients, batched and one at a time (needs `make demo`'s index).
+loadtest: data
+	$(BIN)/python -m reader.loadtest --questions data/qa/dev.jsonl
 
 # Local Prefect server + worker + Ray, the index-wikipedia deployment on the bundled sample, an answer.
 demo: install

@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         services.append(server)
         wait_healthy(args.port, server)
 
-        step(f"work pool {POOL}, deployment index-wikipedia/local, worker")
+        step(f"work pool {POOL}, deployments index-wikipedia/local and train-reader/local, worker")
         run([str(bin_dir / "prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
-        run([str(bin_dir / "prefect"), "deploy", "--name", "local", "--no-prompt"], env)
+        run([str(bin_dir / "prefect"), "deploy", "--all", "--no-prompt"], env)
         services.append(start([str(bin_dir / "prefect"), "worker", "start", "--pool", POOL], env, logs / "worker.log"))
 
         step("prefect deployment run index-wikipedia/local (Ray dashboard: http://127.0.0.1:8265 while it runs,\n    or the port .prefect/worker.log names if 8265 was taken)")

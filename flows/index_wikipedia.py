@@ -208,7 +208,8 @@ def index_wikipedia(
     check_plan(work, {
         "corpus": str(source.resolve()) if source else None, "corpus_format": corpus_format,
         "corpus_bytes": stat.st_size if stat else None, "corpus_mtime": stat.st_mtime if stat else None,
-        "reader": spec, "retriever": retriever, "shard_size": shard_size, "offline_merge": offline_merge,
+        "reader": spec, "reader_weights": load_reader(ReaderSpec(**spec)).identity().weights_digest,
+        "retriever": retriever, "shard_size": shard_size, "offline_merge": offline_merge,
         "codec_sample": codec_sample,
     })
 

@@ -93,6 +93,9 @@ def train_stage_task(
     root, stage = Path(out), stages[position]
     folder = stage_folder(root, stages, position)
     if stage_done(folder, stage):
+        trained_k = json.loads((folder / "btr.json").read_text())["split_layer"]
+        if position == 0 and split_layer is not None and trained_k != split_layer:
+            raise TrainingDataError(f"{folder} was trained for k={trained_k}, not k={split_layer}; use another --out")
         logger.info(f"{folder.name}: already trained, reusing {folder}")
         return str(folder)
     previous = base if position == 0 else str(stage_folder(root, stages, position - 1))
@@ -140,8 +143,13 @@ def train_reader(
         )
     if export:
         reader = load_reader(ReaderSpec(checkpoint=checkpoint))
-        training = json.loads((Path(checkpoint) / "btr.json").read_text())["training"]
-        save_checkpoint(reader, Path(export), training | {"chain": Path(checkpoint).name}, dtype=torch.float16)
+        folders = [stage_folder(Path(out), stages, i) for i in range(len(stages))]
+        training = {
+            "chain": Path(checkpoint).name,
+            "data": train,
+            "stages": [json.loads((folder / "btr.json").read_text())["training"] for folder in folders],
+        }
+        save_checkpoint(reader, Path(export), training, dtype=torch.float16)
         get_run_logger().info(f"exported {checkpoint} in fp16 to {export}")
     return checkpoint
 

@@ -7,7 +7,8 @@ retrieved passages (the retriever does not depend on the mode): baseline re-enco
 the unsplit reader, split computes continuous lower-layer states, btr reads the bits in the index.
 EM and F1 use SQuAD's answer normalization (lower case, no punctuation, no articles, single
 spaces), maximised over the gold answers. ``recall_at_k``: a retrieved passage contains an answer.
-Questions are answered one at a time, so the latencies are those a single user sees.
+Questions are answered one at a time, so the latencies are those a single user sees. A question
+the reader refuses (longer than its query limit) counts as a miss and is reported as ``refused``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 
 from .answer import DEFAULT_K, Answerer, bad_input_errors
 from .config import MODES
+from .inputs import ReaderInputError
 from .load import quiet_library_logs
 from .train import read_examples
 
@@ -64,10 +66,17 @@ def has_answer(texts: list[str], answers: list[str]) -> bool:
 
 def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFAULT_K) -> dict:
     """Score ``mode`` on ``questions``; returns the summary and keeps per-question results."""
-    ems, f1s, recalls, latencies = [], [], [], []
+    ems, f1s, recalls, latencies, refused = [], [], [], [], 0
     started = time.perf_counter()
     for record in questions:
-        answerer.check(record["question"], k, mode)
+        try:
+            answerer.check(record["question"], k, mode)
+        except ReaderInputError:  # e.g. longer than the reader takes: a miss, counted apart
+            refused += 1
+            ems.append(0.0)
+            f1s.append(0.0)
+            recalls.append(0.0)
+            continue
         begin = time.perf_counter()
         lookup = answerer.lookup(record["question"], k)
         result = answerer.read([lookup], mode)[0]
@@ -81,13 +90,14 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
     return {
         "mode": mode,
         "n": n,
+        "refused": refused,
         "em": round(100 * float(np.mean(ems)), 2),
         "f1": round(100 * float(np.mean(f1s)), 2),
         "recall_at_k": round(100 * float(np.mean(recalls)), 2),
         "k": k,
-        "qps": round(n / elapsed, 3),
-        "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1),
-        "latency_p95_ms": round(float(np.percentile(latencies, 95)), 1),
+        "qps": round(len(latencies) / elapsed, 3),
+        "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
+        "latency_p95_ms": round(float(np.percentile(latencies, 95)), 1) if latencies else None,
     }
 
 

@@ -127,6 +127,24 @@ def default_questions(index: str, count: int = 64) -> list[str]:
     return [f"What is {s.title}?" for s in stored]
 
 
+def accepted(index: str, questions: list[str]) -> list[str]:
+    """The questions the index's reader takes (a too-long one is a 400, not load)."""
+    from storage.index import Manifest
+
+    from .inputs import ReaderInputError
+    from .load import ReaderSpec, load_reader
+
+    reader = load_reader(ReaderSpec(**Manifest.load(Path(index)).extra["reader_spec"]))
+    kept = []
+    for question in questions:
+        try:
+            reader.question_ids(question)
+        except ReaderInputError:
+            continue
+        kept.append(question)
+    return kept
+
+
 def run(index: str, questions: list[str], clients: list[int], requests: int, time_limit: float,
         k: int = 5, max_batch: int = 16, threads: int | None = None) -> dict:
     """Every client count against a batched and an unbatched service; returns all phases and ratios."""
@@ -163,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         questions = [json.loads(line)["question"] for line in lines if line.strip()]
     else:
         questions = default_questions(args.index)
+    questions = accepted(args.index, questions)
     results = run(args.index, questions, args.clients, args.requests, args.time_limit, args.k, args.max_batch)
     if args.json:
         print(json.dumps(results))

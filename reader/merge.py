@@ -24,6 +24,10 @@ class Tokens:
     def __len__(self) -> int:
         return self.hidden.shape[1]
 
+    def rows(self, index: torch.Tensor, width: int | None = None) -> "Tokens":
+        """The sequences at ``index``, cut to their first ``width`` tokens."""
+        return Tokens(*(t[index, :width] for t in (self.hidden, self.size, self.position)))
+
     def key_bias(self) -> torch.Tensor:
         """Additive attention bias [B, 1, 1, N]: log(size), the dtype's minimum for padding."""
         size = self.size.to(self.hidden.dtype)

@@ -158,9 +158,32 @@ class SplitReader(nn.Module):
         tokens = self._embed(ids.to(self.device), mask.to(self.device), segment)
         return self.run_layers(tokens, range(self.split_layer))
 
+    def upper_by_length(self, query: Tokens, passages: Tokens, per_query: int, chunk_tokens: int = 8192) -> Tokens:
+        """``upper`` without merging, the pairs run in chunks of similar passage length.
+
+        The same states (padding is masked either way), far less padding: a batch pads every
+        passage to its longest, and passage lengths vary several-fold. The query path uses it.
+        """
+        query = query.rows(torch.arange(query.hidden.shape[0], device=query.hidden.device).repeat_interleave(per_query))
+        lengths = passages.size.sum(1).long()
+        order = lengths.argsort(descending=True, stable=True)
+        n, query_width = passages.hidden.shape[0], query.hidden.shape[1]
+        width = query_width + passages.hidden.shape[1]
+        hidden = query.hidden.new_zeros((n, width, query.hidden.shape[2]))
+        size, position = query.size.new_zeros((n, width)), query.position.new_zeros((n, width))
+        start = 0
+        while start < n:
+            longest = max(1, int(lengths[order[start]]))
+            rows = order[start : start + max(1, chunk_tokens // (query_width + longest))]
+            part = self.upper(query.rows(rows), passages.rows(rows, longest), 1)
+            end = query_width + longest
+            hidden[rows, :end], size[rows, :end], position[rows, :end] = part.hidden, part.size, part.position
+            start += len(rows)
+        return Tokens(hidden, size, position)
+
     def upper(self, query: Tokens, passages: Tokens, per_query: int, merge_ratio: float = 0.0) -> Tokens:
         """Layers k+1..n over [query; passage] for every (query, passage) pair: [B*n, N, d]."""
-        query = Tokens(*(t.repeat_interleave(per_query, 0) for t in (query.hidden, query.size, query.position)))
+        query = query.rows(torch.arange(query.hidden.shape[0], device=query.hidden.device).repeat_interleave(per_query))
         # Relative positions continue after the query's real length, as in the unsplit input.
         shift = query.size.sum(1, keepdim=True)
         joined = Tokens(
@@ -227,6 +250,8 @@ class SplitReader(nn.Module):
             return self._encode_unsplit(batch)
         query = self.lower(*pad(batch.query_ids, self.layout.pad_id), segment="query")
         passages = self.passage_states(batch, mode) if passages is None else passages
+        if merge_ratio == 0 and not torch.is_grad_enabled():  # inference: skip the padding
+            return self.upper_by_length(query, passages, batch.per_query)
         return self.upper(query, passages, batch.per_query, merge_ratio)
 
     def _encode_unsplit(self, batch: Batch) -> Tokens:

@@ -6,6 +6,7 @@ import torch
 from reader.assets import minilm_path
 from reader.config import BTRConfig
 from reader.extractive import ExtractiveReader
+from reader.inputs import pad
 from tests.conftest import PASSAGES, QUESTIONS
 
 
@@ -82,3 +83,17 @@ def test_bf16_reader_extracts_from_bits(make_extractive):
     reader = make_extractive(BTRConfig(split_layer=2)).to(torch.bfloat16)
     stored = [reader.encode_passages(group) for group in PASSAGES]
     assert all(span.text for span in reader.extract(QUESTIONS, stored, "btr"))
+
+
+def test_upper_layers_by_length_match_one_padded_batch(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2))
+    batch = reader.prepare(QUESTIONS, PASSAGES)  # passages of different lengths
+    padded = reader.encode_pairs(batch, "split")  # gradients on (training): one padded batch
+    with torch.no_grad():
+        chunked = reader.encode_pairs(batch, "split")  # inference: chunks of similar length
+        query = reader.lower(*pad(batch.query_ids, reader.layout.pad_id), segment="query")
+        one_by_one = reader.upper_by_length(query, reader.passage_states(batch, "split"), batch.per_query, 1)
+    real = padded.size > 0
+    for other in (chunked, one_by_one):
+        assert torch.equal(real, other.size > 0)
+        assert torch.allclose(padded.hidden[real], other.hidden[real], atol=1e-5)

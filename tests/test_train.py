@@ -181,3 +181,15 @@ def test_train_reader_flow_runs_resumes_and_exports(tmp_path, make_extractive):
         assert torch.allclose(a, b, atol=1e-2, rtol=1e-2)  # fp16 export of the same weights
     with pytest.raises(ValueError, match="trained to split at k=2"):
         load_reader(ReaderSpec(checkpoint=last, split_layer=3))
+
+
+def test_the_committed_default_reader_loads_offline_with_its_settings():
+    from reader.load import DEFAULT_CHECKPOINT
+
+    settings = json.loads((DEFAULT_CHECKPOINT / "btr.json").read_text())
+    reader = load_reader(ReaderSpec())
+    assert reader.split_layer == settings["split_layer"] == 3 and reader.calibration == settings["calibration"]
+    assert reader.dtype == torch.float32 and reader.hidden_size == 384
+    assert [s["stage"]["name"] for s in settings["training"]["stages"]] == ["plain", "split", "bits"]
+    assert (DEFAULT_CHECKPOINT / "model.safetensors").stat().st_size < 50e6
+    assert (DEFAULT_CHECKPOINT / "README.md").exists()  # the model card
