@@ -28,6 +28,8 @@ from reader.retriever import Encoder, build_faiss, passage_text
 from storage.build import build_index
 from storage.codec import file_digest
 
+from .corpus import read_jsonl
+
 ROWS = (  # label, stage folder, mode
     ("baseline", "plain", "baseline"),
     ("split", "plain+split", "split"),
@@ -47,20 +49,12 @@ def eval_index(checkpoint: Path, corpus: str, root: Path) -> Path:
     folder = root / f"eval-{checkpoint.name}"
     if (folder / "manifest.json").exists():
         return folder
-    passages = [Passage(r["title"], r["text"], str(r["id"])) for _, r in read_lines(corpus)]
+    passages = [p for p in read_jsonl(Path(corpus)) if isinstance(p, Passage)]
     spec = ReaderSpec(checkpoint=str(checkpoint))
     build_index(folder, load_reader(spec), passages, extra={"reader_spec": spec.to_dict(), "corpus": corpus})
     encoder = Encoder()
     build_faiss([encoder.embed([passage_text(p) for p in passages])], folder, encoder.identity())
     return folder
-
-
-def read_lines(path: str):
-    """(line number, record) of a JSONL file."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                yield number, json.loads(line)
 
 
 def table(results: list[dict]) -> str:

@@ -29,6 +29,7 @@ import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 from reader.assets import wikipedia_sample
@@ -112,7 +113,7 @@ def article_questions(passage: Passage, limit: int) -> list[Question]:
             if answer not in seen:
                 seen.add(answer)
                 found[kind].append(Question(question, answer, kind, passage.title))
-    ordered = [q for group in zip(*(found[k] + [None] * 99 for k in ("year", "quantity", "name"))) for q in group if q]
+    ordered = [q for group in zip_longest(*(found[k] for k in ("year", "quantity", "name"))) for q in group if q]
     return ordered[:limit]
 
 
@@ -135,7 +136,7 @@ class LexicalNegatives:
         """The best-scoring other passage without the answer (the next passage if none shares a word)."""
         scores: Counter[int] = Counter()
         n = len(self.passages)
-        for word in _words(question.question):
+        for word in sorted(_words(question.question)):  # a fixed order: float sums must not follow set hashing
             rows = self.postings.get(word, ())
             if 0 < len(rows) <= self.max_df:
                 weight = math.log(n / len(rows))

@@ -56,6 +56,7 @@ class Lookup:
     hits: list[Hit]
     raw: list[tuple[str, bytes]]
     timings: dict[str, float] = field(default_factory=dict)
+    passages: list = field(default_factory=list)  # the decoded StoredPassages, once read() ran
 
 
 class Answerer:
@@ -114,6 +115,8 @@ class Answerer:
         reader, timings = self.reader, {}
         with timed(timings, "decode"):
             stored = [self.index.decode(l.raw, [h.row for h in l.hits]) for l in lookups]
+            for lookup, group in zip(lookups, stored):
+                lookup.passages = group
             groups = [[s.tokens if mode == "btr" else s.passage for s in group] for group in stored]
             batch = reader.prepare([l.question for l in lookups], groups)
             with torch.inference_mode():

@@ -81,7 +81,7 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
         lookup = answerer.lookup(record["question"], k)
         result = answerer.read([lookup], mode)[0]
         latencies.append(1000 * (time.perf_counter() - begin))
-        texts = [s.text for s in answerer.index.decode(lookup.raw, [h.row for h in lookup.hits])]
+        texts = [s.text for s in lookup.passages]
         ems.append(exact_match(result["answer"], record["answers"]))
         f1s.append(f1_score(result["answer"], record["answers"]))
         recalls.append(float(has_answer(texts, record["answers"])))

@@ -123,7 +123,8 @@ def default_questions(index: str, count: int = 64) -> list[str]:
     """Questions from the index's first passage titles, when no questions file is given."""
     from storage.index import Index
 
-    stored = Index.open(index).fetch(range(min(count, len(Index.open(index)))))
+    opened = Index.open(index)
+    stored = opened.fetch(range(min(count, len(opened))))
     return [f"What is {s.title}?" for s in stored]
 
 

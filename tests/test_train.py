@@ -143,7 +143,6 @@ def test_training_lowers_the_task_loss_and_resumes_to_the_same_weights(reader, m
 
 
 def test_train_reader_flow_runs_resumes_and_exports(tmp_path, make_extractive):
-    pytest.importorskip("prefect")
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.train_reader import train_reader
