@@ -9,7 +9,7 @@ Rows (each stage checkpoint from ``python -m flows.train_reader``, with and with
 - btr: the stage-3 reader reading bits from its index (lossless: no offline merge);
 - btr without recovery loss / without distillation: the ablation chains, same way.
 Every btr row needs an index built by its own reader: they are built over the evaluation corpus
-under ``indexes/eval-<chain>`` and reused when already there. All
+under ``indexes/eval-<checkpoints folder>-<chain>`` and reused when already there. All
 rows retrieve with the same retriever over the same corpus, so they read the same passages.
 """
 
@@ -46,9 +46,9 @@ def eval_index(checkpoint: Path, corpus: str, root: Path) -> Path:
     offline merge), with the default retriever: a few thousand passages need no Ray, and the
     accuracy rows then measure the reader, not the lossy storage pass.
     """
-    folder = root / f"eval-{checkpoint.name}"
+    folder = root / f"eval-{checkpoint.parent.name}-{checkpoint.name}"
     if (folder / "manifest.json").exists():
-        return folder
+        return folder  # Answerer refuses it if its reader has changed since
     passages = [p for p in read_jsonl(Path(corpus)) if isinstance(p, Passage)]
     spec = ReaderSpec(checkpoint=str(checkpoint))
     build_index(folder, load_reader(spec), passages, extra={"reader_spec": spec.to_dict(), "corpus": corpus})

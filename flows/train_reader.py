@@ -129,13 +129,15 @@ def train_reader(
     recovery: bool = True,
     index: str | None = None,
     export: str | None = None,
+    split_steps: int | None = None,
+    bits_steps: int | None = None,
 ) -> str:
     """Train plain -> split -> bits from ``base``; returns the last stage's checkpoint folder.
 
     Passages are cut to ``max_passage_tokens`` for training (speed; answers beyond are dropped);
     the reader still reads up to 320 at query time. ``export`` writes the result there too in fp16 (how reader/checkpoint, the default, is made).
     """
-    stages = chain(distill=distill, recovery=recovery, steps=steps, batch_size=batch_size)
+    stages = chain(distill, recovery, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size)
     checkpoint = base
     for position in range(len(stages)):
         checkpoint = train_stage_task(
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="checkpoints/minilm-btr", help="folder of the stage checkpoints")
     parser.add_argument("--base", default=BASE_ENCODER, help="checkpoint to start from (hub name or path)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
+    parser.add_argument("--split-steps", type=int, help="steps of the split stage (default --steps)")
+    parser.add_argument("--bits-steps", type=int, help="steps of the bits stage (default --steps)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per step")
     parser.add_argument("--passages-per-question", type=int, default=2, help="positive + negatives per question")
     parser.add_argument("--max-passage-tokens", type=int, default=192, help="passage cut for training")
@@ -172,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_reader(
             args.train, args.out, args.base, args.steps, args.batch_size, args.passages_per_question,
-            args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index, args.export,
+            args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index,
+            args.export, args.split_steps, args.bits_steps,
         )
     except (TrainingDataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

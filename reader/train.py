@@ -154,13 +154,34 @@ def targets(reader: ExtractiveReader, examples: Sequence[Example]) -> tuple[list
     return kept, dropped
 
 
-def batch_order(count: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
-    """Deterministic batches for every step (epochs reshuffled), so a resumed run sees the same data."""
+def batch_order(
+    count: int, steps: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None, pool: int = 50
+) -> list[list[int]]:
+    """Deterministic batches for every step (epochs reshuffled), so a resumed run sees the same data.
+
+    With ``lengths`` (tokens per example), each run of ``pool`` batches is drawn at random, sorted by
+    length and cut into batches, whose order is shuffled again: a batch pads to its longest
+    example, so similar lengths together cost less padding, while every batch stays a random draw.
+    """
     generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while len(order) < steps * batch_size:
-        order += torch.randperm(count, generator=generator).tolist()
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+    batch_size = min(batch_size, count)  # fewer examples than a batch: every step takes them all
+    batches: list[list[int]] = []
+    while len(batches) < steps:
+        epoch = torch.randperm(count, generator=generator).tolist()
+        for start in range(0, count - batch_size + 1, batch_size * pool):
+            chunk = epoch[start : start + batch_size * pool]
+            chunk = chunk[: len(chunk) - len(chunk) % batch_size]
+            if lengths is not None:
+                chunk.sort(key=lambda i: lengths[i])
+            group = [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+            batches += [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+    return batches[:steps]
+
+
+def example_tokens(reader: ExtractiveReader, target: Target) -> int:
+    """Tokens a training example pads to: its question plus its longest passage."""
+    passages = max(len(reader.passage_ids(p)) for p in target.example.passages)
+    return len(reader.question_ids(target.example.question)) + passages
 
 
 def span_loss(reader: ExtractiveReader, batch, chosen: Sequence[Target], pairs: Tokens, mode: str) -> torch.Tensor:
@@ -283,7 +304,8 @@ def train_stage(
         teacher.eval().requires_grad_(False)
     reader.train()
     cuda = reader.device.type == "cuda"
-    batches = batch_order(len(data), stage.steps, stage.batch_size, stage.seed)
+    lengths = [example_tokens(reader, t) for t in data]
+    batches = batch_order(len(data), stage.steps, stage.batch_size, stage.seed, lengths)
     began, recent = time.perf_counter(), []
     for step in range(first, stage.steps):
         with torch.autocast(reader.device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -339,13 +361,29 @@ def save_checkpoint(reader: ExtractiveReader, out: Path, training: dict, dtype: 
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def chain(distill: bool = True, recovery: bool = True, learning_rate: float | None = None, **settings) -> list[Stage]:
-    """The three stages with the ablation switches; ``settings`` (steps, batch_size, seed) apply to all.
+LEARNING_RATES = {"plain": 1e-4, "split": 2e-4, "bits": 1e-4}
 
-    Without a learning rate, the plain stage (a fresh span head) takes 1e-4 and the others 5e-5.
+
+def chain(
+    distill: bool = True,
+    recovery: bool = True,
+    learning_rate: float | None = None,
+    steps: int = 200,
+    split_steps: int | None = None,
+    bits_steps: int | None = None,
+    **settings,
+) -> list[Stage]:
+    """The three stages with the ablation switches; ``settings`` (batch_size, seed) apply to all.
+
+    ``steps`` is every stage's length unless ``split_steps`` / ``bits_steps`` say otherwise.
+    Without a learning rate each stage takes its own from LEARNING_RATES: the plain stage trains a
+    fresh span head; the split stage must teach three layers the query-passage matching the lower
+    layers no longer do, and learns it faster at 2e-4 than at 5e-5 (14.7 against 11.3 EM after 150
+    steps, model card).
     """
+    lengths = {"plain": steps, "split": split_steps or steps, "bits": bits_steps or steps}
     stages = [Stage("plain", **settings), Stage("split", distill=distill, **settings), Stage("bits", recovery=recovery, **settings)]
-    return [replace(s, learning_rate=learning_rate or (1e-4 if s.kind == "plain" else 5e-5)) for s in stages]
+    return [replace(s, steps=lengths[s.kind], learning_rate=learning_rate or LEARNING_RATES[s.kind]) for s in stages]
 
 
 def stage_folder(root: Path, stages: Sequence[Stage], index: int) -> Path:

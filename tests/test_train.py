@@ -18,6 +18,8 @@ from reader.train import (
     Stage,
     TrainingDataError,
     answer_span,
+    batch_order,
+    chain,
     read_examples,
     stage_losses,
     targets,
@@ -105,6 +107,27 @@ def test_each_stage_has_its_losses_and_the_bits_stage_trains_lower_layers_throug
     upper = reader.model.base_model.encoder.layer[3].attention.self.query.weight.grad
     assert lower is not None and lower.abs().sum() > 0  # through the straight-through sign
     assert upper is None or upper.abs().sum() == 0  # the recovery loss never sees the upper layers
+
+
+def test_chain_gives_each_stage_its_steps_learning_rate_and_ablation_name():
+    stages = chain(distill=False, steps=150, split_steps=600, bits_steps=250, batch_size=4)
+    assert [(s.name, s.steps, s.learning_rate, s.batch_size) for s in stages] == [
+        ("plain", 150, 1e-4, 4), ("split-nodistill", 600, 2e-4, 4), ("bits", 250, 1e-4, 4)]
+    assert {s.learning_rate for s in chain(learning_rate=3e-5)} == {3e-5}
+    assert {s.steps for s in chain(steps=7)} == {7}
+
+
+def test_length_bucketed_batches_cover_each_epoch_once_and_pad_less():
+    lengths = [(i * 37) % 200 + 20 for i in range(400)]
+    bucketed = batch_order(400, 100, 8, seed=3, lengths=lengths)
+    assert bucketed == batch_order(400, 100, 8, seed=3, lengths=lengths)  # a resumed run sees the same data
+    assert all(len(b) == 8 for b in bucketed)
+    assert sorted(i for b in bucketed[:50] for i in b) == list(range(400))  # one epoch, each example once
+    plain = batch_order(400, 100, 8, seed=3)
+    assert sorted(i for b in plain[:50] for i in b) == list(range(400))
+    padded = lambda batches: sum(max(lengths[i] for i in b) * len(b) for b in batches)  # noqa: E731
+    assert padded(bucketed) < 0.8 * padded(plain)
+    assert all(sorted(b) == [0, 1, 2] for b in batch_order(3, 2, 8, seed=0))
 
 
 def test_training_lowers_the_task_loss_and_resumes_to_the_same_weights(reader, make_extractive, tmp_path, monkeypatch):
