@@ -378,8 +378,8 @@ def chain(
     ``steps`` is every stage's length unless ``split_steps`` / ``bits_steps`` say otherwise.
     Without a learning rate each stage takes its own from LEARNING_RATES: the plain stage trains a
     fresh span head; the split stage must teach three layers the query-passage matching the lower
-    layers no longer do, and learns it faster at 2e-4 than at 5e-5 (14.7 against 11.3 EM after 150
-    steps, model card).
+    layers no longer do, and learns it faster at 2e-4 than at 5e-5 (150 steps without distillation:
+    14.7 against 9.3 EM on the first 150 development questions).
     """
     lengths = {"plain": steps, "split": split_steps or steps, "bits": bits_steps or steps}
     stages = [Stage("plain", **settings), Stage("split", distill=distill, **settings), Stage("bits", recovery=recovery, **settings)]
