@@ -5,6 +5,8 @@
 
 Rows (each stage checkpoint from ``python -m flows.train_reader``, with and without the ablations):
 - baseline: the plain stage-1 reader, unsplit, re-encoding passage text;
+- baseline, trained as long: stage 1 continued unsplit for as many steps as the split stage
+  (``train_reader --control-steps``), when that folder exists;
 - split: the stage-2 reader, continuous lower-layer states;
 - btr: the stage-3 reader reading bits from its index (lossless: no offline merge);
 - btr without recovery loss / without distillation: the ablation chains, same way.
@@ -32,6 +34,7 @@ from .corpus import read_jsonl
 
 ROWS = (  # label, stage folder, mode
     ("baseline", "plain", "baseline"),
+    ("baseline, trained as long (control)", "plain+plain", "baseline"),
     ("split", "plain+split", "split"),
     ("btr", "plain+split+bits", "btr"),
     ("btr, no recovery loss", "plain+split+bits-norecovery", "btr"),
@@ -58,14 +61,15 @@ def eval_index(checkpoint: Path, corpus: str, root: Path) -> Path:
 
 
 def table(results: list[dict]) -> str:
-    """A markdown table of the rows, with btr's EM relative to the baseline's."""
-    baseline = next(r for r in results if r["row"] == "baseline")["em"]
+    """A markdown table of the rows, EM relative to the baseline (and to the control, when measured)."""
+    references = [r for r in results if r["row"].startswith("baseline")]
     lines = [
-        "| reader | mode | EM | F1 | EM vs baseline | recall@k | QPS | p50 ms | p95 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| reader | mode | EM | F1 | " + " | ".join("EM vs control" if "control" in r["row"] else "EM vs baseline" for r in references)
+        + " | recall@k | QPS | p50 ms | p95 ms |",
+        "|---|---|---|---|" + "---|" * len(references) + "---|---|---|---|",
     ]
     for r in results:
-        relative = f"{100 * r['em'] / baseline:.1f}%" if baseline else "n/a"
+        relative = " | ".join(f"{100 * r['em'] / ref['em']:.1f}%" if ref["em"] else "n/a" for ref in references)
         lines.append(
             f"| {r['row']} | {r['mode']} | {r['em']:.1f} | {r['f1']:.1f} | {relative} | {r['recall_at_k']:.1f} "
             f"| {r['qps']:.2f} | {r['latency_p50_ms']:.0f} | {r['latency_p95_ms']:.0f} |"
@@ -87,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
     root, questions = Path(args.checkpoints), load_questions(args.questions, args.limit)
     missing = [stage for _, stage, _ in ROWS if not (root / stage / "btr.json").exists()]
-    if missing and not args.skip_missing:
-        print(f"error: {root} lacks {', '.join(missing)}; run python -m flows.train_reader (and --no-recovery, "
+    required = [stage for stage in missing if stage != "plain+plain"]  # the control row is optional
+    if required and not args.skip_missing:
+        print(f"error: {root} lacks {', '.join(required)}; run python -m flows.train_reader (and --no-recovery, "
               "--no-distill) first", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -190,9 +190,11 @@ def test_train_reader_flow_runs_resumes_and_exports(tmp_path, make_extractive):
         stamp = (out / "plain" / "model.safetensors").stat().st_mtime_ns
         # An ablation reuses the stages it shares and trains only the new one.
         train_reader(str(data), str(out), str(tmp_path / "base"), steps=2, batch_size=2, max_passage_tokens=64,
-                     split_layer=2, recovery=False)
+                     split_layer=2, recovery=False, control_steps=3)
         assert (out / "plain" / "model.safetensors").stat().st_mtime_ns == stamp
         assert (out / "plain+split+bits-norecovery" / "btr.json").exists()
+        control = json.loads((out / "plain+plain" / "btr.json").read_text())["training"]["stage"]
+        assert (control["kind"], control["steps"], control["learning_rate"]) == ("plain", 3, 2e-4)
         with pytest.raises(TrainingDataError, match="other settings"):
             train_reader(str(data), str(out), str(tmp_path / "base"), steps=3, batch_size=2, max_passage_tokens=64,
                          split_layer=2)
