@@ -32,13 +32,13 @@ from storage.codec import file_digest
 
 from .corpus import read_jsonl
 
-ROWS = (  # label, stage folder, mode
-    ("baseline", "plain", "baseline"),
-    ("baseline, trained as long (control)", "plain+plain", "baseline"),
-    ("split", "plain+split", "split"),
-    ("btr", "plain+split+bits", "btr"),
-    ("btr, no recovery loss", "plain+split+bits-norecovery", "btr"),
-    ("btr, no distillation", "plain+split-nodistill+bits", "btr"),
+ROWS = (  # label, stage folder, mode, required (an optional row is measured when its folder exists)
+    ("baseline", "plain", "baseline", True),
+    ("baseline, trained as long (control)", "plain+plain", "baseline", False),
+    ("split", "plain+split", "split", True),
+    ("btr", "plain+split+bits", "btr", True),
+    ("btr, no recovery loss", "plain+split+bits-norecovery", "btr", True),
+    ("btr, no distillation", "plain+split-nodistill+bits", "btr", True),
 )
 
 
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_library_logs()
     root, questions = Path(args.checkpoints), load_questions(args.questions, args.limit)
-    missing = [stage for _, stage, _ in ROWS if not (root / stage / "btr.json").exists()]
-    required = [stage for stage in missing if stage != "plain+plain"]  # the control row is optional
+    missing = [stage for _, stage, _, _ in ROWS if not (root / stage / "btr.json").exists()]
+    required = [stage for _, stage, _, needed in ROWS if needed and stage in missing]
     if required and not args.skip_missing:
         print(f"error: {root} lacks {', '.join(required)}; run python -m flows.train_reader (and --no-recovery, "
               "--no-distill) first", file=sys.stderr)
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     # The text rows read through the btr index's retriever, so every row sees the same passages.
     shared = eval_index(root / "plain+split+bits", args.corpus, Path(args.indexes))
     results = []
-    for label, stage, mode in ROWS:
+    for label, stage, mode, _ in ROWS:
         if stage in missing:
             continue
         key = {"weights": file_digest(root / stage / "model.safetensors"), "questions": args.questions,
