@@ -21,3 +21,16 @@ def test_bench_prints_one_json_object_with_the_promised_keys(capsys):
 def test_bench_rejects_a_split_layer_beyond_the_encoder():
     with pytest.raises(SystemExit):
         main(["--shape", "tiny", "--split-layer", "7"])
+
+
+def test_storage_bench_measures_the_default_readers_bits(capsys):
+    from storage.bench import main as storage_bench
+
+    storage_bench(["--json", "--passages", "40", "--shard-size", "16", "--fetch", "8", "--repeats", "2"])
+    result = json.loads(capsys.readouterr().out)
+    bits = result["bits_per_dim"]
+    assert set(bits) >= {"packed", "zstd", "lossless", "merged_0.2"}
+    # The prototype XOR codec beats plain zstd, and merging beats lossless, even on 40 passages.
+    assert bits["merged_0.2"] < bits["lossless"] < bits["zstd"] <= 1.01
+    assert result["fetch_decode_ms_40"] > 0 and result["raw_read_ms_40"] > 0
+    assert result["config"]["split_layer"] == 3 and result["config"]["passages"] == 40
