@@ -5,8 +5,8 @@
 
 Rows (each stage checkpoint from ``python -m flows.train_reader``, with and without the ablations):
 - baseline: the plain stage-1 reader, unsplit, re-encoding passage text;
-- baseline, trained as long: stage 1 continued unsplit for as many steps as the split stage
-  (``train_reader --control-steps``), when that folder exists;
+- baseline, continued unsplit (control): stage 1 trained on, unsplit (``train_reader --control-steps``;
+  ``make train`` gives it as many steps as the split stage), when that folder exists;
 - split: the stage-2 reader, continuous lower-layer states;
 - btr: the stage-3 reader reading bits from its index (lossless: no offline merge);
 - btr without recovery loss / without distillation: the ablation chains, same way.
@@ -34,7 +34,7 @@ from .corpus import read_jsonl
 
 ROWS = (  # label, stage folder, mode, required (an optional row is measured when its folder exists)
     ("baseline", "plain", "baseline", True),
-    ("baseline, trained as long (control)", "plain+plain", "baseline", False),
+    ("baseline, continued unsplit (control)", "plain+plain", "baseline", False),
     ("split", "plain+split", "split", True),
     ("btr", "plain+split+bits", "btr", True),
     ("btr, no recovery loss", "plain+split+bits-norecovery", "btr", True),
