@@ -31,7 +31,7 @@ clean:
 data: install
 	$(BIN)/python -m flows.qa_data --out data/qa
 
-# The three training stages, the default checkpoint (fp16, reader/checkpoint), the baseline trained
+# The three training stages, the default checkpoint (fp16, reader/checkpoint), the baseline
 # trained longer (control) and the two ablations. About five hours on a 2-core CPU; a rerun resumes.
 TRAIN = $(BIN)/python -m flows.train_reader --split-layer 3 --steps 150 --split-steps 600 --bits-steps 600
 train: data

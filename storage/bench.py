@@ -2,11 +2,11 @@
 
     python -m storage.bench --json
 
-Runs the default reader's lower layers (``reader/checkpoint``: trained MiniLM, k = 3 of 6) over the bundled Wikipedia sample,
-writes an index through the product's own writer, and reports bits per dimension per token for
-each coding (plain packed bits, packed + zstd, the index's lossless codec, and after the offline
-merge), plus the time to fetch and decode a query's worth of passages against a plain LMDB read of
-the same bytes.
+Runs the default reader's lower layers (``reader/checkpoint``: trained MiniLM, k = 3 of 6;
+``--reader`` for another) over the bundled Wikipedia sample, writes an index through the product's
+own writer, and reports bits per dimension per token for each coding (plain packed bits, packed +
+zstd, the index's lossless codec, and after the offline merge), plus the time to fetch and decode
+a query's worth of passages against a plain LMDB read of the same bytes.
 """
 
 from __future__ import annotations
