@@ -34,3 +34,30 @@ def test_storage_bench_measures_the_default_readers_bits(capsys):
     assert bits["merged_0.2"] < bits["lossless"] < bits["zstd"] <= 1.01
     assert result["fetch_decode_ms_40"] > 0 and result["raw_read_ms_40"] > 0
     assert result["config"]["split_layer"] == 3 and result["config"]["passages"] == 40
+
+
+def test_heldout_token_dim_costs_what_the_token_predicts():
+    import numpy as np
+    import torch
+
+    from reader.binary import BinaryTokens
+    from storage.bench import count_bits, entropy_given_token_dim, heldout_token_dim
+
+    rng = np.random.default_rng(0)
+    table = rng.integers(0, 256, size=(20, 8), dtype=np.uint8)  # each token's fixed bits, d = 64
+
+    def passages(bits_of) -> list[BinaryTokens]:
+        out = []
+        for _ in range(50):
+            ids = rng.integers(0, 20, size=30)
+            out.append(BinaryTokens(torch.from_numpy(ids).int(), torch.from_numpy(bits_of(ids)),
+                                    torch.ones(30, dtype=torch.float16), 3, 64, "mean_abs"))
+        return out
+
+    fixed = passages(lambda ids: table[ids])
+    noise = passages(lambda ids: rng.integers(0, 256, size=(len(ids), 8), dtype=np.uint8))
+    assert heldout_token_dim(fixed, count_bits(fixed, 20, 64)) < 0.05  # the token id says it all
+    noisy = count_bits(noise, 20, 64)
+    # Coin flips: nothing to learn, and the in-sample entropy flatters (it fits the noise), held out does not.
+    assert entropy_given_token_dim(noisy) < heldout_token_dim(noise, noisy)
+    assert 0.98 < heldout_token_dim(noise, noisy) < 1.05
