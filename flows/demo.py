@@ -8,7 +8,9 @@ stopped at the end, also on failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "btr-local"
+DEMO_INDEX = ROOT / "indexes" / "wikipedia-sample"
 QUESTION = "Who directed 2001: A Space Odyssey?"
 
 
@@ -57,6 +60,20 @@ def stop(process: subprocess.Popen) -> None:
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def drop_stale_index(index: Path, weights_digest: str) -> bool:
+    """Remove ``index`` when the reader that built it is not the one with ``weights_digest``.
+
+    Only for the demo's own index: it is rebuilt from the bundled sample right after, whereas the
+    flow itself (rightly) refuses to resume a build with another reader. This is what makes
+    ``make demo`` work again after a pull that changed the default checkpoint.
+    """
+    plan = index / ".work" / "plan.json"
+    if not plan.exists() or json.loads(plan.read_text()).get("reader_weights") == weights_digest:
+        return False
+    shutil.rmtree(index)
+    return True
+
+
 def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     logs = ROOT / ".prefect"
     logs.mkdir(exist_ok=True)
     services: list[subprocess.Popen] = []
+    from reader.load import ReaderSpec, load_reader  # torch: after argparse, so --help stays fast
+
+    if drop_stale_index(DEMO_INDEX, load_reader(ReaderSpec()).identity().weights_digest):
+        step(f"{DEMO_INDEX.relative_to(ROOT)} was built by another reader than the default one: removed, to be rebuilt")
     try:
         step(f"Prefect server on http://127.0.0.1:{args.port} (UI there; log in .prefect/server.log)")
         server = start([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(args.port)], env, logs / "server.log")
@@ -94,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
         step("prefect deployment run index-wikipedia/local (Ray dashboard: http://127.0.0.1:8265 while it runs,\n    or the port .prefect/worker.log names if 8265 was taken)")
         run([str(bin_dir / "prefect"), "deployment", "run", "index-wikipedia/local", "--watch", "--watch-interval", "10"], env)
-        if not (ROOT / "indexes" / "wikipedia-sample" / "manifest.json").exists():
+        if not (DEMO_INDEX / "manifest.json").exists():
             raise RuntimeError("the flow run ended without an index (see .prefect/worker.log)")
 
         step(f"python -m reader.answer {args.question!r}")

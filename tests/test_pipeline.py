@@ -100,3 +100,11 @@ def test_a_worker_killed_mid_shard_is_retried_and_a_resumed_run_gives_the_same_s
     assert {"retrieve", "fetch", "decode", "upper", "extract"} <= set(results["btr"]["timings_ms"])
     assert answer_main(["  ", "--index", str(index_b)]) == 2
     assert answer_main(["a question", "--index", str(tmp_path / "nowhere")]) == 2
+
+    # make demo rebuilds its index only when the reader that built it is no longer the one in use.
+    from flows.demo import drop_stale_index
+
+    assert not drop_stale_index(index_b, load_reader(spec).identity().weights_digest)
+    assert (index_b / "manifest.json").exists()
+    assert drop_stale_index(index_b, "weights of a newer default reader")
+    assert not index_b.exists()
