@@ -6,7 +6,7 @@
 Rows (each stage checkpoint from ``python -m flows.train_reader``, with and without the ablations):
 - baseline: the plain stage-1 reader, unsplit, re-encoding passage text;
 - baseline, continued unsplit (control): stage 1 trained on, unsplit (``train_reader --control-steps``;
-  ``make train`` gives it as many steps as the split stage), when that folder exists;
+  ``make train`` gives it as many steps as the split and bits stages together), when that folder exists;
 - split: the stage-2 reader, continuous lower-layer states;
 - btr: the stage-3 reader reading bits from its index (lossless: no offline merge);
 - btr without recovery loss / without distillation: the ablation chains, same way.

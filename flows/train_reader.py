@@ -15,8 +15,9 @@ each stage folder. Training data: JSONL ``{"question", "answers", "passages"?}``
 ``python -m flows.qa_data``, or NQ-open / TriviaQA in that shape); lines without passages get
 theirs from ``--index`` (the top retrieved, the first holding an answer as the positive).
 ``--control-steps N`` also trains the fair baseline: the plain reader continued unsplit for N
-more steps at the split stage's learning rate, on the same batches (``plain+plain``), so that
-the baseline BTR is compared with has had as much training as the split reader.
+more steps at the split stage's learning rate, on the same batches (``plain+plain``); ``make
+train`` gives it as many steps as the split and bits stages together, so that the baseline BTR is
+compared with has had as much training as the btr reader.
 Runs on CPU, on a GPU in bf16 when there is one. Also a deployment: ``train-reader/local``.
 """
 
@@ -150,7 +151,7 @@ def train_reader(
         checkpoint = train_stage_task(
             stages, position, base, train, out, passages_per_question, index, max_passage_tokens, split_layer
         )
-    if control_steps:  # the plain reader trained on as long as the split stage, unsplit: stage "plain+plain"
+    if control_steps:  # the plain reader trained on, unsplit: stage "plain+plain"
         control = replace(stages[0], steps=control_steps, learning_rate=LEARNING_RATES["split"])
         train_stage_task(
             [stages[0], control], 1, base, train, out, passages_per_question, index, max_passage_tokens, split_layer
