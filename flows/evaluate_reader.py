@@ -99,8 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     # Rows already measured with the same checkpoint, questions and k are kept (the slow part).
     earlier = {r["row"]: r for r in json.loads(out.read_text())["rows"]} if out.exists() else {}
-    # The text rows read through the btr index's retriever, so every row sees the same passages.
-    shared = eval_index(root / "plain+split+bits", args.corpus, Path(args.indexes))
+    built = [stage for _, stage, mode, _ in ROWS if mode == "btr" and stage not in missing]
+    if not built:
+        print(f"error: {root} has no bits stage (plain+split+bits or an ablation) to index the corpus with",
+              file=sys.stderr)
+        return 2
+    # The text rows read through a btr index's retriever, so every row sees the same passages. Every
+    # evaluation index holds the same corpus under the same retriever, so any of them will do: a
+    # folder holding only an ablation chain can be measured with --skip-missing.
+    shared = eval_index(root / built[0], args.corpus, Path(args.indexes))
     results = []
     for label, stage, mode, _ in ROWS:
         if stage in missing:

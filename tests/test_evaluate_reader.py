@@ -1,0 +1,64 @@
+"""The accuracy table command (flows.evaluate_reader) over a folder of tiny stage checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import flows.evaluate_reader as evaluate_reader
+from reader.config import BTRConfig
+from reader.train import save_checkpoint
+
+from tests.conftest import PASSAGES, QUESTIONS
+
+ANSWERS = [["William Shakespeare"], ["Paris"]]
+
+
+@pytest.fixture
+def files(tmp_path):
+    corpus, questions = tmp_path / "corpus.jsonl", tmp_path / "dev.jsonl"
+    corpus.write_text("".join(
+        json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for group in PASSAGES for p in group
+    ))
+    questions.write_text("".join(json.dumps({"question": q, "answers": a}) + "\n" for q, a in zip(QUESTIONS, ANSWERS)))
+    return corpus, questions
+
+
+def run(tmp_path, files, *extra: str) -> int:
+    corpus, questions = files
+    return evaluate_reader.main([
+        "--checkpoints", str(tmp_path / "checkpoints"), "--questions", str(questions), "--corpus", str(corpus),
+        "--indexes", str(tmp_path / "indexes"), "--k", "2", "--out", str(tmp_path / "accuracy.json"), *extra,
+    ])
+
+
+def test_a_folder_with_only_an_ablation_chain_is_measured_and_rows_are_kept(tmp_path, files, make_extractive, monkeypatch, capsys):
+    root = tmp_path / "checkpoints"
+    for seed, stage in enumerate(("plain", "plain+split-nodistill+bits")):
+        save_checkpoint(make_extractive(BTRConfig(split_layer=2), seed=seed), root / stage, {"chain": stage})
+
+    assert run(tmp_path, files) == 2
+    assert "lacks plain+split, plain+split+bits" in capsys.readouterr().err
+    assert not (tmp_path / "accuracy.json").exists()
+
+    assert run(tmp_path, files, "--skip-missing") == 0
+    rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
+    assert [(r["row"], r["mode"]) for r in rows] == [("baseline", "baseline"), ("btr, no distillation", "btr")]
+    assert all(r["n"] == 2 and r["k"] == 2 for r in rows)
+    # Both rows read the same retrieved passages (the ablation's index serves the text row too).
+    assert rows[0]["recall_at_k"] == rows[1]["recall_at_k"]
+    assert (tmp_path / "indexes" / "eval-checkpoints-plain+split-nodistill+bits" / "manifest.json").exists()
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a row with unchanged weights, questions and k was measured again")
+
+    monkeypatch.setattr(evaluate_reader, "evaluate", measured_again)
+    assert run(tmp_path, files, "--skip-missing") == 0
+    assert json.loads((tmp_path / "accuracy.json").read_text())["rows"] == rows
+
+
+def test_without_a_bits_stage_there_is_nothing_to_index_with(tmp_path, files, make_extractive, capsys):
+    save_checkpoint(make_extractive(BTRConfig(split_layer=2)), tmp_path / "checkpoints" / "plain", {"chain": "plain"})
+    assert run(tmp_path, files, "--skip-missing") == 2
+    assert "no bits stage" in capsys.readouterr().err
