@@ -62,3 +62,15 @@ def test_without_a_bits_stage_there_is_nothing_to_index_with(tmp_path, files, ma
     save_checkpoint(make_extractive(BTRConfig(split_layer=2)), tmp_path / "checkpoints" / "plain", {"chain": "plain"})
     assert run(tmp_path, files, "--skip-missing") == 2
     assert "no bits stage" in capsys.readouterr().err
+
+
+def test_the_table_has_one_cell_per_column_with_or_without_reference_rows():
+    row = {"mode": "btr", "em": 42.0, "f1": 50.0, "recall_at_k": 90.0, "qps": 5.0,
+           "latency_p50_ms": 100.0, "latency_p95_ms": 200.0}
+    rows = [row | {"row": "baseline", "mode": "baseline", "em": 60.0},
+            row | {"row": "baseline, continued unsplit (control)", "mode": "baseline", "em": 84.0}, row | {"row": "btr"}]
+    for results, relative in ((rows, ["70.0%", "50.0%"]), (rows[2:], [])):
+        lines = evaluate_reader.table(results).splitlines()
+        cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+        assert {len(c) for c in cells} == {8 + len(relative)}
+        assert cells[-1][4 : 4 + len(relative)] == relative
