@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from reader.answer import Answerer
-from reader.evaluate import evaluate, load_questions
+from reader.evaluate import evaluate, load_questions, paired_ratio_interval
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
 from reader.retriever import Encoder, build_faiss, passage_text
@@ -60,6 +60,18 @@ def eval_index(checkpoint: Path, corpus: str, root: Path) -> Path:
     return folder
 
 
+def relative_em(row: dict, reference: dict) -> str:
+    """EM of ``row`` as a share of ``reference``'s, with its paired-bootstrap 95% interval where both
+    rows kept their per-question outcomes (rows measured before they were kept show the share alone)."""
+    if not reference["em"]:
+        return "n/a"
+    share = f"{100 * row['em'] / reference['em']:.1f}%"
+    if row is reference or not (row.get("exact") and reference.get("exact")):
+        return share
+    low, high = paired_ratio_interval(row["exact"], reference["exact"])
+    return f"{share} ({low:.1f}-{high:.1f})"
+
+
 def table(results: list[dict]) -> str:
     """A markdown table of the rows, EM relative to the baseline (and to the control, when measured)."""
     references = [r for r in results if r["row"].startswith("baseline")]
@@ -69,7 +81,7 @@ def table(results: list[dict]) -> str:
     lines = [" | ".join(header), " | ".join(["---"] * len(header))]
     for r in results:
         cells = [r["row"], r["mode"], f"{r['em']:.1f}", f"{r['f1']:.1f}"]
-        cells += [f"{100 * r['em'] / ref['em']:.1f}%" if ref["em"] else "n/a" for ref in references]
+        cells += [relative_em(r, ref) for ref in references]
         cells += [f"{r['recall_at_k']:.1f}", f"{r['qps']:.2f}", f"{r['latency_p50_ms']:.0f}", f"{r['latency_p95_ms']:.0f}"]
         lines.append(" | ".join(cells))
     return "\n".join(f"| {line} |" for line in lines)

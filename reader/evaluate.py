@@ -65,7 +65,11 @@ def has_answer(texts: list[str], answers: list[str]) -> bool:
 
 
 def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFAULT_K) -> dict:
-    """Score ``mode`` on ``questions``; returns the summary and keeps per-question results."""
+    """Score ``mode`` on ``questions``: the summary, and ``exact``, one "1"/"0" per question in order.
+
+    ``exact`` lets two rows measured on the same questions be compared question by question
+    (``paired_ratio_interval``), which says far more than two EM figures side by side.
+    """
     ems, f1s, recalls, latencies, refused = [], [], [], [], 0
     started = time.perf_counter()
     for record in questions:
@@ -98,7 +102,19 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
         "qps": round(len(latencies) / elapsed, 3),
         "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
         "latency_p95_ms": round(float(np.percentile(latencies, 95)), 1) if latencies else None,
+        "exact": "".join("1" if em else "0" for em in ems),
     }
+
+
+def paired_ratio_interval(exact: str, reference: str, samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of EM(exact) / EM(reference), in percent, over the same questions."""
+    if len(exact) != len(reference) or not exact:
+        raise ValueError(f"per-question outcomes of {len(exact)} and {len(reference)} questions cannot be paired")
+    a, b = (np.frombuffer(x.encode(), dtype=np.uint8) == ord("1") for x in (exact, reference))
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(samples, len(a)), dtype=np.int32)
+    ratios = 100 * a[picks].sum(1) / np.maximum(b[picks].sum(1), 1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def load_questions(path: Path | str, limit: int | None = None) -> list[dict]:
@@ -129,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary))
     else:
         for key, value in summary.items():
-            print(f"{key:>15}: {value}")
+            if key != "exact":  # one character per question: for --json readers
+                print(f"{key:>15}: {value}")
     return 0
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import flows.evaluate_reader as evaluate_reader
 from reader.config import BTRConfig
+from reader.evaluate import paired_ratio_interval
 from reader.train import save_checkpoint
 
 from tests.conftest import PASSAGES, QUESTIONS
@@ -74,3 +75,17 @@ def test_the_table_has_one_cell_per_column_with_or_without_reference_rows():
         cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
         assert {len(c) for c in cells} == {8 + len(relative)}
         assert cells[-1][4 : 4 + len(relative)] == relative
+
+
+def test_paired_interval_of_the_em_ratio():
+    control = "1" * 80 + "0" * 20
+    assert paired_ratio_interval(control, control) == (100.0, 100.0)
+    worse = "0" * 8 + "1" * 72 + "0" * 20  # 8 of the control's hits missed: 90%
+    low, high = paired_ratio_interval(worse, control)
+    assert 80 < low < 90 < high < 100
+    with pytest.raises(ValueError, match="cannot be paired"):
+        paired_ratio_interval(worse, control[:-1])
+    rows = [{"row": "baseline", "mode": "baseline", "em": 80.0, "exact": control},
+            {"row": "btr", "mode": "btr", "em": 72.0, "exact": worse}]
+    rows = [r | {"f1": r["em"], "recall_at_k": 90.0, "qps": 5.0, "latency_p50_ms": 1.0, "latency_p95_ms": 2.0} for r in rows]
+    assert f"| 90.0% ({low:.1f}-{high:.1f}) |" in evaluate_reader.table(rows)

@@ -168,6 +168,8 @@ def test_evaluate_command(index, tmp_path, capsys):
         assert summary["n"] == 4 and summary["mode"] == mode and 0 <= summary["em"] <= summary["f1"] <= 100
         assert summary["recall_at_k"] > 0 and summary["qps"] > 0
         assert summary["latency_p50_ms"] <= summary["latency_p95_ms"]
+        assert len(summary["exact"]) == 4 and set(summary["exact"]) <= {"0", "1"}
+        assert summary["em"] == round(100 * summary["exact"].count("1") / 4, 2)
     path.write_text('{"question": "no answers"}\n')
     assert evaluate_main(["--index", str(index), "--questions", str(path), "--mode", "btr"]) == 2
     assert '"answers"' in capsys.readouterr().err
