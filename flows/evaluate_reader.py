@@ -9,7 +9,8 @@ Rows (each stage checkpoint from ``python -m flows.train_reader``, with and with
   ``make train`` gives it as many steps as the split and bits stages together), when that folder exists;
 - split: the stage-2 reader, continuous lower-layer states;
 - btr: the stage-3 reader reading bits from its index (lossless: no offline merge);
-- btr without recovery loss / without distillation: the ablation chains, same way.
+- btr without recovery loss / without distillation: the ablation chains, same way;
+- split without distillation: the stage-2 reader of the no-distillation chain, when that folder exists.
 Every btr row needs an index built by its own reader: they are built over the evaluation corpus
 under ``indexes/eval-<checkpoints folder>-<chain>`` and reused when already there. All
 rows retrieve with the same retriever over the same corpus, so they read the same passages.
@@ -39,6 +40,7 @@ ROWS = (  # label, stage folder, mode, required (an optional row is measured whe
     ("btr", "plain+split+bits", "btr", True),
     ("btr, no recovery loss", "plain+split+bits-norecovery", "btr", True),
     ("btr, no distillation", "plain+split-nodistill+bits", "btr", True),
+    ("split, no distillation", "plain+split-nodistill", "split", False),
 )
 
 
