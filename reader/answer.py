@@ -94,7 +94,7 @@ class Answerer:
             question.encode("utf-8")
         except UnicodeEncodeError:
             raise ReaderInputError("the question is not valid UTF-8 text") from None
-        self.reader.question_ids(question)  # empty or too long fails here, before any work
+        self.reader.question_ids(question)  # an empty question fails here, before any work
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.index):
             raise ValueError(f"k must be a whole number from 1 to {len(self.index)} (the index's passages), got {k!r}")
         check_mode(mode)
@@ -145,6 +145,8 @@ class Answerer:
                     "answer": text,
                     "source": source,
                     "mode": mode,
+                    # a question longer than the reader's limit is read without its tail: say so
+                    "question_tokens_cut": reader.question_overflow(lookup.question),
                     "passages": [
                         {"id": s.pid, "title": s.title, "score": round(h.score, 4), "snippet": snippet(s.text)}
                         for s, h in zip(group, lookup.hits)
@@ -190,6 +192,9 @@ def question_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
 
 
 def print_text(result: dict) -> None:
+    if result.get("question_tokens_cut"):
+        print(f"note: the question is longer than the reader takes; its last {result['question_tokens_cut']} "
+              "tokens were not read")
     print(f"answer: {result['answer']}")
     for i, p in enumerate(result["passages"], 1):
         mark = "*" if result["source"] == i - 1 else " "

@@ -8,18 +8,16 @@ the unsplit reader, split computes continuous lower-layer states, btr reads the 
 EM and F1 use SQuAD's answer normalization (lower case, no punctuation, no articles, single
 spaces), maximised over the gold answers. ``recall_at_k``: a retrieved passage contains an answer.
 Questions are answered one at a time, so the latencies are those a single user sees. A question
-the reader refuses (longer than its query limit) counts as a miss and is reported as ``refused``.
+the reader refuses (an empty one) counts as a miss and is reported as ``refused``; one longer than
+the reader's limit is read without its tail and counted in ``questions_cut``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import string
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -28,41 +26,8 @@ from .answer import DEFAULT_K, Answerer, bad_input_errors
 from .config import MODES
 from .inputs import ReaderInputError
 from .load import quiet_library_logs
+from .normalize import exact_match, f1_score, has_answer, normalize_answer  # noqa: F401 (re-exported)
 from .train import read_examples
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalization: lower case, punctuation and articles removed, whitespace collapsed."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
-
-
-def exact_match(prediction: str, answers: list[str]) -> float:
-    return float(any(normalize_answer(prediction) == normalize_answer(a) for a in answers))
-
-
-def f1_score(prediction: str, answers: list[str]) -> float:
-    """Token-overlap F1 against the best-matching gold answer."""
-    best = 0.0
-    predicted = normalize_answer(prediction).split()
-    for answer in answers:
-        gold = normalize_answer(answer).split()
-        common = sum((Counter(predicted) & Counter(gold)).values())
-        if common:
-            precision, recall = common / len(predicted), common / len(gold)
-            best = max(best, 2 * precision * recall / (precision + recall))
-        elif not predicted and not gold:
-            best = 1.0
-    return best
-
-
-def has_answer(texts: list[str], answers: list[str]) -> bool:
-    """Whether any passage contains a gold answer (normalized, as whole tokens)."""
-    wanted = [f" {normalize_answer(a)} " for a in answers if normalize_answer(a)]
-    return any(w in f" {normalize_answer(t)} " for t in texts for w in wanted)
-
 
 def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFAULT_K) -> dict:
     """Score ``mode`` on ``questions``: the summary, and ``exact``, one "1"/"0" per question in order.
@@ -70,12 +35,12 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
     ``exact`` lets two rows measured on the same questions be compared question by question
     (``paired_ratio_interval``), which says far more than two EM figures side by side.
     """
-    ems, f1s, recalls, latencies, refused = [], [], [], [], 0
+    ems, f1s, recalls, latencies, refused, cut = [], [], [], [], 0, 0
     started = time.perf_counter()
     for record in questions:
         try:
             answerer.check(record["question"], k, mode)
-        except ReaderInputError:  # e.g. longer than the reader takes: a miss, counted apart
+        except ReaderInputError:  # e.g. an empty question: a miss, counted apart
             refused += 1
             ems.append(0.0)
             f1s.append(0.0)
@@ -85,7 +50,8 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
         lookup = answerer.lookup(record["question"], k)
         result = answerer.read([lookup], mode)[0]
         latencies.append(1000 * (time.perf_counter() - begin))
-        texts = [s.text for s in lookup.passages]
+        cut += result["question_tokens_cut"] > 0
+        texts = [f"{s.title} {s.text}" for s in lookup.passages]  # a span may come from the title too
         ems.append(exact_match(result["answer"], record["answers"]))
         f1s.append(f1_score(result["answer"], record["answers"]))
         recalls.append(float(has_answer(texts, record["answers"])))
@@ -95,6 +61,7 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
         "mode": mode,
         "n": n,
         "refused": refused,
+        "questions_cut": cut,
         "em": round(100 * float(np.mean(ems)), 2),
         "f1": round(100 * float(np.mean(f1s)), 2),
         "recall_at_k": round(100 * float(np.mean(recalls)), 2),

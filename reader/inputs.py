@@ -40,14 +40,20 @@ def passage_string(passage: Passage) -> str:
 
 
 def encode_question(tokenizer, layout: TokenLayout, question: str, max_tokens: int) -> list[int]:
-    """Token ids of a question; too long or empty is an error (truncating would change the question)."""
+    """Token ids of a question, its tail cut so that it fits ``max_tokens`` (see ``question_overflow``)."""
     if not isinstance(question, str) or not question.strip():
         raise ReaderInputError("the question is empty")
     body = tokenizer(QUERY_TEMPLATE.format(question=question.strip()), add_special_tokens=False)["input_ids"]
-    ids = [*layout.query_prefix, *body, *layout.query_suffix]
-    if len(ids) > max_tokens:
-        raise ReaderInputError(f"the question is {len(ids)} tokens long; this reader takes at most {max_tokens}")
-    return ids
+    room = max_tokens - len(layout.query_prefix) - len(layout.query_suffix)
+    if room < 1:
+        raise ReaderInputError(f"max question length {max_tokens} leaves no room for text")
+    return [*layout.query_prefix, *body[:room], *layout.query_suffix]
+
+
+def question_overflow(tokenizer, layout: TokenLayout, question: str, max_tokens: int) -> int:
+    """How many of a question's tokens ``encode_question`` cuts off (0 when it fits)."""
+    body = tokenizer(QUERY_TEMPLATE.format(question=question.strip()), add_special_tokens=False)["input_ids"]
+    return max(0, len(body) + len(layout.query_prefix) + len(layout.query_suffix) - max_tokens)
 
 
 def tokenize_passage(tokenizer, layout: TokenLayout, passage: Passage, max_tokens: int, offsets: bool = False):

@@ -77,7 +77,9 @@ def load_reader(spec: ReaderSpec) -> SplitReader:
         if split_layer is not None and split_layer != settings["split_layer"]:
             raise ValueError(f"{checkpoint} was trained to split at k={settings['split_layer']}, not k={split_layer}")
         split_layer = settings["split_layer"]
-    config = BTRConfig(split_layer=split_layer, max_passage_tokens=spec.max_passage_tokens)
+    # Passages take positions from max_query_tokens on, so a trained reader keeps the limit it learned.
+    query_tokens = settings.get("max_query_tokens", BTRConfig.max_query_tokens) if settings else BTRConfig.max_query_tokens
+    config = BTRConfig(split_layer=split_layer, max_query_tokens=query_tokens, max_passage_tokens=spec.max_passage_tokens)
     # Parameters a checkpoint lacks (the span head of a plain encoder) are initialised from a fixed
     # seed, so the same spec always gives the same reader, and the same weights digest.
     with torch.random.fork_rng():

@@ -129,7 +129,7 @@ def default_questions(index: str, count: int = 64) -> list[str]:
 
 
 def accepted(index: str, questions: list[str]) -> list[str]:
-    """The questions the index's reader takes (a too-long one is a 400, not load)."""
+    """The questions the index's reader takes (an empty one is a 400, not load)."""
     from storage.index import Manifest
 
     from .inputs import ReaderInputError

@@ -22,7 +22,15 @@ from transformers import AutoTokenizer
 from .binary import BinaryTokens, binarize, restore, to_binary_tokens, unpack_bits
 from .config import BTRConfig, check_mode
 from .identity import ReaderIdentity, weights_digest
-from .inputs import Passage, ReaderInputError, TokenLayout, encode_passage, encode_question, pad
+from .inputs import (
+    Passage,
+    ReaderInputError,
+    TokenLayout,
+    encode_passage,
+    encode_question,
+    pad,
+    question_overflow,
+)
 from .merge import Tokens, bipartite_merge
 
 PassageLike = Passage | BinaryTokens
@@ -113,6 +121,10 @@ class SplitReader(nn.Module):
     def question_ids(self, question: str) -> list[int]:
         """Token ids of one question under this reader's layout and limit."""
         return encode_question(self.tokenizer, self.layout, question, self.config.max_query_tokens)
+
+    def question_overflow(self, question: str) -> int:
+        """Tokens of a question beyond this reader's limit, which ``question_ids`` cuts off."""
+        return question_overflow(self.tokenizer, self.layout, question, self.config.max_query_tokens)
 
     def passage_ids(self, passage: PassageLike) -> list[int]:
         """Token ids of a passage: tokenized text, or the ids stored beside its bits."""

@@ -35,8 +35,12 @@ def test_question_errors(family, request):
     reader = request.getfixturevalue(family)(BTRConfig(max_query_tokens=12))
     with pytest.raises(ReaderInputError, match="empty"):
         reader.prepare(["  "], PASSAGES[:1])
-    with pytest.raises(ReaderInputError, match="at most 12"):
-        reader.prepare(["why " * 30], PASSAGES[:1])
+    long = "why " * 30
+    batch = reader.prepare([long], PASSAGES[:1])  # a long question is cut to the limit, not refused
+    ids, suffix = batch.query_ids[0], list(reader.layout.query_suffix)
+    assert len(ids) == 12 and ids[len(ids) - len(suffix) :] == suffix
+    assert reader.question_overflow(long) > 0 and reader.question_overflow(QUESTIONS[0]) == 0
+    assert batch.query_ids[0][:-1] == reader.question_ids(long)[:-1]
     with pytest.raises(ReaderInputError, match="list of strings"):
         reader.prepare(QUESTIONS[0], PASSAGES[:1])
     with pytest.raises(ReaderInputError, match="same, non-zero number"):

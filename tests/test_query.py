@@ -64,6 +64,18 @@ def test_answer_prints_the_answer_its_passages_and_stage_timings(index, capsys):
     assert all(p["title"] in out for p in result["passages"]) and "retrieve" in out and "upper" in out
 
 
+def test_a_question_longer_than_the_reader_takes_is_answered_without_its_tail_and_says_so(index, capsys):
+    question = QUESTIONS[0] + " and" + " why" * 80
+    status, out, err = run_answer(capsys, question, "--index", index, "--k", 2, "--json")
+    assert status == 0, err
+    result = json.loads(out)
+    assert result["question_tokens_cut"] > 0 and result["answer"]
+    status, out, _ = run_answer(capsys, question, "--index", index, "--k", 2)
+    assert status == 0 and out.startswith("note: the question is longer than the reader takes")
+    status, out, _ = run_answer(capsys, QUESTIONS[0], "--index", index, "--k", 2, "--json")
+    assert json.loads(out)["question_tokens_cut"] == 0
+
+
 def test_every_mode_reads_the_same_passages(index):
     answerer = Answerer(index)
     results = {mode: answerer.answer(QUESTIONS[1], 4, mode) for mode in ("baseline", "split", "btr")}
@@ -84,7 +96,6 @@ def _copy_with_spec(index: Path, tmp_path: Path, **changes) -> Path:
     "question, options, message",
     [
         ("   ", [], "the question is empty"),
-        ("why " * 60, [], "this reader takes at most 40"),
         ("what is \udcff?", [], "not valid UTF-8"),
         (QUESTIONS[0], ["--k", "0"], "k must be a whole number from 1 to 40"),
         (QUESTIONS[0], ["--k", "41"], "k must be a whole number from 1 to 40"),

@@ -17,12 +17,14 @@ from reader.train import (
     Example,
     Stage,
     TrainingDataError,
-    answer_span,
+    answer_spans,
     batch_order,
     chain,
     read_examples,
+    span_loss,
     stage_losses,
     targets,
+    to_example,
     train_stage,
 )
 
@@ -39,7 +41,7 @@ def examples() -> list[Example]:
     questions = ["When was the Eiffel Tower completed?", "Where does the Danube flow?",
                  "Who wrote Hamlet?", "When did Mount Fuji last erupt?"]
     return [
-        Example(q, (answer,), (passages[i], passages[(i + 1) % len(passages)]))
+        Example(q, (answer,), (passages[i], passages[(i + 1) % len(passages)]), 1)
         for i, (q, (_, _, answer)) in enumerate(zip(questions, FACTS))
     ]
 
@@ -77,11 +79,48 @@ def test_generated_data_is_split_by_article_and_every_answer_is_in_its_passage(t
 
 def test_answer_spans_point_at_the_answer_tokens(reader):
     for example in examples():
-        start, end = answer_span(reader, example.passages[0], example.answers)
+        [(start, end)] = answer_spans(reader, example.passages[0], example.answers)
         ids = reader.passage_ids(example.passages[0])[start : end + 1]
         assert reader.tokenizer.decode(ids).lower() == example.answers[0].lower()
-    kept, dropped = targets(reader, [examples()[0], Example("why " * 50, ("1889",), examples()[0].passages)])
-    assert len(kept) == 1 and dropped["question_too_long"] == 1
+    kept, dropped = targets(reader, [examples()[0], Example(" ", ("1889",), examples()[0].passages, 1)], 2)
+    assert len(kept) == 1 and dropped["question_empty"] == 1
+
+
+def test_every_occurrence_is_a_span_matched_as_whole_words_without_case_or_leading_article(reader):
+    passage = Passage("Saint Lawrence River", "The Saint Lawrence River drains the lakes. saint lawrence rivers "
+                      "differ; the saint lawrence river meets the ocean.")
+    spans = answer_spans(reader, passage, ["the Saint Lawrence River"])
+    texts = [reader.tokenizer.decode(reader.passage_ids(passage)[s : e + 1]) for s, e in spans]
+    # the title and two in the text ("rivers" is not a whole word), each text one also with its article
+    assert sorted(texts) == ["saint lawrence river"] * 3 + ["the saint lawrence river"] * 2
+    assert answer_spans(reader, Passage("x", "A fact " * 40 + "about 1889."), ["1889"]) == []  # cut off at 64 tokens
+
+
+def test_distantly_supervised_examples_put_every_answer_passage_first():
+    record = {"question": "where does the danube flow?", "answers": ["Black Sea", "the black sea"],
+              "passages": [{"title": t, "text": x} for t, x, _ in FACTS]}
+    example = to_example(record)
+    assert example.positives == 1 and example.passages[0].title == "Danube"
+    assert [p.title for p in example.passages[1:]] == ["Eiffel Tower", "Hamlet", "Mount Fuji"]
+    assert to_example({**record, "answers": ["Atlantis"]}) is None
+    two = to_example({**record, "answers": ["1889", "1707"]})
+    assert two.positives == 2 and [p.title for p in two.passages[:2]] == ["Eiffel Tower", "Mount Fuji"]
+
+
+def test_span_loss_is_shared_across_passages_and_marginal_over_occurrences(reader):
+    [target], _ = targets(reader, [to_example({"question": "when?", "answers": ["1889", "1707"],
+                                               "passages": [{"title": t, "text": x} for t, x, _ in FACTS]})], 3)
+    assert [p.title for p in target.passages] == ["Eiffel Tower", "Mount Fuji", "Danube"]
+    assert {p for p, _, _ in target.spans} == {0, 1}  # both positives carry gold spans
+    batch = reader.prepare([target.example.question], [target.passages])
+    pairs = reader.encode_pairs(batch, "baseline")
+    start, end = reader.span_logits(batch, "baseline", pairs)
+    width = batch.passage_width
+    flat_start, flat_end = start.reshape(-1).log_softmax(-1), end.reshape(-1).log_softmax(-1)
+    gold_start = flat_start[[p * width + s for p, s, _ in target.spans]].logsumexp(0)
+    gold_end = flat_end[[p * width + e for p, _, e in target.spans]].logsumexp(0)
+    expected = -(gold_start + gold_end) / 2  # one softmax over all passages' tokens, summed over the gold spans
+    assert torch.allclose(span_loss(reader, batch, [target], pairs, "baseline"), expected, atol=1e-5)
 
 
 def test_bad_training_lines_name_the_line(tmp_path):
@@ -92,7 +131,7 @@ def test_bad_training_lines_name_the_line(tmp_path):
 
 
 def test_each_stage_has_its_losses_and_the_bits_stage_trains_lower_layers_through_recovery(reader, make_extractive):
-    data, _ = targets(reader, examples())
+    data, _ = targets(reader, examples(), 2)
     teacher = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64, seed=1)
     teacher.model.base_model.set_attn_implementation("eager")
     assert set(stage_losses(reader, Stage("plain"), data)) == {"task", "loss"}
@@ -131,7 +170,7 @@ def test_length_bucketed_batches_cover_each_epoch_once_and_pad_less():
 
 
 def test_training_lowers_the_task_loss_and_resumes_to_the_same_weights(reader, make_extractive, tmp_path, monkeypatch):
-    data, _ = targets(reader, examples())
+    data, _ = targets(reader, examples(), 2)
     stage = Stage("plain", steps=12, batch_size=4, learning_rate=1e-3)
     before = stage_losses(reader.eval(), stage, data)["task"].item()
     summary = train_stage(reader, stage, data, tmp_path / "straight", log=lambda _: None)
@@ -181,7 +220,7 @@ def test_train_reader_flow_runs_resumes_and_exports(tmp_path, make_extractive):
     ))
     out = tmp_path / "checkpoints"
     with prefect_test_harness(server_startup_timeout=120):
-        last = train_reader(str(data), str(out), str(tmp_path / "base"), steps=2, batch_size=2,
+        last = train_reader(str(data), str(out), str(tmp_path / "base"), steps=2, batch_size=2, passages_per_question=2,
                             max_passage_tokens=64, split_layer=2, export=str(tmp_path / "export"))
         assert Path(last) == out / "plain+split+bits"
         for stage in ("plain", "plain+split", "plain+split+bits"):
@@ -189,15 +228,15 @@ def test_train_reader_flow_runs_resumes_and_exports(tmp_path, make_extractive):
             assert settings["done"] and settings["split_layer"] == 2 and settings["calibration"] == "mean_abs"
         stamp = (out / "plain" / "model.safetensors").stat().st_mtime_ns
         # An ablation reuses the stages it shares and trains only the new one.
-        train_reader(str(data), str(out), str(tmp_path / "base"), steps=2, batch_size=2, max_passage_tokens=64,
-                     split_layer=2, recovery=False, control_steps=3)
+        train_reader(str(data), str(out), str(tmp_path / "base"), steps=2, batch_size=2, passages_per_question=2,
+                     max_passage_tokens=64, split_layer=2, recovery=False, control_steps=3)
         assert (out / "plain" / "model.safetensors").stat().st_mtime_ns == stamp
         assert (out / "plain+split+bits-norecovery" / "btr.json").exists()
         control = json.loads((out / "plain+plain" / "btr.json").read_text())["training"]["stage"]
         assert (control["kind"], control["steps"], control["learning_rate"]) == ("plain", 3, 2e-4)
         with pytest.raises(TrainingDataError, match="other settings"):
-            train_reader(str(data), str(out), str(tmp_path / "base"), steps=3, batch_size=2, max_passage_tokens=64,
-                         split_layer=2)
+            train_reader(str(data), str(out), str(tmp_path / "base"), steps=3, batch_size=2, passages_per_question=2,
+                         max_passage_tokens=64, split_layer=2)
     exported = load_reader(ReaderSpec(checkpoint=str(tmp_path / "export")))
     assert exported.split_layer == 2
     final = load_reader(ReaderSpec(checkpoint=last))
