@@ -18,7 +18,7 @@ ANSWERS = [["William Shakespeare"], ["Paris"]]
 
 @pytest.fixture
 def files(tmp_path):
-    corpus, questions = tmp_path / "corpus.jsonl", tmp_path / "dev.jsonl"
+    corpus, questions = tmp_path / "corpus.jsonl", tmp_path / "dev.jsonl"  # the set "dev" in tmp_path
     corpus.write_text("".join(
         json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n" for group in PASSAGES for p in group
     ))
@@ -29,8 +29,9 @@ def files(tmp_path):
 def run(tmp_path, files, *extra: str) -> int:
     corpus, questions = files
     return evaluate_reader.main([
-        "--checkpoints", str(tmp_path / "checkpoints"), "--questions", str(questions), "--corpus", str(corpus),
-        "--indexes", str(tmp_path / "indexes"), "--k", "2", "--out", str(tmp_path / "accuracy.json"), *extra,
+        "--checkpoints", str(tmp_path / "checkpoints"), "--data", str(questions.parent), "--sets", "dev",
+        "--corpus", str(corpus), "--indexes", str(tmp_path / "indexes"), "--k", "2",
+        "--out", str(tmp_path / "accuracy.json"), *extra,
     ])
 
 
@@ -48,10 +49,12 @@ def test_a_folder_with_only_an_ablation_chain_is_measured_and_rows_are_kept(tmp_
     assert [(r["row"], r["mode"]) for r in rows] == [
         ("baseline", "baseline"), ("btr, no distillation", "btr"), ("split, no distillation", "split")
     ]
-    assert all(r["n"] == 2 and r["k"] == 2 and len(r["exact"]) == 2 for r in rows)
+    assert all(r["sets"]["dev"]["n"] == 2 and r["sets"]["dev"]["k"] == 2 and len(r["sets"]["dev"]["exact"]) == 2
+               for r in rows)
     # Every row reads the same retrieved passages (the ablation's index serves the text rows too).
-    assert len({r["recall_at_k"] for r in rows}) == 1
-    assert (tmp_path / "indexes" / "eval-checkpoints-plain+split-nodistill+bits" / "manifest.json").exists()
+    assert len({r["sets"]["dev"]["recall_at_k"] for r in rows}) == 1
+    [built] = (tmp_path / "indexes").glob("eval-checkpoints-plain+split-nodistill+bits-*")
+    assert (built / "manifest.json").exists()
 
     def measured_again(*args, **kwargs):
         raise AssertionError("a row with unchanged weights, questions and k was measured again")
@@ -67,16 +70,26 @@ def test_without_a_bits_stage_there_is_nothing_to_index_with(tmp_path, files, ma
     assert "no bits stage" in capsys.readouterr().err
 
 
-def test_the_table_has_one_cell_per_column_with_or_without_reference_rows():
-    row = {"mode": "btr", "em": 42.0, "f1": 50.0, "recall_at_k": 90.0, "qps": 5.0,
-           "latency_p50_ms": 100.0, "latency_p95_ms": 200.0}
-    rows = [row | {"row": "baseline", "mode": "baseline", "em": 60.0},
-            row | {"row": "baseline, continued unsplit (control)", "mode": "baseline", "em": 84.0}, row | {"row": "btr"}]
-    for results, relative in ((rows, ["70.0%", "50.0%"]), (rows[2:], [])):
-        lines = evaluate_reader.table(results).splitlines()
+def test_a_missing_question_set_is_named(tmp_path, files, capsys):
+    assert evaluate_reader.main(["--data", str(tmp_path), "--sets", "dev,nq-test"]) == 2
+    assert "nq-test.jsonl missing; run `make data`" in capsys.readouterr().err
+
+
+def _row(label: str, mode: str, em: float, exact: str | None = None) -> dict:
+    cell = {"em": em, "f1": em, "recall_at_k": 90.0, "qps": 5.0, "latency_p50_ms": 100.0, "latency_p95_ms": 200.0}
+    if exact:
+        cell["exact"] = exact
+    return {"row": label, "mode": mode, "sets": {"a": cell, "b": cell | {"em": em / 2}}}
+
+
+def test_the_table_has_one_cell_per_column_and_compares_with_the_control_when_there_is_one():
+    rows = [_row("baseline", "baseline", 60.0), _row("baseline, continued unsplit (control)", "baseline", 84.0),
+            _row("btr", "btr", 42.0)]
+    for results, reference, relative in ((rows, "control", "50.0%"), ([rows[0], rows[2]], "baseline", "70.0%")):
+        lines = evaluate_reader.table(results, ["a", "b"]).splitlines()
         cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-        assert {len(c) for c in cells} == {8 + len(relative)}
-        assert cells[-1][4 : 4 + len(relative)] == relative
+        assert {len(c) for c in cells} == {7} and cells[0][4] == f"EM vs {reference} (a)"
+        assert cells[-1][2:5] == ["42.0 / 42.0 / 90.0", "21.0 / 42.0 / 90.0", relative]
 
 
 def test_paired_interval_of_the_em_ratio():
@@ -87,7 +100,20 @@ def test_paired_interval_of_the_em_ratio():
     assert 80 < low < 90 < high < 100
     with pytest.raises(ValueError, match="cannot be paired"):
         paired_ratio_interval(worse, control[:-1])
-    rows = [{"row": "baseline", "mode": "baseline", "em": 80.0, "exact": control},
-            {"row": "btr", "mode": "btr", "em": 72.0, "exact": worse}]
-    rows = [r | {"f1": r["em"], "recall_at_k": 90.0, "qps": 5.0, "latency_p50_ms": 1.0, "latency_p95_ms": 2.0} for r in rows]
-    assert f"| 90.0% ({low:.1f}-{high:.1f}) |" in evaluate_reader.table(rows)
+    rows = [_row("baseline", "baseline", 80.0, control), _row("btr", "btr", 72.0, worse)]
+    assert f"| 90.0% ({low:.1f}-{high:.1f}) |" in evaluate_reader.table(rows, ["a"])
+
+
+def test_k_curve_and_offline_merge_rows(tmp_path, files, make_extractive):
+    root = tmp_path / "checkpoints"
+    for seed, stage in enumerate(("plain", "plain+split", "plain+split+bits")):
+        save_checkpoint(make_extractive(BTRConfig(split_layer=2), seed=seed), root / stage, {"chain": stage})
+    assert run(tmp_path, files, "--k-curve", "1,3") == 0
+    points = json.loads((tmp_path / "accuracy.json").read_text())["points"]
+    assert [p["k"] for p in points] == [1, 3]
+    assert points[0]["sets"]["dev"]["recall_at_k"] <= points[1]["sets"]["dev"]["recall_at_k"]
+    assert run(tmp_path, files, "--offline", "0,0.4", "--reader", str(root / "plain+split+bits")) == 0
+    rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
+    assert [r["offline_merge"] for r in rows] == [0.0, 0.4]
+    assert 0 < rows[1]["bits_per_dim"] < rows[0]["bits_per_dim"]  # merging stores fewer bits
+    assert rows[0]["sets"]["dev"]["recall_at_k"] == rows[1]["sets"]["dev"]["recall_at_k"]  # same passages
