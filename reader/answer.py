@@ -6,7 +6,9 @@
 Retrieves passages with the index's faiss retriever, reads their records from LMDB, decodes the
 bits, runs the upper layers and extracts (or generates) the answer. Bad input is one line on
 stderr and exit status 2; in a questions file a bad line gets an ``{"line", "error"}`` object in
-its place, the others are answered, and the exit status is 2.
+its place, the others are answered, and the exit status is 2. A damaged index (a shard truncated or
+missing, a corrupt record, a damaged manifest, codec or retriever) is the index's fault, not the
+question's: one line on stderr and exit status 3 (``DAMAGED_INDEX``), in a questions file too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .retriever import Hit, Retriever
 
 DEFAULT_INDEX = "indexes/wikipedia-sample"
 DEFAULT_K = 5
+DAMAGED_INDEX = 3  # exit status: the index is damaged (2 is the user's bad input)
 
 
 def bad_input_errors() -> tuple[type[Exception], ...]:
@@ -72,7 +75,8 @@ class Answerer:
         ``text_reader``: another checkpoint of the same family to read passage *text* with (baseline
         and split modes only; the index's bits belong to the reader that built it).
         """
-        from storage.index import Index, Manifest  # storage builds on reader; import it late
+        from storage.index import DamagedIndex, Index, Manifest  # storage builds on reader; import it late
+        from storage.shard import repair_hint
 
         manifest = Manifest.load(Path(index))
         spec = manifest.extra.get("reader_spec")
@@ -84,7 +88,17 @@ class Answerer:
             spec = ReaderSpec(spec.family, text_reader, None, spec.max_passage_tokens)
         self.reader = load_reader(spec)
         self.index = Index.open(index, expect=None if self.text_only else self.reader.identity())
-        self.retriever = Retriever(index)
+        try:
+            self.retriever = Retriever(index)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:  # faiss raises RuntimeError
+            raise DamagedIndex(
+                f"the retriever in {index} is missing or damaged ({str(error).splitlines()[0]}). {repair_hint(index)}"
+            ) from None
+        if self.retriever.index.ntotal != len(self.index):  # rows would point at other passages
+            raise DamagedIndex(
+                f"the retriever in {index} holds {self.retriever.index.ntotal} passages, the manifest "
+                f"{len(self.index)} (a rebuild stopped half-way?). {repair_hint(index)}"
+            )
 
     def check(self, question: str, k: int, mode: str) -> None:
         """Raise ReaderInputError / ValueError for a question, k or mode this answerer cannot take."""
@@ -214,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
     if (args.question is None) == (args.questions is None):
         parser.error("give a question or --questions FILE, not both")
+    from storage.shard import DamagedIndex
+
     errors = bad_input_errors()
     try:
         if args.question is not None and not args.question.strip():
@@ -228,21 +244,24 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print_text(result)
             return 0
+    except DamagedIndex as error:  # before ``errors``: a corrupt record is also a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return DAMAGED_INDEX
     except errors as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    failed = 0
+    failed, damaged = 0, 0
     for number, question, problem in question_lines(args.questions):
         try:
             if problem:
                 raise ReaderInputError(problem)
             result = answerer.answer(question, args.k, args.mode)
-        except errors as error:
-            failed += 1
+        except (DamagedIndex, *errors) as error:
+            failed, damaged = failed + 1, damaged + isinstance(error, DamagedIndex)
             result = {"line": number, "error": str(error)}
             print(f"error: line {number}: {error}", file=sys.stderr)
         print(json.dumps(result, ensure_ascii=False), flush=True)
-    return 2 if failed else 0
+    return DAMAGED_INDEX if damaged else 2 if failed else 0
 
 
 if __name__ == "__main__":

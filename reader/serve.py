@@ -9,7 +9,10 @@ Each request retrieves and reads its LMDB records in a worker thread (the index'
 opened once per process and read from every thread); the model part is batched: one thread takes
 the questions waiting, up to ``--max-batch``, waiting at most ``--window-ms`` for company when it
 is idle, and runs the upper layers over all of them at once. Bad input is HTTP 400 with
-``{"error": ...}``.
+``{"error": ...}``. A request that meets a damaged index (a shard truncated, missing or replaced
+since the service started, a corrupt record) is HTTP 503 with ``{"error": ...}``; from then on
+``/health`` is 503 ``{"status": "unhealthy", "error": ...}`` and the service goes on answering
+what the rest of the index can answer.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .answer import DEFAULT_INDEX, DEFAULT_K, Answerer, Lookup, bad_input_errors
+from storage.shard import DamagedIndex
+
+from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, Answerer, Lookup, bad_input_errors
 from .load import quiet_library_logs
 
 
@@ -99,6 +104,12 @@ def create_app(answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0) 
     """The ASGI app: POST /answer and GET /health over one Answerer and one Batcher."""
     batcher = Batcher(answerer, max_batch, window_ms)
     errors = bad_input_errors()
+    damage: list[str] = []  # what damage requests met (the first is kept); health reports it
+
+    def damaged(error: DamagedIndex) -> JSONResponse:
+        if not damage:
+            damage.append(str(error))
+        return JSONResponse({"error": str(error)}, status_code=503)
 
     async def answer(request: Request) -> JSONResponse:
         try:
@@ -112,12 +123,20 @@ def create_app(answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0) 
             answerer.check(question, k, mode)
             lookup = await run_in_threadpool(answerer.lookup, question, k)
             result = await asyncio.wrap_future(batcher.submit(lookup, mode))
+        except DamagedIndex as error:  # before ``errors``: a corrupt record is also a ValueError
+            return damaged(error)
         except errors as error:
             return JSONResponse({"error": str(error)}, status_code=400)
         return JSONResponse(result)
 
     async def health(request: Request) -> JSONResponse:
         reader = answerer.reader
+        try:
+            answerer.index.check()  # a stat per shard: damage found before a question meets it
+        except DamagedIndex as error:
+            damaged(error)
+        if damage:
+            return JSONResponse({"status": "unhealthy", "error": damage[0]}, status_code=503)
         return JSONResponse(
             {
                 "status": "ok",
@@ -148,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         answerer = Answerer(args.index)
+    except DamagedIndex as error:
+        print(f"error: {error}", file=sys.stderr)
+        return DAMAGED_INDEX
     except bad_input_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

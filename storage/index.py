@@ -5,7 +5,9 @@
 
 The manifest is the commit point: written atomically after every shard it lists is sealed, so a
 reader either sees a complete index or none. Shards open lazily, once per process (see
-``storage.shard.open_shard``), and every thread reads them.
+``storage.shard.open_shard``), and every thread reads them. Opening, and every read, first checks
+the shard's file against the manifest's size (LMDB would fault on a shorter one) and the file it
+was opened on: a damaged or replaced shard is a ``DamagedIndex``, never a signal or a mix.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lmdb
+import zstandard as zstd
+
 from reader.binary import BinaryTokens
 from reader.identity import ReaderIdentity
 
 from .codec import Codec
 from .record import RecordFormat, StoredPassage, decode_records, encode_record
-from .shard import BLOCK_ROWS, SHARDS, ShardInfo, block_key, block_record, open_shard, sealed_shard, write_shard
+from .shard import (
+    BLOCK_ROWS, SHARDS, DamagedIndex, ShardInfo, block_key, block_record, check_shard_files, open_shard, repair_hint,
+    sealed_shard, shard_file, write_shard,
+)
 
 FORMAT_VERSION = 2  # 2: records packed in blocks of BLOCK_ROWS rows per LMDB value
 MANIFEST = "manifest.json"
@@ -76,20 +84,37 @@ class Manifest:
 
     @classmethod
     def load(cls, root: Path) -> "Manifest":
+        """The manifest at ``root``: IndexNotFound when there is none, DamagedIndex when it does not parse."""
         path = Path(root) / MANIFEST
         if not path.exists():
-            raise IndexNotFound(f"no index at {root}: {MANIFEST} is missing (an index is complete only once it is written)")
-        data = json.loads(path.read_text())
+            shards = (Path(root) / SHARDS).is_dir()
+            raise IndexNotFound(
+                f"no index at {root}: {MANIFEST} is missing (an index is complete only once it is written)"
+                + ("; this folder holds shards: a build that has not finished, or whose manifest was lost; "
+                   "rerun the index flow on it" if shards else "")
+            )
+        def damaged(why: str) -> DamagedIndex:
+            return DamagedIndex(f"{path} is damaged ({why}); the shards may be intact: rerun the index flow on {root}")
+
+        try:
+            data = json.loads(path.read_bytes())
+        except ValueError as error:  # not UTF-8, not JSON
+            raise damaged(f"not JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise damaged("not a JSON object")
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: index format {data.get('format_version')}; this code reads format {FORMAT_VERSION}")
-        return cls(
-            reader=ReaderIdentity.from_dict(data["reader"]),
-            codec=data["codec"],
-            shards=[ShardInfo.from_dict(s) for s in data["shards"]],
-            format_version=data["format_version"],
-            created=data["created"],
-            extra=data.get("extra", {}),
-        )
+        try:
+            return cls(
+                reader=ReaderIdentity.from_dict(data["reader"]),
+                codec=data["codec"],
+                shards=[ShardInfo.from_dict(s) for s in data["shards"]],
+                format_version=data["format_version"],
+                created=data["created"],
+                extra=data.get("extra", {}),
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise damaged(f"a field is missing or malformed: {error!r}") from None
 
 
 def _record_format(codec: Codec, identity: ReaderIdentity) -> RecordFormat:
@@ -149,10 +174,14 @@ class Index:
     """Read side of an index: fetch passages (text and bits) by row; safe across threads and processes."""
 
     def __init__(self, root: Path | str, manifest: Manifest, codec: Codec) -> None:
+        """Refuses (DamagedIndex) a shard missing or of another size than the manifest's: a stat each, no reads."""
         self.root = Path(root)
         self.manifest = manifest
         self.format = _record_format(codec, manifest.reader)
         self._starts = [s.first_row for s in manifest.shards]
+        # The files this index was opened on: a shard replaced later (a rebuild into the same folder)
+        # is refused rather than read against this manifest and retriever.
+        self._inodes = check_shard_files(self.root, manifest.shards)
         self._envs: dict[str, object] = {}  # this process's open shards (published shards never change)
         self._pid = os.getpid()
 
@@ -163,17 +192,41 @@ class Index:
         manifest = Manifest.load(root)
         if expect is not None:
             expect.check_matches(manifest.reader)
-        return cls(root, manifest, Codec.load(root / CODEC, manifest.codec))
+        try:
+            codec = Codec.load(root / CODEC, manifest.codec)
+        except (OSError, ValueError, KeyError, zstd.ZstdError) as error:
+            raise DamagedIndex(f"the index's codec is missing or damaged ({error}). {repair_hint(root)}") from None
+        return cls(root, manifest, codec)
 
     def __len__(self) -> int:
         return self.manifest.passages
 
-    def _env(self, name: str):
+    def check(self) -> None:
+        """Raise DamagedIndex unless every shard is still the file this index was opened on (stats only)."""
+        for shard in self.manifest.shards:
+            self._check_file(shard)
+
+    def _check_file(self, shard: ShardInfo) -> None:
+        # Before every read: LMDB faults (SIGBUS) on a mapped file that has become shorter.
+        try:
+            if shard_file(self.root, shard).st_ino != self._inodes[shard.name]:
+                raise DamagedIndex(f"{shard.name} was replaced after this index was opened (rebuilt into the same folder?)")
+        except DamagedIndex as error:
+            raise DamagedIndex(
+                f"the index at {self.root} changed or was damaged while open: {error}. Restart to read it again; "
+                f"if that is refused too, {repair_hint(self.root)}"
+            ) from None
+
+    def _env(self, shard: ShardInfo):
+        self._check_file(shard)
         if self._pid != os.getpid():  # a forked child: the parent's environments are not ours
             self._envs, self._pid = {}, os.getpid()
-        env = self._envs.get(name)
+        env = self._envs.get(shard.name)
         if env is None:
-            env = self._envs[name] = open_shard(self.root, name)
+            try:
+                env = self._envs[shard.name] = open_shard(self.root, shard.name)
+            except lmdb.Error as error:
+                raise DamagedIndex(f"{shard.name} is not a readable LMDB file ({error}). {repair_hint(self.root)}") from None
         return env
 
     def __getstate__(self) -> dict:
@@ -200,13 +253,17 @@ class Index:
         for index, shard_rows in by_shard.items():
             shard = self.manifest.shards[index]
             # Blocks are read in place from the memory map; only the wanted records are copied out.
-            with self._env(shard.name).begin(buffers=True) as txn:
-                for row in shard_rows:
-                    block = txn.get(block_key(row, shard.first_row))
-                    record = block_record(block, (row - shard.first_row) % BLOCK_ROWS) if block is not None else None
-                    if record is None:
-                        raise KeyError(f"{shard.name}: row {row} is missing from its shard")
-                    found[row] = shard.name, bytes(record)
+            try:
+                with self._env(shard).begin(buffers=True) as txn:
+                    for row in shard_rows:
+                        block = txn.get(block_key(row, shard.first_row))
+                        record = block_record(block, (row - shard.first_row) % BLOCK_ROWS) if block is not None else None
+                        if record is None:
+                            missing = f"{shard.name}: row {row} is missing from its shard"
+                            raise DamagedIndex(f"{missing}. {repair_hint(self.root)}")
+                        found[row] = shard.name, bytes(record)
+            except lmdb.Error as error:
+                raise DamagedIndex(f"{shard.name} does not read ({error}). {repair_hint(self.root)}") from None
         return [found[row] for row in rows]
 
     def fetch(self, rows: Sequence[int]) -> list[StoredPassage]:
@@ -220,4 +277,4 @@ class Index:
         return decode_records(self.format, [value for _, value in read], list(rows), wheres)
 
 
-__all__ = ["SHARDS", "Index", "IndexNotFound", "IndexWriter", "Manifest"]
+__all__ = ["SHARDS", "DamagedIndex", "Index", "IndexNotFound", "IndexWriter", "Manifest"]

@@ -14,6 +14,7 @@ from reader.binary import BinaryTokens
 from reader.inputs import Passage
 
 from .codec import Codec
+from .shard import DamagedIndex
 
 VERSION = 1  # the record layout (the index format version lives in the manifest)
 # version, pid length, tokens, then byte lengths of: ids, scale, bits, title, text (zstd)
@@ -21,7 +22,7 @@ _HEADER = struct.Struct("<BHIIIIII")
 _CRC = struct.Struct("<I")
 
 
-class CorruptRecord(ValueError):
+class CorruptRecord(DamagedIndex, ValueError):
     """A record failed its checksum or does not parse: the message names shard and row."""
 
 

@@ -8,6 +8,7 @@ read-only without a lock file: nothing ever writes them again.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -18,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import lmdb
 
@@ -25,6 +27,7 @@ from .codec import file_digest
 
 KEY = struct.Struct(">Q")  # a block's first global row: fixed width, big-endian, so keys sort and loads append
 SHARDS = "shards"
+DATA = "data.mdb"
 # Records of consecutive rows share one LMDB value: a ~2.6 KB record alone would take a whole 4 KB
 # overflow page (1.46x on disk, measured); 16 of them waste under 4 KB in ~40 KB.
 BLOCK_ROWS = 16
@@ -67,6 +70,21 @@ def block_key(row: int, first_row: int) -> bytes:
 
 def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:05d}"
+
+
+class DamagedIndex(RuntimeError):
+    """The index's files are damaged, or changed under a running reader: the index's fault, never the question's."""
+
+
+def repair_hint(root: Path, verified: bool = False) -> str:
+    """What to do about a damaged index (the end of every DamagedIndex message about files)."""
+    rebuild = (
+        f"rebuild: rerun the index flow on {root} with the same settings; it keeps every shard that still matches "
+        "its digest and rebuilds the rest (an offline-merged index is encoded again whole: its lossless shards are not kept)"
+    )
+    if verified:
+        return rebuild[0].upper() + rebuild[1:]
+    return f"run `python -m storage.verify {root}` for the full list, then {rebuild}"
 
 
 @dataclass(frozen=True)
@@ -115,25 +133,43 @@ def write_shard(root: Path, shard_id: int, first_row: int, records: Sequence[byt
     name = shard_name(shard_id)
     final, tmp = shards / name, shards / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    env = lmdb.open(str(tmp), map_size=map_size_for(values), subdir=True, max_dbs=0, sync=True)
+    map_size = map_size_for(values)
     try:
-        with env.begin(write=True) as txn:
-            for block, value in enumerate(values):
-                row = first_row + block * BLOCK_ROWS
-                if not txn.put(KEY.pack(row), value, append=True):
-                    raise RuntimeError(f"{name}: the block at row {row} was not appended")
-        env.sync(True)
-    finally:
-        env.close()
-    (tmp / "lock.mdb").unlink(missing_ok=True)  # sealed shards are opened without a lock file
-    data = tmp / "data.mdb"
-    info = ShardInfo(name, first_row, len(records), tokens, data.stat().st_size, file_digest(data))
-    (tmp / "shard.json").write_text(json.dumps(info.to_dict(), indent=1))
+        env = lmdb.open(str(tmp), map_size=map_size, subdir=True, max_dbs=0, sync=True)
+        try:
+            with env.begin(write=True) as txn:
+                for block, value in enumerate(values):
+                    row = first_row + block * BLOCK_ROWS
+                    if not txn.put(KEY.pack(row), value, append=True):
+                        raise RuntimeError(f"{name}: the block at row {row} was not appended")
+            env.sync(True)
+        finally:
+            env.close()
+        (tmp / "lock.mdb").unlink(missing_ok=True)  # sealed shards are opened without a lock file
+        data = tmp / DATA
+        info = ShardInfo(name, first_row, len(records), tokens, data.stat().st_size, file_digest(data))
+        (tmp / "shard.json").write_text(json.dumps(info.to_dict(), indent=1))
+    except (OSError, lmdb.Error) as error:
+        _write_failed(error, name, tmp, map_size)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(shards)
     return info
+
+
+def _write_failed(error: Exception, name: str, tmp: Path, needed: int) -> NoReturn:
+    """Clear a failed write away and say why; a full disk (LMDB reports a short write as EIO) by name."""
+    free = shutil.disk_usage(tmp.parent).free
+    shutil.rmtree(tmp, ignore_errors=True)
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"{name}: no space left on the device of {tmp.parent} ({free:,} bytes free, the shard needs up to "
+            f"{needed:,}; the write failed with: {error}). Free space and rerun the flow: it keeps every shard "
+            "already sealed and writes this one again",
+        ) from error
+    raise error
 
 
 def sealed_shard(root: Path, shard_id: int) -> ShardInfo | None:
@@ -143,7 +179,38 @@ def sealed_shard(root: Path, shard_id: int) -> ShardInfo | None:
         info = ShardInfo.from_dict(json.loads((folder / "shard.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return info if file_digest(folder / "data.mdb") == info.digest else None
+    return info if file_digest(folder / DATA) == info.digest else None
+
+
+def shard_file(root: Path, shard: ShardInfo) -> os.stat_result:
+    """The stat of a shard's data file, refused (DamagedIndex) unless its size is the manifest's.
+
+    LMDB maps the file and takes its length from its own meta page: a shorter file (an interrupted
+    copy, a full disk) would kill the process with SIGBUS at the first read past its end. One stat,
+    no read; ``ShardInfo.bytes`` is the file's size when it was sealed.
+    """
+    path = root / SHARDS / shard.name / DATA
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        raise DamagedIndex(f"{shard.name} is missing ({path})") from None
+    if stat.st_size != shard.bytes:
+        what = "truncated" if stat.st_size < shard.bytes else "larger than when it was sealed"
+        raise DamagedIndex(f"{shard.name} is {what}: {stat.st_size:,} bytes, the manifest says {shard.bytes:,}")
+    return stat
+
+
+def check_shard_files(root: Path, shards: Sequence[ShardInfo]) -> dict[str, int]:
+    """Every shard's inode, after checking every size (all problems named in one DamagedIndex)."""
+    inodes, problems = {}, []
+    for shard in shards:
+        try:
+            inodes[shard.name] = shard_file(root, shard).st_ino
+        except DamagedIndex as error:
+            problems.append(str(error))
+    if problems:
+        raise DamagedIndex(f"the index at {root} is damaged: {'; '.join(problems)}. {repair_hint(root)}")
+    return inodes
 
 
 # LMDB allows one environment per file per process, and none may cross fork(): every reader in a
@@ -155,7 +222,7 @@ _OPEN_LOCK = threading.Lock()
 def open_shard(root: Path, name: str) -> lmdb.Environment:
     """A sealed shard, read-only and lock-free (safe: it is never written again), shared in-process."""
     path = os.path.realpath(root / SHARDS / name)
-    inode = os.stat(os.path.join(path, "data.mdb")).st_ino
+    inode = os.stat(os.path.join(path, DATA)).st_ino
     with _OPEN_LOCK:
         entry = _OPEN.get(path)
         if entry is not None and entry[:2] == (os.getpid(), inode):

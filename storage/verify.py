@@ -1,20 +1,22 @@
-"""Check an index: every shard's digest against the manifest, every record's checksum.
+"""Check an index: every shard's size and digest against the manifest, every record's checksum, the retriever.
 
     python -m storage.verify INDEX
 
-Exit 0 when intact; 1, naming each bad shard and passage, when not; 2 when there is no index.
+Exit 0 when intact; 1, naming each bad shard and passage (or a damaged manifest), when not; 2 when
+there is no index. A shard of the wrong size is reported without being mapped (LMDB would fault).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from .codec import Codec, file_digest
 from .index import CODEC, IndexNotFound, Manifest
 from .record import CorruptRecord, check_record, record_pid
-from .shard import KEY, SHARDS, block_records, open_shard
+from .shard import DATA, KEY, SHARDS, DamagedIndex, block_records, open_shard, repair_hint, shard_file
 
 
 def verify(root: Path) -> tuple[list[str], int]:
@@ -23,19 +25,21 @@ def verify(root: Path) -> tuple[list[str], int]:
     problems: list[str] = []
     try:
         Codec.load(root / CODEC, manifest.codec)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, KeyError) as error:
         problems.append(f"codec: {error}")
+    problems += retriever_problems(root, manifest)
     checked = 0
     for shard in manifest.shards:
-        data = root / SHARDS / shard.name / "data.mdb"
-        if not data.exists():
-            problems.append(f"{shard.name}: missing ({data})")
+        data = root / SHARDS / shard.name / DATA
+        try:
+            shard_file(root, shard)
+        except DamagedIndex as error:
+            problems.append(str(error))
             continue
         if file_digest(data) != shard.digest:
             problems.append(f"{shard.name}: digest differs from the manifest (the file changed after it was sealed)")
-        env = open_shard(root, shard.name)
         try:
-            with env.begin(buffers=True) as txn:
+            with open_shard(root, shard.name).begin(buffers=True) as txn:
                 expected = shard.first_row
                 for key, block in txn.cursor():
                     first = KEY.unpack(key)[0]
@@ -56,19 +60,45 @@ def verify(root: Path) -> tuple[list[str], int]:
     return problems, checked
 
 
+def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
+    """The retriever's files: present, readable, and over as many passages as the manifest lists."""
+    import faiss
+
+    from reader.retriever import FAISS_FILE, INFO_FILE
+
+    present = [name for name in (FAISS_FILE, INFO_FILE) if (root / name).exists()]
+    if not present and "retriever" not in manifest.extra:
+        return []  # an index built without a retriever (storage alone)
+    missing = [name for name in (FAISS_FILE, INFO_FILE) if name not in present]
+    if missing:
+        return [f"retriever: {', '.join(missing)} missing"]
+    try:
+        count = json.loads((root / INFO_FILE).read_text())["count"]
+        vectors = faiss.read_index(str(root / FAISS_FILE)).ntotal
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
+        return [f"retriever: unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
+    if count != manifest.passages or vectors != manifest.passages:
+        listed = manifest.passages
+        return [f"retriever: {vectors} vectors (retriever.json says {count}), the manifest lists {listed} passages"]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m storage.verify", description=__doc__.splitlines()[0])
     parser.add_argument("index", type=Path, help="index folder (with manifest.json)")
     args = parser.parse_args(argv)
     try:
         problems, checked = verify(args.index)
+    except DamagedIndex as error:  # the manifest itself
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except (IndexNotFound, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if problems:
         for problem in problems:
             print(problem, file=sys.stderr)
-        print(f"{len(problems)} problem(s) in {args.index}", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {args.index}. {repair_hint(args.index, verified=True)}", file=sys.stderr)
         return 1
     print(f"ok: {checked} records in {len(Manifest.load(args.index).shards)} shards verified")
     return 0

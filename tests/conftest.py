@@ -73,14 +73,34 @@ def make_extractive_module(tokenizer):
     return _extractive_builder(tokenizer)
 
 
+@pytest.fixture(scope="module")
+def answering_index(tmp_path_factory, make_extractive_module):
+    """``build(root, passages)``: an index reader.answer opens (shards of 16, a tiny saved reader with k=2, a retriever)."""
+    from reader.load import ReaderSpec, load_reader
+    from reader.retriever import Encoder, build_faiss, passage_text
+    from storage.build import build_index
+
+    folder = tmp_path_factory.mktemp("reader")
+    tiny = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    spec = ReaderSpec("extractive", str(folder), 2, 96)
+
+    def build(root, passages):
+        build_index(root, load_reader(spec), passages, shard_size=16, extra={"reader_spec": spec.to_dict()})
+        encoder = Encoder(folder)
+        build_faiss([encoder.embed([passage_text(p) for p in passages])], root, encoder.identity())
+        return root
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def flip_record_byte():
     """Corrupt one byte inside a stored record (found by its bytes in the shard file); returns the shard."""
 
     def flip(index_path, row: int) -> str:
-        index = Index.open(index_path)
-        [value] = index.read_raw([row])
-        shard = index.manifest.shards[0].name
+        [(shard, value)] = Index.open(index_path).read([row])
         data_file = index_path / SHARDS / shard / "data.mdb"
         data = bytearray(data_file.read_bytes())
         at = data.find(value[40:80])

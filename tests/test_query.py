@@ -15,10 +15,7 @@ from reader.answer import Answerer, main as answer_main
 from reader.assets import wikipedia_sample
 from reader.config import BTRConfig
 from reader.evaluate import exact_match, f1_score, has_answer, main as evaluate_main, normalize_answer
-from reader.load import ReaderSpec, load_reader
-from reader.retriever import Encoder, build_faiss, passage_text
 from reader.serve import Batcher
-from storage.build import build_index
 
 PASSAGES = wikipedia_sample(40, min_words=30)
 QUESTIONS = [f"What is {p.title}?" for p in PASSAGES[:4]]
@@ -26,17 +23,9 @@ STAGES = {"retrieve", "fetch", "decode", "upper", "extract", "total", "batch"}
 
 
 @pytest.fixture(scope="module")
-def index(tmp_path_factory, make_extractive_module) -> Path:
+def index(tmp_path_factory, answering_index) -> Path:
     """40 sample passages indexed by a tiny saved reader (k=2), with a faiss retriever."""
-    root = tmp_path_factory.mktemp("query")
-    tiny = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)
-    tiny.model.save_pretrained(root / "reader")
-    tiny.tokenizer.save_pretrained(root / "reader")
-    spec = ReaderSpec("extractive", str(root / "reader"), 2, 96)
-    build_index(root / "index", load_reader(spec), PASSAGES, shard_size=16, extra={"reader_spec": spec.to_dict()})
-    encoder = Encoder(root / "reader")
-    build_faiss([encoder.embed([passage_text(p) for p in PASSAGES])], root / "index", encoder.identity())
-    return root / "index"
+    return answering_index(tmp_path_factory.mktemp("query") / "index", PASSAGES)
 
 
 def run_answer(capsys, *argv) -> tuple[int, str, str]:
@@ -107,7 +96,7 @@ def test_bad_questions_and_options_are_one_line_and_exit_2(index, capsys, questi
     assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_missing_index_corrupt_record_and_foreign_index_exit_2(index, tmp_path, capsys, flip_record_byte, make_extractive):
+def test_missing_or_foreign_index_exit_2_and_a_corrupt_record_3(index, tmp_path, capsys, flip_record_byte, make_extractive):
     status, _, err = run_answer(capsys, QUESTIONS[0], "--index", tmp_path / "nowhere")
     assert status == 2 and "manifest.json is missing" in err
 
@@ -128,7 +117,7 @@ def test_missing_index_corrupt_record_and_foreign_index_exit_2(index, tmp_path, 
     shutil.copytree(index, corrupt)
     shard = flip_record_byte(corrupt, row=5)
     status, _, err = run_answer(capsys, QUESTIONS[0], "--index", corrupt, "--k", 40)
-    assert status == 2 and f"{shard} row 5: checksum mismatch" in err
+    assert status == 3 and f"{shard} row 5: checksum mismatch" in err  # the index's fault, not the question's
 
 
 def test_questions_file_streams_one_json_line_each_and_keeps_going_past_bad_lines(index, tmp_path, capsys):
