@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .answer import DEFAULT_K, Answerer, bad_input_errors
+from .answer import DAMAGED_INDEX, DEFAULT_K, Answerer, bad_input_errors
 from .config import MODES
 from .inputs import ReaderInputError
 from .load import quiet_library_logs
@@ -101,9 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     quiet_library_logs()
+    from storage.shard import DamagedIndex  # storage builds on reader; import it late
+
     try:
         questions = load_questions(args.questions, args.limit)
         summary = evaluate(Answerer(args.index, args.checkpoint), questions, args.mode, args.k)
+    except DamagedIndex as error:  # before the bad-input errors: a corrupt record is also a ValueError
+        print(f"error: {error}", file=sys.stderr)
+        return DAMAGED_INDEX
     except bad_input_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from reader.answer import DAMAGED_INDEX, Answerer, main as answer_main
+from reader.evaluate import main as evaluate_main
 from reader.assets import wikipedia_sample
 from reader.retriever import FAISS_FILE
 from reader.serve import create_app, main as serve_main
@@ -139,6 +140,10 @@ def test_a_damaged_index_is_refused_with_its_own_status_and_verify_names_the_dam
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert said in err and "rerun the index flow" in err
     assert serve_main(["--index", str(index), "--port", "9"]) == DAMAGED_INDEX  # refuses before it listens
+    assert said in capsys.readouterr().err
+    questions = index.parent / "questions.jsonl"
+    questions.write_text(json.dumps({"question": "What is Vladivostok?", "answers": ["a city"]}) + "\n")
+    assert evaluate_main(["--index", str(index), "--questions", str(questions)]) == DAMAGED_INDEX
     assert said in capsys.readouterr().err
     status, err = verify(capsys, index)
     assert status == 1 and verified in err and "Traceback" not in err
