@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
-.PHONY: install test bench demo clean data train evaluate loadtest
+.PHONY: install test bench demo clean data train evaluate loadtest browser
 
 install: $(STAMP)
 
@@ -47,6 +47,11 @@ evaluate: install
 # QPS and latency of reader.serve at 1, 4 and 16 clients, batched and one at a time (needs `make demo`'s index).
 loadtest: data
 	$(BIN)/python -m reader.loadtest --questions data/qa/dev.jsonl
+
+# Headless Chromium from Debian's packages (root): tests/test_serve_page.py drives reader.serve's page
+# with it, and skips, saying so, without it.
+browser:
+	apt-get install -y chromium
 
 # Local Prefect server + worker + Ray, the index-wikipedia deployment on the bundled sample, an answer.
 demo: install

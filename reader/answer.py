@@ -27,7 +27,7 @@ import torch
 from .binary import IncompatibleRepresentation
 from .config import MODES, check_mode
 from .identity import IncompatibleIndex
-from .inputs import ReaderInputError
+from .inputs import ReaderInputError, passage_string
 from .load import ReaderSpec, load_reader, quiet_library_logs
 from .retriever import Hit, Retriever
 
@@ -100,8 +100,11 @@ class Answerer:
                 f"{len(self.index)} (a rebuild stopped half-way?). {repair_hint(index)}"
             )
 
-    def check(self, question: str, k: int, mode: str) -> None:
-        """Raise ReaderInputError / ValueError for a question, k or mode this answerer cannot take."""
+    def check(self, question: str, k: int, mode: str, max_k: int | None = None) -> None:
+        """Raise ReaderInputError / ValueError for a question, k or mode this answerer cannot take.
+
+        ``max_k``: a caller's own bound on k (a service's), below the index's passages.
+        """
         if not isinstance(question, str):
             raise ReaderInputError("the question must be a string")
         try:
@@ -109,8 +112,11 @@ class Answerer:
         except UnicodeEncodeError:
             raise ReaderInputError("the question is not valid UTF-8 text") from None
         self.reader.question_ids(question)  # an empty question fails here, before any work
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(self.index):
-            raise ValueError(f"k must be a whole number from 1 to {len(self.index)} (the index's passages), got {k!r}")
+        top, why = len(self.index), "the index's passages"
+        if max_k is not None and max_k < top:
+            top, why = max_k, "the service's --max-k"
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
+            raise ValueError(f"k must be a whole number from 1 to {top} ({why}), got {k!r}")
         check_mode(mode)
         if mode == "btr" and self.text_only:
             raise ValueError("btr mode reads the index's bits, so it needs the reader that built the index")
@@ -145,19 +151,21 @@ class Answerer:
                 outputs = reader.read_out(batch, pairs, mode)
         results = []
         for lookup, group, output in zip(lookups, stored, outputs):
-            source = None
+            source = context = span = None
             if isinstance(output, str):
                 text = output
-            else:  # a span: slice the stored passage's own text
-                source = output.passage
-                ids = group[source].tokens.token_ids.tolist()
-                text = reader.span_text(group[source].passage, ids, output.start, output.end)
+            else:  # a span: slice the text the reader read of the cited passage
+                source, passage = output.passage, group[output.passage].passage
+                context, span = passage_string(passage), reader.span_offsets(passage, output.start, output.end)
+                text = context[span[0] : span[1]]
             stages = lookup.timings | timings
             results.append(
                 {
                     "question": lookup.question,
                     "answer": text,
                     "source": source,
+                    "context": context,  # the cited passage as the reader read it (title included)
+                    "span": span,  # the answer's [start, end) characters in ``context``
                     "mode": mode,
                     # a question longer than the reader's limit is read without its tail: say so
                     "question_tokens_cut": reader.question_overflow(lookup.question),

@@ -158,10 +158,14 @@ class ExtractiveReader(SplitReader):
         """The answer text: a slice of the passage string where there is text, else decoded tokens."""
         if isinstance(passage, BinaryTokens):
             return self.tokenizer.decode(ids[start : end + 1]).strip()
+        return passage_string(passage)[slice(*self.span_offsets(passage, start, end))]
+
+    def span_offsets(self, passage: Passage, start: int, end: int) -> tuple[int, int]:
+        """Character offsets [first, last) in ``passage_string(passage)`` of tokens start..end (inclusive)."""
         offsets = tokenize_passage(
             self.tokenizer, self.layout, passage, self.config.max_passage_tokens, offsets=True
         )["offset_mapping"]
-        return passage_string(passage)[offsets[start][0] : offsets[end][1]]
+        return offsets[start][0], offsets[end][1]
 
 
 __all__ = ["ExtractiveReader", "Passage", "Span"]
