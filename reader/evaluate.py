@@ -65,6 +65,8 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
         "em": round(100 * float(np.mean(ems)), 2),
         "f1": round(100 * float(np.mean(f1s)), 2),
         "recall_at_k": round(100 * float(np.mean(recalls)), 2),
+        # the reader's share of what retrieval made possible: EM over questions whose answer was read
+        "em_when_recalled": round(100 * float(np.mean([e for e, r in zip(ems, recalls) if r])), 2) if any(recalls) else None,
         "k": k,
         "qps": round(len(latencies) / elapsed, 3),
         "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,

@@ -170,6 +170,8 @@ def test_evaluate_command(index, tmp_path, capsys):
         assert summary["latency_p50_ms"] <= summary["latency_p95_ms"]
         assert len(summary["exact"]) == 4 and set(summary["exact"]) <= {"0", "1"}
         assert summary["em"] == round(100 * summary["exact"].count("1") / 4, 2)
+        # EM counts only where the answer was read, so EM given recall is EM over recall
+        assert summary["em_when_recalled"] == pytest.approx(100 * summary["em"] / summary["recall_at_k"], abs=0.01)
     path.write_text('{"question": "no answers"}\n')
     assert evaluate_main(["--index", str(index), "--questions", str(path), "--mode", "btr"]) == 2
     assert '"answers"' in capsys.readouterr().err
