@@ -1,7 +1,7 @@
 """The README's accuracy tables in one command: readers x question sets, k, and offline merging.
 
     python -m flows.evaluate_reader [--checkpoints checkpoints/real] [--sets nq-test-in-sample,...]
-                                    [--limit 500] [--k 10] [--out results/real-questions.json]
+                                    [--limit 300] [--k 5] [--out results/real-questions.json]
     python -m flows.evaluate_reader --k-curve 1,3,5,10,20 --sets nq-dev-heldout-in-sample,... --out ...
     python -m flows.evaluate_reader --offline 0,0.2,0.4 [--reader reader/checkpoint] --out ...
 
@@ -34,7 +34,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from reader.answer import Answerer
+from reader.answer import DEFAULT_K, Answerer
 from reader.evaluate import evaluate, load_questions, paired_ratio_interval
 from reader.inputs import Passage
 from reader.load import DEFAULT_CHECKPOINT, ReaderSpec, load_reader, quiet_library_logs
@@ -210,10 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", default="checkpoints/real", help="train-reader output folder")
     parser.add_argument("--data", default="data/qa", help="folder of the question sets (flows.qa_data)")
     parser.add_argument("--sets", default=",".join(TEST_SETS), help="comma-separated set names (<data>/<name>.jsonl)")
-    parser.add_argument("--limit", type=int, default=500, help="the first N questions of each set")
+    parser.add_argument("--limit", type=int, default=300, help="the first N questions of each set")
     parser.add_argument("--corpus", help="JSONL corpus to evaluate over (default: the bundled sample)")
     parser.add_argument("--indexes", default="indexes", help="where the evaluation indexes go")
-    parser.add_argument("--k", type=int, default=10, help="passages read per question")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages read per question (default {DEFAULT_K})")
     parser.add_argument("--out", default="results/real-questions.json")
     parser.add_argument("--skip-missing", action="store_true", help="measure the rows that can be (a partial table)")
     parser.add_argument("--k-curve", help="comma-separated k values: the btr row's EM and latency at each")
