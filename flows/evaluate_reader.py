@@ -167,6 +167,7 @@ def readers_table(args, questions: dict[str, list[dict]], passages: list[Passage
         print(json.dumps({"row": label} | {n: {k: v for k, v in s.items() if k != "exact"} for n, s in sets.items()}),
               flush=True)
         save(out, {"kind": "readers", "k": args.k, "limit": args.limit, "rows": results})
+    save(out, {"kind": "readers", "k": args.k, "limit": args.limit, "rows": results})  # reused rows after the last measured one too
     print(table(results, list(questions)))
     return 0
 

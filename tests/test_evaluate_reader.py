@@ -63,6 +63,15 @@ def test_a_folder_with_only_an_ablation_chain_is_measured_and_rows_are_kept(tmp_
     assert run(tmp_path, files, "--skip-missing") == 0
     assert json.loads((tmp_path / "accuracy.json").read_text())["rows"] == rows
 
+    # A control trained later is measured; the rows kept after it in the table stay in the file.
+    monkeypatch.undo()
+    save_checkpoint(make_extractive(BTRConfig(split_layer=2), seed=5), root / "plain+plain", {"chain": "plain+plain"})
+    assert run(tmp_path, files, "--skip-missing") == 0
+    after = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
+    assert [r["row"] for r in after] == ["baseline", "baseline, continued unsplit (control)", "btr, no distillation",
+                                         "split, no distillation"]
+    assert [after[0], *after[2:]] == rows
+
 
 def test_without_a_bits_stage_there_is_nothing_to_index_with(tmp_path, files, make_extractive, capsys):
     save_checkpoint(make_extractive(BTRConfig(split_layer=2)), tmp_path / "checkpoints" / "plain", {"chain": "plain"})
