@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,23 +19,26 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .progress import PROGRESS_FILE, follow
+from .quiet import quiet
+
 ROOT = Path(__file__).resolve().parent.parent
 POOL = "btr-local"
 DEMO_INDEX = ROOT / "indexes" / "wikipedia-sample"
 QUESTION = "Who directed 2001: A Space Odyssey?"
+FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def prefect_env(port: int) -> dict[str, str]:
     """A project-local Prefect home, telemetry off, the API on loopback."""
     return {
         **os.environ,
+        **quiet(),
         "PREFECT_HOME": str(ROOT / ".prefect"),
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true",
-        "DO_NOT_TRACK": "1",
     }
 
 
@@ -88,6 +92,44 @@ def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 120) -> N
     raise RuntimeError(f"the Prefect server did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
+def flow_run_state(port: int, run_id: str) -> str | None:
+    """The flow run's state type (COMPLETED, RUNNING, ...) from the server's REST API."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{run_id}", timeout=5) as response:
+            return json.load(response)["state_type"]
+    except OSError:
+        return None
+
+
+def run_deployment(env: dict[str, str], port: int) -> str:
+    """``prefect deployment run index-wikipedia/local``, then its progress until the run ends.
+
+    The run's progress comes from the file the flow keeps in the index folder (shards, speeds, time
+    left); its end from the Prefect API. Returns the flow run's final state type.
+    """
+    progress = DEMO_INDEX / ".work" / PROGRESS_FILE
+    progress.unlink(missing_ok=True)  # an earlier run's record would read as this one's
+    command = [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "index-wikipedia/local"]
+    created = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    print(created.rstrip(), flush=True)
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", created)
+    if run_id is None:
+        raise RuntimeError("`prefect deployment run` did not print the flow run's id")
+    run_id = run_id.group(1)
+    print(f"    follow it in the Prefect UI: http://127.0.0.1:{port}/runs/flow-run/{run_id}", flush=True)
+    print("    waiting for the worker to pick the run up ...", flush=True)
+    state: dict[str, str | None] = {"type": None}
+
+    def ended() -> bool:
+        state["type"] = flow_run_state(port, run_id)
+        return state["type"] in FINAL_STATES
+
+    follow(progress, done=ended)
+    while not ended():  # the flow's last phase is written just before Prefect records its end
+        time.sleep(1)
+    return state["type"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--question", default=QUESTION)
@@ -103,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if drop_stale_index(DEMO_INDEX, load_reader(ReaderSpec()).identity().weights_digest):
         step(f"{DEMO_INDEX.relative_to(ROOT)} was built by another reader than the default one: removed, to be rebuilt")
     try:
-        step(f"Prefect server on http://127.0.0.1:{args.port} (UI there; log in .prefect/server.log)")
+        step(f"Prefect server; its UI, to open now: http://127.0.0.1:{args.port} (log: .prefect/server.log)")
         server = start([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(args.port)], env, logs / "server.log")
         services.append(server)
         wait_healthy(args.port, server)
@@ -113,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         run([str(bin_dir / "prefect"), "deploy", "--all", "--no-prompt"], env)
         services.append(start([str(bin_dir / "prefect"), "worker", "start", "--pool", POOL], env, logs / "worker.log"))
 
-        step("prefect deployment run index-wikipedia/local (Ray dashboard: http://127.0.0.1:8265 while it runs,\n    or the port .prefect/worker.log names if 8265 was taken)")
-        run([str(bin_dir / "prefect"), "deployment", "run", "index-wikipedia/local", "--watch", "--watch-interval", "10"], env)
+        step("prefect deployment run index-wikipedia/local (the worker's own log: .prefect/worker.log)")
+        final = run_deployment(env, args.port)
+        if final != "COMPLETED":
+            raise RuntimeError(f"the flow run ended {final} (its logs: the Prefect UI, or .prefect/worker.log)")
         if not (DEMO_INDEX / "manifest.json").exists():
             raise RuntimeError("the flow run ended without an index (see .prefect/worker.log)")
 

@@ -6,7 +6,7 @@ IndexWriter; this serial path serves tests, benchmarks and small corpora.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from reader.binary import BinaryTokens
@@ -17,14 +17,25 @@ from .codec import Codec, CodecSettings
 from .index import IndexWriter, Manifest
 
 
-def encode_corpus(reader: SplitReader, passages: Sequence[Passage], batch_size: int = 32) -> list[BinaryTokens]:
-    """Binary tokens of every passage, in input order (batched by length to waste little padding)."""
+def encode_corpus(
+    reader: SplitReader,
+    passages: Sequence[Passage],
+    batch_size: int = 32,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[BinaryTokens]:
+    """Binary tokens of every passage, in input order (batched by length to waste little padding).
+
+    ``progress(passages, tokens)`` is told what each batch added.
+    """
     order = sorted(range(len(passages)), key=lambda i: len(passages[i].text))
     out: list[BinaryTokens | None] = [None] * len(passages)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        for i, record in zip(chunk, reader.encode_passages([passages[i] for i in chunk])):
+        records = reader.encode_passages([passages[i] for i in chunk])
+        for i, record in zip(chunk, records):
             out[i] = record
+        if progress is not None:
+            progress(len(chunk), sum(len(r.token_ids) for r in records))
     return out  # type: ignore[return-value]
 
 

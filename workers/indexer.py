@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from flows.corpus import read_rows
+from flows.progress import ShardProgress
 from reader.load import ReaderSpec, load_reader
 from reader.retriever import Encoder, passage_text
 from reader.split import SplitReader
@@ -98,7 +99,8 @@ class ShardIndexer:
             return previous
         start = time.perf_counter()
         passages = read_rows(self.corpus, plan.first_row, plan.first_row + plan.rows)
-        records = encode_corpus(self.reader, passages, self.batch_size)
+        progress = ShardProgress(self.root, plan.shard_id, plan.rows)
+        records = encode_corpus(self.reader, passages, self.batch_size, progress.add)
         embeddings = self.encoder.embed([passage_text(p) for p in passages])
         rows = ((p.id, p.title, p.text, r) for p, r in zip(passages, records))
         info = self.writer.write_shard(plan.shard_id, plan.first_row, _maybe_die(rows, plan.shard_id))
