@@ -110,3 +110,23 @@ def flip_record_byte():
         return shard
 
     return flip
+
+
+@pytest.fixture(scope="session")
+def write_flow_inputs():
+    return _write_flow_inputs
+
+
+def _write_flow_inputs(root, reader, passages: int):
+    """What the indexing flow reads, on disk: ``corpus.jsonl`` (the first ``passages`` of the
+    sample) and ``reader/`` (the tiny reader, saved: the flow loads readers by path)."""
+    import json
+
+    from reader.assets import wikipedia_sample
+
+    with open(root / "corpus.jsonl", "w") as f:
+        for i, p in enumerate(wikipedia_sample(passages)):
+            f.write(json.dumps({"id": f"p{i}", "title": p.title, "text": p.text}) + "\n")
+    reader.model.save_pretrained(root / "reader")
+    reader.tokenizer.save_pretrained(root / "reader")
+    return root

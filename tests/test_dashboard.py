@@ -3,7 +3,6 @@ shows the node and the run's IndexWorker actors (`make browser` installs Chromiu
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import ray
 from flows.corpus import normalize
 from flows.dashboard import auth_token, look
 from flows.index_wikipedia import LOCAL_RAY, _loopback_ray, ray_dashboard
-from reader.assets import wikipedia_sample
 from reader.config import BTRConfig
 from reader.load import ReaderSpec, load_reader
 from workers.actor import start_workers, stop_workers
@@ -21,17 +19,12 @@ from workers.indexer import calibrate_codec
 
 
 @pytest.fixture(scope="module")
-def cluster_with_workers(tmp_path_factory, make_extractive_module):
+def cluster_with_workers(tmp_path_factory, make_extractive_module, write_flow_inputs):
     """A local Ray as the flow starts it, with the flow's IndexWorker actors up (a tiny reader)."""
     if shutil.which("chromium") is None:
         pytest.skip("chromium not installed: make browser")
-    root = tmp_path_factory.mktemp("dashboard")
     reader = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=32)
-    reader.model.save_pretrained(root / "reader")
-    reader.tokenizer.save_pretrained(root / "reader")
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, p in enumerate(wikipedia_sample(4)):
-            f.write(json.dumps({"id": f"p{i}", "title": p.title, "text": p.text}) + "\n")
+    root = write_flow_inputs(tmp_path_factory.mktemp("dashboard"), reader, 4)
     corpus = normalize(root / "corpus.jsonl", "jsonl", root / "work").path
     spec = ReaderSpec("extractive", str(root / "reader"), 2, 64)
     calibrate_codec(root / "staging", Path(corpus), load_reader(spec), 4)

@@ -15,7 +15,6 @@ import pytest
 
 from flows.progress import RUN_FILE
 from flows.quiet import QUIET_ENV
-from reader.assets import wikipedia_sample
 from reader.config import BTRConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,15 +22,10 @@ PASSAGES, SHARD_SIZE = 30, 10
 
 
 @pytest.fixture(scope="module")
-def direct_run(tmp_path_factory, make_extractive_module):
+def direct_run(tmp_path_factory, make_extractive_module, write_flow_inputs):
     """One direct run of the flow in a fresh process, with a Prefect home of its own and no API URL."""
-    root = tmp_path_factory.mktemp("direct")
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, p in enumerate(wikipedia_sample(PASSAGES)):
-            f.write(json.dumps({"id": f"p{i}", "title": p.title, "text": p.text}) + "\n")
     reader = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=32)
-    reader.model.save_pretrained(root / "reader")
-    reader.tokenizer.save_pretrained(root / "reader")
+    root = write_flow_inputs(tmp_path_factory.mktemp("direct"), reader, PASSAGES)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in QUIET_ENV}
     env |= {"PREFECT_HOME": str(root / "prefect-home"), "PYTHONPATH": str(ROOT)}
     index = root / "index"

@@ -29,16 +29,12 @@ def prefect_server():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, make_extractive_module):
+def setup(tmp_path_factory, make_extractive_module, write_flow_inputs):
     """A small JSONL corpus and a tiny reader checkpoint on disk (the flow loads readers by path)."""
-    root = tmp_path_factory.mktemp("pipeline")
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, p in enumerate(wikipedia_sample(PASSAGES)):
-            f.write(json.dumps({"id": f"p{i}", "title": p.title, "text": p.text}) + "\n")
-        f.write("{broken json\n")
     reader = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)
-    reader.model.save_pretrained(root / "reader")
-    reader.tokenizer.save_pretrained(root / "reader")
+    root = write_flow_inputs(tmp_path_factory.mktemp("pipeline"), reader, PASSAGES)
+    with open(root / "corpus.jsonl", "a") as f:
+        f.write("{broken json\n")
     return root
 
 
