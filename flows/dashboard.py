@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,12 +77,14 @@ async def _look(url: str, token: str | None, page: str, expect: list[str], scree
     from reader.loadtest import free_port
 
     port = free_port()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes keep writing the profile after the main one exits: the browser runs in
+    # its own process group, which is ended as a whole before the profile is removed.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
              f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
              f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         try:
@@ -109,8 +113,28 @@ async def _look(url: str, token: str | None, page: str, expect: list[str], scree
                         screenshot.write_bytes(base64.b64decode(shot["data"]))
                     return text
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            _end_group(process)
+
+
+def _end_group(process: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop ``process`` and every process it started (it leads its own session)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            process.poll()
+            time.sleep(0.1)
+        else:
+            continue
+        break
+    process.wait(timeout=grace)
 
 
 def look(
