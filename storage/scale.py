@@ -9,6 +9,7 @@ process so that its peak memory is its own:
     write     passages shard by shard; the codec fitted on the first 2,000 (as the flow); IndexWriter
               shards and manifest (the flow's lossless staging index); random unit vectors per shard
     faiss     reader.retriever.build_faiss over those vectors (the index type the flow picks for the count)
+    faiss_pq  the same with the IVF-PQ type the flow picks past 5M passages (IVF-PQ training at this size)
     merge     storage.offline.merge_index, r_o = 0.2, into the final index (as the flow's publish)
     verify    storage.verify on the final index (digests, every record's checksum, the retriever)
     fetch     40 random passages fetched and decoded, p50 / p99 over 200 draws, lossless and merged
@@ -30,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STEPS = ("write", "faiss", "merge", "verify", "fetch")
+STEPS = ("write", "faiss", "faiss_pq", "merge", "verify", "fetch")
 HIDDEN_SIZE = 384  # the default reader's (all-MiniLM-L6-v2)
 CONFIG = "scale.json"
 
@@ -140,21 +141,43 @@ def step_write(cfg: dict, out: Path) -> dict:
     }
 
 
-def step_faiss(cfg: dict, out: Path) -> dict:
-    """The retriever as the flow builds it (memory-mapped parts, trained on at most 200k vectors)."""
+def _faiss(out: Path, folder: Path, factory: str | None) -> dict:
+    """``reader.retriever.build_faiss`` over the random unit vectors; training's own time and memory high-water mark."""
+    import resource
+
     from reader.retriever import FAISS_FILE, build_faiss
     from storage.index import Manifest
     from workers.indexer import ShardPlan, shard_embeddings
 
     manifest = Manifest.load(out / "lossless")
     plans = [ShardPlan(i, s.first_row, s.rows) for i, s in enumerate(manifest.shards)]
-    (out / "index").mkdir(exist_ok=True)
-    print(f"faiss: indexing {manifest.passages:,} random unit vectors", file=sys.stderr, flush=True)
-    info = build_faiss(
-        shard_embeddings(out / "lossless", plans), out / "index",
-        {"name": "random unit vectors (storage.scale)", "weights_digest": "synthetic", "max_tokens": 256},
-    )
-    return {"factory": info["factory"], "bytes": (out / "index" / FAISS_FILE).stat().st_size}
+    folder.mkdir(exist_ok=True)
+    start, marks = time.perf_counter(), {}
+    bar = Progress(f"faiss {folder.name}, add", len(plans), "shards")
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage == "train":  # ru_maxrss: this process's peak so far (the training sample's pages included)
+            marks["train_s"] = round(time.perf_counter() - start, 2)
+            marks["train_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            print(f"faiss {folder.name}: trained in {marks['train_s']:,} s", file=sys.stderr, flush=True)
+        else:
+            bar.update(done)
+
+    identity = {"name": "random unit vectors (storage.scale)", "weights_digest": "synthetic", "max_tokens": 256}
+    info = build_faiss(shard_embeddings(out / "lossless", plans), folder, identity, factory=factory, progress=progress)
+    return {"factory": info["factory"], "bytes": (folder / FAISS_FILE).stat().st_size, **marks}
+
+
+def step_faiss(cfg: dict, out: Path) -> dict:
+    """The retriever as the flow builds it: the index type ``index_factory`` picks for the count."""
+    return _faiss(out, out / "index", None)
+
+
+def step_faiss_pq(cfg: dict, out: Path) -> dict:
+    """The IVF-PQ retriever the flow builds past 5M passages, at this count's lists: PQ training and code size."""
+    from reader.retriever import ivfpq_factory
+
+    return _faiss(out, out / "ivfpq", ivfpq_factory(cfg["passages"], HIDDEN_SIZE))
 
 
 def step_merge(cfg: dict, out: Path) -> dict:
@@ -171,7 +194,8 @@ def step_merge(cfg: dict, out: Path) -> dict:
         out / "lossless", out / "index", stopword_ids(_tokenizer()[0]), OfflineMerge(cfg["offline_ratio"]),
         workdir=out, progress=progress,
     )
-    return {"changed_tokens": manifest.extra["offline_merge"]["changed_tokens"], "passages": manifest.passages}
+    merge = manifest.extra["offline_merge"]
+    return {"changed_tokens": merge["changed_tokens"], "bucket_files": merge["bucket_files"], "passages": manifest.passages}
 
 
 def step_verify(cfg: dict, out: Path) -> dict:
@@ -283,6 +307,10 @@ def measure(cfg: dict, out: Path) -> dict:
             name: {"p50": steps["fetch"][name]["fetch_ms_p50"], "p99": steps["fetch"][name]["fetch_ms_p99"]}
             for name in ("lossless", "merged")
         },
+        "faiss": {
+            name: {key: steps[name].get(key) for key in ("factory", "train_s", "train_peak_rss_mb", "bytes")}
+            for name in ("faiss", "faiss_pq")
+        },
         "verify_s": steps["verify"]["seconds"],
         "verified": steps["verify"]["ok"],
         "peak_rss_mb": {step: steps[step]["peak_rss_mb"] for step in STEPS},
@@ -293,7 +321,10 @@ def measure(cfg: dict, out: Path) -> dict:
             "merged_shards": sum(s.bytes for s in merged.shards),
             "codec": codec_bytes,
             "retriever": steps["faiss"]["bytes"],
+            "retriever_ivfpq": steps["faiss_pq"]["bytes"],
         },
+        "bucket_files": steps["merge"]["bucket_files"],
+        "total_s": round(sum(steps[step]["seconds"] for step in STEPS), 1),
         "steps": steps,
         "config": cfg,
     }
@@ -341,11 +372,14 @@ def main(argv: list[str] | None = None) -> int:
           f"(bits/dim {bits['lossless']} / {bits['merged']})")
     for name, f in result["fetch_ms"].items():
         print(f"  fetch+decode {args.fetch} random passages, {name}: p50 {f['p50']} ms, p99 {f['p99']} ms")
-    print(f"  verify: {result['verify_s']} s, {'intact' if result['verified'] else 'PROBLEMS'}")
+    for name, f in result["faiss"].items():
+        trained = f"trained in {f['train_s']} s (peak RSS {f['train_peak_rss_mb']} MB)" if f["train_s"] is not None else "no training"
+        print(f"  {name}: {f['factory']}, {trained}, {f['bytes']:,} bytes")
+    print(f"  verify: {result['verify_s']} s, {'intact' if result['verified'] else 'PROBLEMS'}; all steps {result['total_s']:,} s")
     print("  step: seconds / peak RSS MB / peak anonymous MB")
     for step in STEPS:
         figures = (result[key][step] for key in ("seconds", "peak_rss_mb", "peak_anon_mb"))
-        print(f"    {step:8s}" + "".join(f"{x:10.1f}" for x in figures))
+        print(f"    {step:9s}" + "".join(f"{x:10.1f}" for x in figures))
     return 0 if result["verified"] else 1
 
 

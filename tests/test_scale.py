@@ -59,9 +59,17 @@ def test_scale_runs_every_step_and_reports_sane_figures(capsys, tmp_path, monkey
     assert 0.2 < bits["merged"] < bits["lossless"] < 0.95  # the real default reader's bits: 0.39 / 0.76
     for name in ("lossless", "merged"):
         assert 0 < result["fetch_ms"][name]["p50"] <= result["fetch_ms"][name]["p99"]
-    assert set(result["peak_rss_mb"]) == {"write", "faiss", "merge", "verify", "fetch"}
+    assert set(result["peak_rss_mb"]) == {"write", "faiss", "faiss_pq", "merge", "verify", "fetch"}
     assert all(mb > 0 for mb in result["peak_rss_mb"].values())
-    assert result["steps"]["faiss"]["factory"] == "Flat" and result["steps"]["write"]["shards"] == 4
+    assert all(result["peak_anon_mb"][step] <= result["peak_rss_mb"][step] for step in result["peak_rss_mb"])
+    assert result["steps"]["write"]["shards"] == 4
+    flat, pq = result["faiss"]["faiss"], result["faiss"]["faiss_pq"]
+    assert flat["factory"] == "Flat" and flat["train_s"] is None  # what the flow picks below 200k passages
+    assert pq["factory"] == "IVF138,PQ48np" and pq["train_s"] > 0 and pq["train_peak_rss_mb"] > 0
+    # Per vector 48 bytes of code and an 8-byte id (Flat: 1,536 bytes); fixed: 138 centroids, 48 x 256 codewords.
+    assert 0 <= pq["bytes"] - (1200 * (48 + 8) + 138 * 384 * 4 + 256 * 384 * 4) < 4096
+    assert 0 <= flat["bytes"] - 1200 * 384 * 4 < 4096
+    assert result["bucket_files"] == 8 and result["total_s"] > 0
     assert list(tmp_path.iterdir()) == []  # the temporary work folder is gone
 
 
@@ -69,3 +77,11 @@ def test_scale_refuses_a_folder_that_holds_something(tmp_path):
     (tmp_path / "old").write_text("x")
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path)])
+
+
+def test_the_retriever_type_follows_the_corpus_size_and_skips_polysemous_training():
+    from reader.retriever import index_factory
+
+    assert index_factory(199_999, 384) == "Flat"
+    assert index_factory(1_000_000, 384) == "IVF4000,Flat"
+    assert index_factory(21_000_000, 384) == "IVF18330,PQ48np"  # "np": the ~75 s annealing nothing uses
