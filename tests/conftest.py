@@ -110,3 +110,12 @@ def flip_record_byte():
         return shard
 
     return flip
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A temporary Prefect server (its own database, an unused port) for the flows a test module runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
