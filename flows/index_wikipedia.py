@@ -12,8 +12,10 @@ settings resumes: shards already sealed and verified are skipped.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import queue
 import shutil
 import sys
 import time
@@ -25,11 +27,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
-from prefect.futures import wait
 from prefect.logging.handlers import APILogWorker
 from prefect.runtime import task_run
 import prefect_ray
 from prefect_ray.context import remote_options
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from reader.load import ReaderSpec, load_reader
 from reader.identity import ReaderIdentity
@@ -38,7 +40,7 @@ from storage.codec import CodecSettings
 from storage.index import IndexWriter
 from storage.offline import OfflineMerge, merge_index, stopword_ids
 from storage.shard import ShardInfo
-from workers.actor import start_workers, stop_workers
+from workers.actor import start_workers, stop_workers, when_back
 from workers.indexer import ShardPlan, calibrate_codec, plan_shards, shard_embeddings
 
 from .corpus import normalize
@@ -120,8 +122,20 @@ def fit_codec(staging: str, corpus_path: str, spec: dict, sample: int) -> dict:
 
 @task(name="index-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)
 def index_shard(plan: dict, worker: str) -> dict:
-    """One shard on one Ray worker actor; returns its summary (paths, counts, digest, worker, attempts)."""
-    result = ray.get(ray.get_actor(worker).index.remote(plan))
+    """One shard on one Ray worker actor: its summary (paths, counts, digest, worker, attempts), or ``{"lost": worker}``.
+
+    A worker is lost when its process dies or its node leaves the cluster while it holds the shard;
+    the flow then gives the shard to another worker (a Prefect retry would wait on the same one).
+    """
+    try:
+        handle = ray.get_actor(worker)
+    except ValueError:  # dead for good: no actor by that name any more
+        return {"lost": worker}
+    try:
+        result = ray.get(handle.index.remote(plan))
+    except ray.exceptions.RayActorError as error:
+        get_run_logger().warning("worker %s was lost during shard %s (%s)", worker, plan["shard_id"], type(error).__name__)
+        return {"lost": worker}
     if not result["skipped"]:
         get_run_logger().info(
             "shard %s: %s passages, %s tokens in %.1f s (%s passages/s, %s tokens/s) on %s",
@@ -155,12 +169,20 @@ def ray_dashboard() -> str | None:
     return url
 
 
+# How long a run whose workers are all lost waits for one to come back before it fails.
+LOST_WORKERS_WAIT_S = 600.0
+
+
 @flow(name="index-shards")
 def index_shards(
     plans: list[dict], staging: str, corpus_path: str, spec: dict, encoder: str | None, workers: int, batch_size: int,
     progress_path: str | None = None,
-) -> list[dict]:
-    """Fan the shards out over Ray workers (started here, stopped at the end).
+) -> dict:
+    """Fan the shards out over Ray workers (started here, stopped at the end): their summaries, in row order.
+
+    Each idle worker gets the next shard, so a shard whose worker is lost goes to another. A lost
+    worker gets no more shards until it answers again: Ray restarts a worker whose process died,
+    but one whose node left the cluster may find no room anywhere else.
 
     Every couple of seconds the run's progress (``progress_path``), its Prefect progress artifact
     and, on a terminal, a progress bar are brought up to date from the shards finished and the
@@ -169,7 +191,9 @@ def index_shards(
     logger = get_run_logger()
     gpus = int(ray.cluster_resources().get("GPU", 0))
     count = workers or gpus or 1
-    logger.info("Ray: %s; %s worker(s), %s", ray.get_runtime_context().gcs_address, count, "1 GPU each" if gpus else "CPU")
+    nodes = sum(node["Alive"] for node in ray.nodes())
+    logger.info("Ray: %s, %s node(s); %s worker(s), %s", ray.get_runtime_context().gcs_address, nodes, count,
+                "1 GPU each" if gpus else "CPU")
     dashboard = ray_dashboard()
     if dashboard:
         logger.info("Ray dashboard: %s", dashboard)
@@ -177,34 +201,84 @@ def index_shards(
     if progress is not None:
         progress.set(ray_dashboard=dashboard)
     artifact = create_progress_artifact(0.0, key="index-shards-progress", description="shards indexed")
-    workers_by_name = start_workers(count, gpus > 0, staging, corpus_path, spec, encoder, batch_size)
-    names = list(workers_by_name)
+    handles = start_workers(count, gpus > 0, staging, corpus_path, spec, encoder, batch_size)
+    # Dispatchers only wait: no CPU, and on this process's node (losing it loses the flow anyway).
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    todo, idle = collections.deque(plans), list(handles)
+    running: dict = {}  # Prefect future -> (plan, worker)
+    finished: queue.Queue = queue.Queue()
+    lost: dict[str, ray.ObjectRef] = {}  # worker -> a call that answers once it is back
+    results, reassigned, tokens, start = [], 0, 0, time.perf_counter()
+    began, bar, shown, reported = time.time(), _Progress(len(plans)), 0.0, 0.0
     try:
-        with remote_options(num_cpus=0):  # dispatchers only wait; the actors hold the CPUs/GPUs
-            pending = [index_shard.submit(plan, names[i % count]) for i, plan in enumerate(plans)]
-        results, start, tokens, shown = [], time.perf_counter(), 0, 0.0
-        began, bar = time.time(), _Progress(len(plans))
-        while pending:
-            done, rest = wait(pending, timeout=2.0)
-            pending = list(rest)
-            for future in done:  # report shards as they finish, in any order
-                results.append(future.result())
-                tokens += 0 if results[-1]["skipped"] else results[-1]["tokens"]
-                elapsed = time.perf_counter() - start
-                bar.update(len(results), f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s")
-                logger.info("%d/%d shards done (%.0f tokens/s overall)", len(results), len(plans), tokens / max(elapsed, 1e-9))
-            if progress is not None:
-                finished = {r["shard"]["first_row"] for r in results}
-                ids = {p["shard_id"] for p in plans if p["first_row"] in finished}
+        while todo or running:
+            with remote_options(num_cpus=0, scheduling_strategy=here):
+                while todo and idle:
+                    plan, worker = todo.popleft(), idle.pop(0)
+                    future = index_shard.submit(plan, worker)
+                    running[future] = plan, worker
+                    future.add_done_callback(finished.put)
+            idle += _returned_workers(lost, wait=0.0 if running or idle else LOST_WORKERS_WAIT_S, logger=logger)
+            if not running and not idle:
+                raise RuntimeError(
+                    f"every Ray worker was lost and none came back within {LOST_WORKERS_WAIT_S:.0f} s "
+                    f"({len(todo)} of {len(plans)} shards left); rerun the flow: it keeps every shard already sealed"
+                )
+            if progress is not None and time.monotonic() - reported >= 2.0:
+                ids = {p["shard_id"] for p in plans} - {plan["shard_id"] for plan, _ in running.values()}
                 progress.shards(results, in_flight(Path(staging), ids), began)
+                reported = time.monotonic()
+            try:
+                future = finished.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            plan, worker = running.pop(future)
+            result = future.result()
+            if "lost" in result:
+                reassigned += 1
+                todo.appendleft(plan)
+                lost[worker] = when_back(handles[worker])
+                logger.warning("shard %s goes back to the queue; worker %s gets no more until it answers", plan["shard_id"], worker)
+                continue
+            idle.append(worker)
+            results.append(result)
+            tokens += 0 if result["skipped"] else result["tokens"]
+            elapsed = time.perf_counter() - start
+            bar.update(len(results), f"{tokens / max(elapsed, 1e-9):,.0f} tokens/s")
+            logger.info("%d/%d shards done (%.0f tokens/s overall)", len(results), len(plans), tokens / max(elapsed, 1e-9))
+            reported = 0.0  # report a finished shard at once
             share = 100.0 * len(results) / len(plans)
             if share > shown:
                 update_progress_artifact(artifact, share)
                 shown = share
-        return sorted(results, key=lambda r: r["shard"]["first_row"])
+        if progress is not None:
+            progress.shards(results, [], began)
+        if reassigned:
+            logger.warning("%d shard(s) were given to another worker after theirs was lost", reassigned)
+        return {"shards": sorted(results, key=lambda r: r["shard"]["first_row"]), "reassigned": reassigned}
     finally:
-        stop_workers(workers_by_name)
+        stop_workers(handles)
         shutil.rmtree(Path(staging) / WORKER_FOLDER, ignore_errors=True)
+
+
+def _returned_workers(lost: dict[str, ray.ObjectRef], wait: float, logger) -> list[str]:
+    """Lost workers that answer again (removed from ``lost``), waiting up to ``wait`` s for the first."""
+    if not lost:
+        return []
+    ray.wait(list(lost.values()), num_returns=1, timeout=wait)
+    back = []
+    for worker, probe in list(lost.items()):
+        if not ray.wait([probe], timeout=0)[0]:
+            continue
+        del lost[worker]
+        try:
+            ray.get(probe)
+        except ray.exceptions.RayActorError:
+            logger.warning("worker %s is gone for good", worker)
+            continue
+        logger.info("worker %s is back", worker)
+        back.append(worker)
+    return back
 
 
 class _Progress:
@@ -302,10 +376,12 @@ def index_wikipedia(
             init_kwargs=({} if ray_address else LOCAL_RAY) | {"runtime_env": runtime_env},
         )
         progress.phase("indexing shards")
-        results = index_shards.with_options(task_runner=runner)(
+        fanned = index_shards.with_options(task_runner=runner)(
             plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, str(progress.path)
         )
+        results = fanned["shards"]
         progress = RunProgress.load(progress.path)  # the subflow brought it up to date
+        progress.set(reassigned_shards=fanned["reassigned"])
         progress.phase("building the retriever")
         retriever_info = build_retriever(str(staging), str(out), plans, retriever)
         extra = {
@@ -321,13 +397,15 @@ def index_wikipedia(
         raise
     skipped = sum(r["skipped"] for r in results)
     print(f"index ready at {out}: {manifest['passages']} passages, {manifest['tokens']} tokens, "
-          f"{len(manifest['shards'])} shards ({skipped} resumed from an earlier run)")
+          f"{len(manifest['shards'])} shards ({skipped} resumed from an earlier run, {fanned['reassigned']} given to "
+          "another worker after theirs was lost)")
     if offline_merge > 0:
         shutil.rmtree(work / "lossless" / "shards", ignore_errors=True)  # the merged copy is the index
     progress.finish()
     (out / RUN_FILE).write_text(json.dumps(progress.record, indent=1) + "\n")
     create_markdown_artifact(markdown_table(progress.record), key="index-shards", description=f"shards of {out}")
-    return {"index": str(out), "passages": manifest["passages"], "tokens": manifest["tokens"], "resumed_shards": skipped}
+    return {"index": str(out), "passages": manifest["passages"], "tokens": manifest["tokens"], "resumed_shards": skipped,
+            "reassigned_shards": fanned["reassigned"]}
 
 
 def main(argv: list[str] | None = None) -> None:

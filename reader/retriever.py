@@ -9,7 +9,7 @@ an inverted file for millions of passages, product quantization past that.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,25 +69,44 @@ class Encoder:
         return out
 
 
+def ivf_lists(count: int) -> int:
+    """Inverted lists for ``count`` vectors: 4 sqrt(n), faiss's usual rule of thumb."""
+    return int(4 * np.sqrt(count))
+
+
 def index_factory(count: int, dimension: int) -> str:
     """The faiss index for ``count`` vectors: exact below 200k, IVF up to 5M, IVF-PQ beyond."""
     if count < 200_000:
         return "Flat"
-    lists = int(4 * np.sqrt(count))
     if count <= 5_000_000:
-        return f"IVF{lists},Flat"
-    return f"IVF{lists},PQ{dimension // 8}"
+        return f"IVF{ivf_lists(count)},Flat"
+    return ivfpq_factory(count, dimension)
 
 
-def build_faiss(parts: Sequence[np.ndarray], folder: Path, encoder_identity: dict, train_size: int = 200_000) -> dict:
+def ivfpq_factory(count: int, dimension: int) -> str:
+    """IVF-PQ for ``count`` vectors: 8 dimensions per byte of code.
+
+    "np": no polysemous training, a simulated annealing over code orders (about 75 s on one core,
+    whatever the corpus) that only polysemous search uses, which the retriever never turns on.
+    """
+    return f"IVF{ivf_lists(count)},PQ{dimension // 8}np"
+
+
+def build_faiss(
+    parts: Sequence[np.ndarray], folder: Path, encoder_identity: dict, train_size: int = 200_000,
+    factory: str | None = None, progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
     """Write ``folder/retriever.faiss`` from embedding parts in row order, and ``retriever.json``.
 
     Parts (one per shard, memory-mapped) are added one at a time; an index that needs training is
-    trained on the first ``train_size`` vectors, a deterministic sample.
+    trained on the first ``train_size`` vectors, a deterministic sample. ``factory`` overrides
+    ``index_factory``'s choice; ``progress(stage, done, total)`` is called once training is over
+    ("train", for an index that trains) and after each part ("add").
     """
     count = sum(len(p) for p in parts)
     dimension = parts[0].shape[1]
-    factory = index_factory(count, dimension)
+    factory = factory or index_factory(count, dimension)
+    progress = progress or (lambda *_: None)
     index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         sample, taken = [], 0
@@ -97,8 +116,11 @@ def build_faiss(parts: Sequence[np.ndarray], folder: Path, encoder_identity: dic
             sample.append(np.asarray(part[: train_size - taken], dtype=np.float32))
             taken += len(sample[-1])
         index.train(np.ascontiguousarray(np.concatenate(sample)))
-    for part in parts:
+        del sample
+        progress("train", 1, 1)
+    for done, part in enumerate(parts, start=1):
         index.add(np.ascontiguousarray(part, dtype=np.float32))
+        progress("add", done, len(parts))
     faiss.write_index(index, str(folder / FAISS_FILE))
     info = {"factory": factory, "count": count, "dimension": dimension, "encoder": encoder_identity}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1))

@@ -8,10 +8,14 @@
   prototype, so their residuals code smaller.
 
 Occurrences are grouped by token id through an external partition: pass 1 streams the index into
-one file per token-id bucket, pass 2 merges one bucket at a time (within chunks of ``chunk``
-occurrences, which bounds the pairwise work), writing changed vectors to one file per shard, and
-pass 3 rewrites each shard with its changes. Memory is bounded by a bucket and a shard, never the
-corpus.
+bucket files, pass 2 merges one bucket at a time (within chunks of ``chunk`` occurrences, which
+bounds the pairwise work), writing changed vectors to one file per shard, and pass 3 rewrites each
+shard with its changes, setting every stopword to its prototype as it goes. Memory is bounded by a
+bucket and a shard, never the corpus: stopwords (about 45% of Wikipedia's tokens, the most frequent
+of them 5% each) never enter a bucket; a token's occurrences are cut into pieces of whole chunks,
+each hashed to a bucket of its own; and the bucket count grows with the corpus (one per
+``bucket_tokens`` tokens, at least ``buckets``). Cutting at chunk boundaries changes nothing: the
+merge is the same, whatever the bucketing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import itertools
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,6 +34,7 @@ import torch
 from reader.inputs import PASSAGE_TEMPLATE
 
 from .index import Index, IndexWriter, Manifest
+from .shard import ensure_open_files
 
 # A standard English function-word list (as in common stopword lists).
 ENGLISH_STOPWORDS = frozenset(
@@ -48,13 +54,24 @@ class OfflineMerge:
 
     ratio: float = 0.2
     chunk: int = 1024
-    buckets: int = 64
+    buckets: int = 8  # at least; one more per bucket_tokens tokens of the corpus
+    # About 35 MB of bucket file at d = 384 (stopwords, ~45% of tokens, stay out): the bound on pass 2's memory.
+    bucket_tokens: int = 1_000_000
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 0.5:
             raise ValueError(f"offline merge ratio must be in [0, 0.5] (bipartite limit), got {self.ratio}")
-        if self.chunk < 2 or self.buckets < 1:
-            raise ValueError("chunk must be >= 2 and buckets >= 1")
+        if self.chunk < 2 or self.buckets < 1 or self.bucket_tokens < 1:
+            raise ValueError("chunk must be >= 2, buckets and bucket_tokens >= 1")
+
+    def bucket_count(self, tokens: int) -> int:
+        """Buckets for a corpus of ``tokens`` tokens: a bucket's size does not grow with the corpus."""
+        return max(self.buckets, -(-tokens // self.bucket_tokens))
+
+
+# A token's occurrences go to buckets in pieces of this many chunks (65,536 occurrences, 4 MB at
+# d = 384, at the default chunk), so no bucket holds more than a piece of a frequent token.
+PIECE_CHUNKS = 64
 
 
 def stopword_ids(tokenizer) -> set[int]:
@@ -104,33 +121,64 @@ def merge_occurrences(bits: np.ndarray, prototype: np.ndarray, ratio: float) -> 
     return np.packbits(out > 0, axis=1, bitorder="little")
 
 
-def _partition(index: Index, folder: Path, buckets: int) -> None:
-    """Pass 1: every occurrence (token, row, position, bits) into its token-id bucket's file."""
-    width = index.format.codec.hidden_size // 8
+Progress = Callable[[str, int, int], None]  # (pass, done, total): "partition", "merge", "rewrite"
+
+
+def _partition(index: Index, folder: Path, buckets: int, is_stop: np.ndarray, span: int, progress: Progress) -> int:
+    """Pass 1: every non-stopword occurrence (token, row, position, bits) into a bucket's file.
+
+    A token's k-th occurrence (in row, position order) goes with its piece ``k // span`` to bucket
+    hash(token, piece). Returns how many stopword occurrences differ from their prototype (pass 3
+    changes them).
+    """
+    codec = index.format.codec
+    width = codec.hidden_size // 8
     dtype = _occurrence_dtype(width)
+    seen = np.zeros(len(is_stop), dtype=np.int64)  # occurrences of each token so far
+    stop_changed = 0
     files = [open(folder / f"bucket-{b:04d}.bin", "ab") for b in range(buckets)]
     try:
-        for shard in index.manifest.shards:
+        for done, shard in enumerate(index.manifest.shards, start=1):
             for start in range(shard.first_row, shard.first_row + shard.rows, 256):
                 rows = list(range(start, min(start + 256, shard.first_row + shard.rows)))
                 passages = index.fetch(rows)
-                total = sum(len(p.tokens) for p in passages)
-                block = np.empty(total, dtype=dtype)
-                block["token"] = np.concatenate([p.tokens.token_ids.numpy() for p in passages])
-                block["row"] = np.repeat(rows, [len(p.tokens) for p in passages])
-                block["pos"] = np.concatenate([np.arange(len(p.tokens)) for p in passages])
-                block["bits"] = np.concatenate([p.tokens.bits.numpy() for p in passages])
-                bucket_of = block["token"] % buckets
+                ids = np.concatenate([p.tokens.token_ids.numpy() for p in passages]).astype(np.int64)
+                bits = np.concatenate([p.tokens.bits.numpy() for p in passages])
+                stop = is_stop[ids]
+                stop_changed += int((bits[stop] != codec.prototypes[ids[stop]]).any(1).sum())
+                keep = ~stop
+                if not keep.any():
+                    continue
+                block = np.empty(int(keep.sum()), dtype=dtype)
+                block["token"] = ids[keep]
+                block["row"] = np.repeat(rows, [len(p.tokens) for p in passages])[keep]
+                block["pos"] = np.concatenate([np.arange(len(p.tokens)) for p in passages])[keep]
+                block["bits"] = bits[keep]
+                # Each occurrence's number among its token's occurrences, counting earlier blocks.
+                order = np.argsort(block["token"], kind="stable")
+                tokens = block["token"][order].astype(np.int64)
+                first = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
+                rank = np.empty(len(block), dtype=np.int64)
+                rank[order] = np.arange(len(block)) - np.repeat(first, np.diff(np.r_[first, len(block)])) + seen[tokens]
+                np.add.at(seen, tokens[first], np.diff(np.r_[first, len(block)]))
+                piece = (rank // span).astype(np.uint64)
+                bucket_of = (block["token"].astype(np.uint64) * np.uint64(2654435761) + piece) % np.uint64(buckets)
                 for b in np.unique(bucket_of):
                     files[b].write(block[bucket_of == b].tobytes())
+            progress("partition", done, len(index.manifest.shards))
     finally:
         for f in files:
             f.close()
+    return stop_changed
 
 
-def _merge_bucket(path: Path, index: Index, stopwords: set[int], settings: OfflineMerge, shard_files: list) -> int:
-    """Pass 2 for one bucket: new bits for every changed occurrence, appended to its shard's file."""
-    codec = index.format.codec
+def _merge_bucket(path: Path, index: Index, settings: OfflineMerge) -> int:
+    """Pass 2 for one bucket: new bits for every changed occurrence, appended to its shard's changes file.
+
+    A token's occurrences here are whole pieces (multiples of ``chunk``, but for its last), in
+    order: counting chunks from the first of them gives the same chunks as over all of them.
+    """
+    codec, folder = index.format.codec, path.parent
     width = codec.hidden_size // 8
     occurrences = np.fromfile(path, dtype=_occurrence_dtype(width))
     if not len(occurrences):
@@ -141,9 +189,6 @@ def _merge_bucket(path: Path, index: Index, stopwords: set[int], settings: Offli
     new_bits = occurrences["bits"].copy()
     for start, end in zip(starts, np.r_[starts[1:], len(tokens)]):
         token = int(tokens[start])
-        if token in stopwords:
-            new_bits[start:end] = codec.prototypes[token]
-            continue
         for lo in range(start, end, settings.chunk):
             hi = min(lo + settings.chunk, end)
             new_bits[lo:hi] = merge_occurrences(new_bits[lo:hi], codec.prototypes[token], settings.ratio)
@@ -152,13 +197,14 @@ def _merge_bucket(path: Path, index: Index, stopwords: set[int], settings: Offli
     shard_of = np.searchsorted(starts_of_shards, occurrences["row"][changed], side="right") - 1
     changes = np.empty(len(changed), dtype=_change_dtype(width))
     changes["row"], changes["pos"], changes["bits"] = occurrences["row"][changed], occurrences["pos"][changed], new_bits[changed]
-    for s in np.unique(shard_of):
-        shard_files[s].write(changes[shard_of == s].tobytes())
+    for s in np.unique(shard_of):  # opened per write: one file per shard at once would exhaust the file limit
+        with open(folder / f"changes-{s:05d}.bin", "ab") as f:
+            f.write(changes[shard_of == s].tobytes())
     return len(changed)
 
 
-def _merged_passages(index: Index, shard_id: int, changes_path: Path):
-    """(pid, title, text, tokens) of one shard with its changed vectors swapped in."""
+def _merged_passages(index: Index, shard_id: int, changes_path: Path, is_stop: np.ndarray):
+    """(pid, title, text, tokens) of one shard with its changed vectors swapped in, stopwords collapsed."""
     shard = index.manifest.shards[shard_id]
     width = index.format.codec.hidden_size // 8
     by_row: dict[int, np.ndarray] = {}
@@ -173,6 +219,9 @@ def _merged_passages(index: Index, shard_id: int, changes_path: Path):
     for start in range(shard.first_row, last, 256):
         for stored in index.fetch(range(start, min(start + 256, last))):
             bits = stored.tokens.bits.numpy().copy()
+            ids = stored.tokens.token_ids.numpy().astype(np.int64)
+            stop = is_stop[ids]
+            bits[stop] = index.format.codec.prototypes[ids[stop]]
             change = by_row.get(stored.row)
             if change is not None:
                 bits[change["pos"].astype(np.int64)] = change["bits"]
@@ -181,42 +230,47 @@ def _merged_passages(index: Index, shard_id: int, changes_path: Path):
 
 def merge_index(
     source: Path | str, destination: Path | str, stopwords: set[int], settings: OfflineMerge | None = None,
-    workdir: Path | str | None = None,
+    workdir: Path | str | None = None, progress: Progress | None = None,
 ) -> Manifest:
-    """Write an offline-compressed copy of the index at ``source`` to ``destination``."""
+    """Write an offline-compressed copy of the index at ``source`` to ``destination``.
+
+    ``progress(pass, done, total)`` is called after each shard of passes 1 and 3 and each bucket of pass 2.
+    """
     settings = settings or OfflineMerge()
+    progress = progress or (lambda *_: None)
     index = Index.open(source)
     destination = Path(destination)
     scratch = Path(tempfile.mkdtemp(prefix="btr-merge-", dir=workdir))
+    codec = index.format.codec
+    is_stop = np.zeros(codec.vocab_size, dtype=bool)
+    is_stop[[t for t in stopwords if t < codec.vocab_size]] = True
+    buckets = settings.bucket_count(index.manifest.tokens)
+    ensure_open_files(len(index.manifest.shards) + buckets)  # pass 1 holds every shard and every bucket file open
     try:
-        _partition(index, scratch, settings.buckets)
-        shard_files = [open(scratch / f"changes-{i:05d}.bin", "ab") for i in range(len(index.manifest.shards))]
-        try:
-            changed = sum(
-                _merge_bucket(scratch / f"bucket-{b:04d}.bin", index, stopwords, settings, shard_files)
-                for b in range(settings.buckets)
-            )
-        finally:
-            for f in shard_files:
-                f.close()
-        for b in range(settings.buckets):  # free the disk before pass 3 writes new shards
-            (scratch / f"bucket-{b:04d}.bin").unlink()
+        changed = _partition(index, scratch, buckets, is_stop, settings.chunk * PIECE_CHUNKS, progress)
+        for b in range(buckets):
+            changed += _merge_bucket(scratch / f"bucket-{b:04d}.bin", index, settings)
+            (scratch / f"bucket-{b:04d}.bin").unlink()  # free the disk as we go
+            progress("merge", b + 1, buckets)
         # Same prototypes; the dictionary is retrained on merged residuals, which differ from lossless ones.
         merged = itertools.chain.from_iterable(
-            _merged_passages(index, i, scratch / f"changes-{i:05d}.bin") for i in range(len(index.manifest.shards))
+            _merged_passages(index, i, scratch / f"changes-{i:05d}.bin", is_stop) for i in range(len(index.manifest.shards))
         )
         sample = [
             (tokens.token_ids.numpy(), tokens.bits.numpy())
-            for *_, tokens in itertools.islice(merged, index.format.codec.settings.dictionary_samples)
+            for *_, tokens in itertools.islice(merged, codec.settings.dictionary_samples)
         ]
-        writer = IndexWriter(destination, index.manifest.reader, index.format.codec.with_dictionary(sample))
-        shards = [
-            writer.write_shard(i, shard.first_row, _merged_passages(index, i, scratch / f"changes-{i:05d}.bin"))
-            for i, shard in enumerate(index.manifest.shards)
-        ]
+        writer = IndexWriter(destination, index.manifest.reader, codec.with_dictionary(sample))
+        shards = []
+        for i, shard in enumerate(index.manifest.shards):
+            changes = scratch / f"changes-{i:05d}.bin"
+            shards.append(writer.write_shard(i, shard.first_row, _merged_passages(index, i, changes, is_stop)))
+            progress("rewrite", i + 1, len(index.manifest.shards))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    extra = {**index.manifest.extra, "offline_merge": {**asdict(settings), "stopwords": len(stopwords), "changed_tokens": changed}}
+    extra = {**index.manifest.extra, "offline_merge": {
+        **asdict(settings), "bucket_files": buckets, "stopwords": len(stopwords), "changed_tokens": changed,
+    }}
     return writer.publish(shards, extra=extra)
 
 

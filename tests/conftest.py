@@ -130,3 +130,12 @@ def _write_flow_inputs(root, reader, passages: int):
     reader.model.save_pretrained(root / "reader")
     reader.tokenizer.save_pretrained(root / "reader")
     return root
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    """A temporary Prefect server (its own database, an unused port) for the flows a test module runs."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

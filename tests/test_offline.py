@@ -98,3 +98,58 @@ def test_stopwords_collapse_and_about_a_fifth_of_the_rest_merge(indexes):
 def test_settings_are_validated():
     with pytest.raises(ValueError, match=r"\[0, 0.5\]"):
         OfflineMerge(ratio=0.7)
+
+
+def reference_merge(index: Index, stopwords: set[int], settings: OfflineMerge) -> list[np.ndarray]:
+    """The offline merge in memory, as specified: each token's occurrences in (row, position) order, chunk by chunk."""
+    stored = index.fetch(range(len(index)))
+    ids = np.concatenate([p.tokens.token_ids.numpy() for p in stored])
+    bits = np.concatenate([p.tokens.bits.numpy() for p in stored])  # (row, position) order already
+    prototypes = index.format.codec.prototypes
+    for token in np.unique(ids):
+        where = np.flatnonzero(ids == token)
+        if token in stopwords:
+            bits[where] = prototypes[token]
+            continue
+        for lo in range(0, len(where), settings.chunk):
+            part = where[lo : lo + settings.chunk]
+            bits[part] = merge_occurrences(bits[part], prototypes[token], settings.ratio)
+    return np.split(bits, np.cumsum([len(p.tokens) for p in stored])[:-1])
+
+
+def test_merge_is_the_same_whatever_the_bucketing(tmp_path, make_extractive, monkeypatch):
+    import storage.offline as offline
+
+    reader = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=128), hidden_size=64)
+    build_index(tmp_path / "lossless", reader, PASSAGES, shard_size=15)
+    stopwords = stopword_ids(reader.tokenizer)
+    expected = reference_merge(Index.open(tmp_path / "lossless"), stopwords, OfflineMerge(0.2, chunk=4))
+    one = merge_index(tmp_path / "lossless", tmp_path / "one", stopwords, OfflineMerge(0.2, chunk=4, buckets=1))
+    # Pieces of one chunk (4 occurrences) spread every frequent token over many buckets.
+    monkeypatch.setattr(offline, "PIECE_CHUNKS", 1)
+    many = merge_index(tmp_path / "lossless", tmp_path / "many", stopwords, OfflineMerge(0.2, chunk=4, buckets=7))
+    assert [s.digest for s in one.shards] == [s.digest for s in many.shards]
+    assert one.extra["offline_merge"]["changed_tokens"] == many.extra["offline_merge"]["changed_tokens"]
+    merged = Index.open(tmp_path / "many").fetch(range(len(PASSAGES)))
+    assert all(np.array_equal(p.tokens.bits.numpy(), bits) for p, bits in zip(merged, expected))
+
+
+def test_buckets_hold_pieces_of_tokens_and_no_stopwords(tmp_path, make_extractive):
+    from storage.offline import _occurrence_dtype, _partition
+
+    reader = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=128), hidden_size=64)
+    build_index(tmp_path / "lossless", reader, PASSAGES, shard_size=15)
+    index = Index.open(tmp_path / "lossless")
+    is_stop = np.zeros(index.format.codec.vocab_size, dtype=bool)
+    is_stop[list(stopword_ids(reader.tokenizer))] = True
+    (tmp_path / "buckets").mkdir()
+    _partition(index, tmp_path / "buckets", 5, is_stop, 3, lambda *_: None)
+    buckets = [np.fromfile(tmp_path / "buckets" / f"bucket-{b:04d}.bin", _occurrence_dtype(8))["token"] for b in range(5)]
+    ids = np.concatenate([p.tokens.token_ids.numpy() for p in index.fetch(range(len(index)))])
+    assert sum(len(b) for b in buckets) == (~is_stop[ids]).sum()
+    assert not any(is_stop[b].any() for b in buckets)
+    frequent = np.bincount(ids[~is_stop[ids]]).argmax()  # seen more than 3 times: cut into pieces
+    assert sum(frequent in b for b in buckets) > 1
+    # A bucket's share no longer grows with the corpus: one bucket per bucket_tokens tokens.
+    assert OfflineMerge().bucket_count(10_000) == 8
+    assert OfflineMerge().bucket_count(3_000_000_000) == 3000

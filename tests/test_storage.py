@@ -237,3 +237,26 @@ def test_blocks_of_rows_cross_boundaries_and_waste_little(tmp_path, reader):
     on_disk = sum(s.bytes for s in index.manifest.shards)
     assert on_disk < 1.5 * stored + 3 * 8 * 4096  # page rounding per block, plus LMDB's own pages
     assert verify_main([str(tmp_path / "idx")]) == 0
+
+
+FD_LIMIT_SCRIPT = """
+import os, resource, sys
+from storage.index import Index
+open_now = len(os.listdir("/proc/self/fd"))
+soft, hard = open_now + 8, (open_now + 8 if sys.argv[2] == "hard" else resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+try:
+    print(len(Index.open(sys.argv[1]).fetch(range(24))), resource.getrlimit(resource.RLIMIT_NOFILE)[0] > soft)
+except OSError as error:
+    print(error)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open files through /proc")
+def test_reading_more_shards_than_the_soft_file_limit_raises_it_or_says_why(tmp_path, reader):
+    build_index(tmp_path / "idx", reader, PASSAGES, shard_size=1)  # 24 shards, one open file each
+    run = lambda limit: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", FD_LIMIT_SCRIPT, str(tmp_path / "idx"), limit], capture_output=True, text=True, check=True
+    ).stdout
+    assert run("soft").split() == ["24", "True"]
+    assert "limit on open files" in run("hard") and "shard_size" in run("hard")

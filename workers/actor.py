@@ -12,9 +12,13 @@ from .indexer import ShardIndexer, ShardPlan
 ACTOR_PREFIX = "btr-index-worker"
 
 
-@ray.remote(max_restarts=3, max_task_retries=3)
+@ray.remote(max_restarts=3, max_task_retries=0)
 class IndexWorker:
-    """A Ray actor around ShardIndexer; Ray restarts it (and retries its shard) if it dies."""
+    """A Ray actor around ShardIndexer; Ray restarts it if its process dies.
+
+    The call in flight then fails instead of waiting for the restart (which never comes when its node
+    is gone and no other node has room), and the flow gives that shard to another worker.
+    """
 
     def __init__(self, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int, threads: int) -> None:
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs reserved
@@ -39,6 +43,11 @@ def start_workers(
         options = {"name": name, "get_if_exists": True, "num_gpus": 1 if gpus else 0, "num_cpus": cpus}
         workers[name] = IndexWorker.options(**options).remote(index_root, corpus, spec, encoder, batch_size, cpus)
     return workers
+
+
+def when_back(worker: ray.actor.ActorHandle) -> ray.ObjectRef:
+    """A call that returns once ``worker`` is up again (after a restart), or raises RayActorError if it never will."""
+    return worker.__ray_ready__.options(max_task_retries=-1).remote()
 
 
 def stop_workers(workers: dict[str, ray.actor.ActorHandle]) -> None:
