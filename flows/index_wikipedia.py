@@ -40,7 +40,7 @@ from storage.codec import CodecSettings
 from storage.index import IndexWriter
 from storage.offline import OfflineMerge, merge_index, stopword_ids
 from storage.shard import ShardInfo
-from workers.actor import start_workers, stop_workers, when_back
+from workers.actor import index_or_lost, start_workers, stop_workers, when_back
 from workers.indexer import ShardPlan, calibrate_codec, plan_shards, shard_embeddings
 
 from .corpus import normalize
@@ -131,10 +131,9 @@ def index_shard(plan: dict, worker: str) -> dict:
         handle = ray.get_actor(worker)
     except ValueError:  # dead for good: no actor by that name any more
         return {"lost": worker}
-    try:
-        result = ray.get(handle.index.remote(plan))
-    except ray.exceptions.RayActorError as error:
-        get_run_logger().warning("worker %s was lost during shard %s (%s)", worker, plan["shard_id"], type(error).__name__)
+    result = index_or_lost(handle, plan)
+    if result is None:
+        get_run_logger().warning("worker %s was lost during shard %s", worker, plan["shard_id"])
         return {"lost": worker}
     if not result["skipped"]:
         get_run_logger().info(

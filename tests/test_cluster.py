@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 
-from reader.assets import wikipedia_sample
 from reader.config import BTRConfig
 from storage.shard import SHARDS
 from storage.verify import main as verify_main
@@ -34,16 +33,10 @@ FAST_DEATH = {"health_check_period_ms": 500, "health_check_timeout_ms": 500, "he
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, make_extractive_module):
+def setup(tmp_path_factory, make_extractive_module, write_flow_inputs):
     """A JSONL corpus of a few hundred sample articles and a tiny reader checkpoint on disk."""
-    root = tmp_path_factory.mktemp("cluster")
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, p in enumerate(wikipedia_sample(PASSAGES)):
-            f.write(json.dumps({"id": f"p{i}", "title": p.title, "text": p.text}) + "\n")
     reader = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)
-    reader.model.save_pretrained(root / "reader")
-    reader.tokenizer.save_pretrained(root / "reader")
-    return root
+    return write_flow_inputs(tmp_path_factory.mktemp("cluster"), reader, PASSAGES)
 
 
 def run_flow(root: Path, index: Path, **options) -> dict:

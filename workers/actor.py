@@ -45,6 +45,45 @@ def start_workers(
     return workers
 
 
+# How often a call to a worker checks that the worker is still up while it waits for the answer.
+CHECK_EVERY_S = 2.0
+
+
+def index_or_lost(worker: ray.actor.ActorHandle, plan: dict, check_every: float = CHECK_EVERY_S) -> dict | None:
+    """The summary of shard ``plan`` from ``worker``, or None when the worker is lost meanwhile.
+
+    A call in flight when the worker's node dies fails (``max_task_retries=0``), but one submitted
+    just after is queued until the worker is restarted, which never happens when no node has room
+    for it. So the wait checks the worker's state, and a call still queued to a restarting or dead
+    worker is cancelled.
+    """
+    call = worker.index.remote(plan)
+    while True:
+        ready, _ = ray.wait([call], timeout=check_every)
+        if ready:
+            try:
+                return ray.get(call)
+            except ray.exceptions.RayActorError:
+                return None
+        if actor_state(worker) in ("RESTARTING", "DEAD"):
+            ray.cancel(call)
+            return None
+
+
+def actor_state(worker: ray.actor.ActorHandle) -> str | None:
+    """ALIVE, RESTARTING, DEAD, ... as the cluster's control store (GCS) has it; None if it cannot say.
+
+    Ray's public state API (ray.util.state) goes through the dashboard, which a cluster may run
+    without; this reads the GCS directly, through Ray's private state module.
+    """
+    try:
+        from ray._private import state
+
+        return state.actors(worker._actor_id.hex()).get("State")
+    except Exception:  # noqa: BLE001 (a private API: if it moves, fall back to waiting)
+        return None
+
+
 def when_back(worker: ray.actor.ActorHandle) -> ray.ObjectRef:
     """A call that returns once ``worker`` is up again (after a restart), or raises RayActorError if it never will."""
     return worker.__ray_ready__.options(max_task_retries=-1).remote()
