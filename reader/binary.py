@@ -11,8 +11,10 @@ Two calibrations, one per model family:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 CALIBRATIONS = ("rms", "mean_abs")
@@ -76,6 +78,8 @@ def pack_bits(signs: torch.Tensor) -> torch.Tensor:
     d = signs.shape[-1]
     if d % 8:
         raise ValueError(f"hidden size {d} is not a multiple of 8; bits cannot be packed")
+    if signs.device.type == "cpu":  # numpy packs the same bits ~20x faster
+        return torch.from_numpy(np.packbits((signs > 0).numpy(), axis=-1, bitorder="little"))
     bits = (signs > 0).to(torch.uint8).reshape(*signs.shape[:-1], d // 8, 8)
     return (bits * _BIT_WEIGHTS.to(bits.device)).sum(-1, dtype=torch.uint8)
 
@@ -129,12 +133,23 @@ def to_binary_tokens(
     token_ids: torch.Tensor, hidden: torch.Tensor, split_layer: int, calibration: str
 ) -> BinaryTokens:
     """Binarize one passage's lower-layer states [L, d] into what storage keeps."""
-    signs, scale = binarize(hidden, calibration)
-    return BinaryTokens(
-        token_ids=token_ids.to(torch.int32),
-        bits=pack_bits(signs),
-        scale=scale.squeeze(-1).clamp(max=torch.finfo(torch.float16).max).to(torch.float16),
-        split_layer=split_layer,
-        hidden_size=hidden.shape[-1],
-        calibration=calibration,
-    )
+    return to_binary_batch(token_ids[None], hidden[None], [len(token_ids)], split_layer, calibration)[0]
+
+
+def to_binary_batch(
+    token_ids: torch.Tensor, hidden: torch.Tensor, lengths: Sequence[int], split_layer: int, calibration: str
+) -> list[BinaryTokens]:
+    """``to_binary_tokens`` of each passage of a padded batch (ids [B, L], states [B, L, d]) at once.
+
+    Binarizing is per token, so one pass over the batch gives each passage the same record as its own
+    call would, with the per-call work done once per batch.
+    """
+    # sign(h / s) is sign(h) for the positive scale s: the bits come straight from the states.
+    scale = token_scale(hidden, calibration)
+    bits = pack_bits(hidden >= 0)
+    scale = scale.squeeze(-1).clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
+    ids = token_ids.to(torch.int32)
+    return [
+        BinaryTokens(ids[i, :n].clone(), bits[i, :n].clone(), scale[i, :n].clone(), split_layer, hidden.shape[-1], calibration)
+        for i, n in enumerate(lengths)
+    ]

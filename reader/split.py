@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from .binary import BinaryTokens, binarize, restore, to_binary_tokens, unpack_bits
+from .binary import BinaryTokens, binarize, restore, to_binary_batch, unpack_bits
 from .config import BTRConfig, check_mode
 from .identity import ReaderIdentity, weights_digest
 from .inputs import (
@@ -27,6 +27,7 @@ from .inputs import (
     ReaderInputError,
     TokenLayout,
     encode_passage,
+    encode_passages,
     encode_question,
     pad,
     question_overflow,
@@ -207,14 +208,11 @@ class SplitReader(nn.Module):
 
     def encode_passages(self, passages: Sequence[Passage]) -> list[BinaryTokens]:
         """The offline half: tokenize, run layers 1..k, binarize and pack, one record per passage."""
-        ids = [self.passage_ids(p) for p in passages]
+        ids = encode_passages(self.tokenizer, self.layout, passages, self.config.max_passage_tokens)
         batch, mask = pad(ids, self.layout.pad_id)
         with torch.no_grad():
             hidden = self.lower(batch, mask).hidden.float().cpu()
-        return [
-            to_binary_tokens(batch[i, : len(seq)], hidden[i, : len(seq)], self.split_layer, self.calibration)
-            for i, seq in enumerate(ids)
-        ]
+        return to_binary_batch(batch, hidden, [len(seq) for seq in ids], self.split_layer, self.calibration)
 
     def restore_bits(self, stored: Sequence[BinaryTokens]) -> Tokens:
         """Float passage states from stored bits and scales, after checking they fit this reader."""
