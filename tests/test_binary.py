@@ -9,6 +9,7 @@ from reader.binary import (
     binarize,
     pack_bits,
     restore,
+    to_binary_batch,
     to_binary_tokens,
     token_scale,
     unpack_bits,
@@ -83,3 +84,27 @@ def test_record_check_names_what_differs():
 def test_inconsistent_record_is_rejected():
     with pytest.raises(ValueError, match="inconsistent"):
         BinaryTokens(torch.arange(3), torch.zeros(2, 2, dtype=torch.uint8), torch.ones(3), 1, 16, "rms")
+
+
+@pytest.mark.parametrize("calibration", ["rms", "mean_abs"])
+def test_a_batch_binarized_at_once_gives_each_passage_its_own_record(calibration):
+    torch.manual_seed(1)
+    hidden = torch.randn(3, 9, 64) * 20
+    hidden[0, 0, :4] = 0.0  # a zero state is a +1 sign, in both paths
+    ids = torch.randint(0, 1000, (3, 9))
+    lengths = [9, 5, 1]
+    batch = to_binary_batch(ids, hidden, lengths, split_layer=2, calibration=calibration)
+    for i, n in enumerate(lengths):
+        alone = to_binary_tokens(ids[i, :n], hidden[i, :n], split_layer=2, calibration=calibration)
+        assert torch.equal(batch[i].token_ids, alone.token_ids) and torch.equal(batch[i].scale, alone.scale)
+        assert torch.equal(batch[i].bits, alone.bits)
+        # and the bits are those of the straight-through signs the reader trains with
+        signs, _ = binarize(hidden[i, :n], calibration)
+        assert torch.equal(unpack_bits(batch[i].bits), signs)
+
+
+def test_numpy_packing_matches_the_bit_order_of_the_tensor_formula():
+    signs = torch.where(torch.randn(4, 5, 32) >= 0, 1.0, -1.0)
+    weights = 1 << torch.arange(8, dtype=torch.uint8)
+    formula = ((signs > 0).to(torch.uint8).reshape(4, 5, 4, 8) * weights).sum(-1, dtype=torch.uint8)
+    assert torch.equal(pack_bits(signs), formula)

@@ -70,3 +70,18 @@ def test_settings_are_validated(make_fid):
         RuntimeMerge(encoder_ratio=1.0)
     with pytest.raises(ValueError, match="unknown mode"):
         make_fid().encode(QUESTIONS, PASSAGES, "fast")
+
+
+@pytest.mark.parametrize("family", ["make_fid", "make_extractive"])
+def test_passages_tokenized_together_get_the_ids_each_gets_alone(family, request):
+    from reader.inputs import encode_passages, passage_string
+
+    reader = request.getfixturevalue(family)(BTRConfig(max_passage_tokens=50))
+    passages = [*PASSAGES[0], LONG]
+    together = encode_passages(reader.tokenizer, reader.layout, passages, 50)
+    room = 50 - len(reader.layout.passage_suffix)
+    for p, ids in zip(passages, together):  # one tokenizer call per passage, as before batching
+        alone = reader.tokenizer(passage_string(p), add_special_tokens=False, truncation=True, max_length=room)
+        assert ids == [*alone["input_ids"], *reader.layout.passage_suffix]
+    with pytest.raises(ReaderInputError, match="has no text"):
+        encode_passages(reader.tokenizer, reader.layout, [PASSAGES[0][0], Passage("Empty", " ", "e")], 50)
