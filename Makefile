@@ -23,6 +23,7 @@ test: install
 bench: install
 	$(BIN)/python -m reader.bench --json
 	$(BIN)/python -m storage.bench --json
+	$(BIN)/python -m workers.bench --json
 	$(BIN)/python -m pytest -m bench tests/test_cluster.py
 
 clean:
