@@ -11,7 +11,7 @@ import ray
 
 from flows.corpus import normalize
 from flows.dashboard import auth_token, look
-from flows.index_wikipedia import LOCAL_RAY, _loopback_ray, ray_dashboard
+from flows.shards import LOCAL_RAY, _loopback_ray, ray_dashboard
 from reader.config import BTRConfig
 from reader.load import ReaderSpec, load_reader
 from workers.actor import start_workers, stop_workers
