@@ -6,7 +6,7 @@ Questions come with answer strings but no passages. For each one, the product's 
 the rest are negatives, in retrieval order. A question with no positive among them is dropped
 and counted: a positive found only far down the whole corpus is more often a coincidence ("1968",
 "John") than evidence. Span labels (every occurrence of every answer) are found later, in the
-reader's own tokens (``reader.train.targets``).
+reader's own tokens (``reader.supervision.targets``).
 """
 
 from __future__ import annotations

@@ -34,20 +34,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from reader.load import BASE_ENCODER, ReaderSpec, load_reader
-from reader.train import (
-    LEARNING_RATES,
-    Example,
-    Stage,
-    TrainingDataError,
-    chain,
-    read_examples,
-    save_checkpoint,
-    stage_done,
-    stage_folder,
-    targets,
-    to_example,
-    train_stage,
-)
+from reader.supervision import Example, TrainingDataError, read_examples, targets, to_example
+from reader.train import LEARNING_RATES, Stage, chain, save_checkpoint, stage_done, stage_folder, train_stage
 
 
 def load_examples(path: Path, index: str | None, retrieve: int = 20) -> tuple[list[Example], dict]:

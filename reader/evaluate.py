@@ -27,7 +27,7 @@ from .config import MODES
 from .inputs import ReaderInputError
 from .load import quiet_library_logs
 from .normalize import exact_match, f1_score, has_answer, normalize_answer  # noqa: F401 (re-exported)
-from .train import read_examples
+from .supervision import read_examples
 
 def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFAULT_K) -> dict:
     """Score ``mode`` on ``questions``: the summary, and ``exact``, one "1"/"0" per question in order.

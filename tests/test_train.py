@@ -13,20 +13,8 @@ from reader.config import BTRConfig
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader
 import reader.train as train_module
-from reader.train import (
-    Example,
-    Stage,
-    TrainingDataError,
-    answer_spans,
-    batch_order,
-    chain,
-    read_examples,
-    span_loss,
-    stage_losses,
-    targets,
-    to_example,
-    train_stage,
-)
+from reader.supervision import Example, TrainingDataError, answer_spans, batch_order, read_examples, targets, to_example
+from reader.train import Stage, chain, span_loss, stage_losses, train_stage
 
 FACTS = [
     ("Eiffel Tower", "The Eiffel Tower is a tower in Paris. It was completed in 1889 for the World's Fair.", "1889"),
