@@ -1,7 +1,7 @@
 """The README's accuracy tables in one command: readers x question sets, k, and offline merging.
 
     python -m flows.evaluate_reader [--checkpoints checkpoints/real] [--sets nq-test-in-sample,...]
-                                    [--limit 300] [--k 5] [--out results/real-questions.json]
+                                    [--limit 300] [--k 5] [--pool N] [--out results/real-questions.json]
     python -m flows.evaluate_reader --k-curve 1,3,5,10,20 --sets nq-dev-heldout-in-sample,... --out ...
     python -m flows.evaluate_reader --offline 0,0.2,0.4 [--reader reader/checkpoint] --out ...
 
@@ -36,6 +36,7 @@ from pathlib import Path
 
 from reader.answer import DEFAULT_K, Answerer
 from reader.evaluate import evaluate, load_questions, paired_ratio_interval
+from reader.extractive import ANSWER_POOL
 from reader.inputs import Passage
 from reader.load import DEFAULT_CHECKPOINT, ReaderSpec, load_reader, quiet_library_logs
 from reader.retriever import FAISS_FILE, INFO_FILE, Encoder, build_faiss, passage_text
@@ -154,14 +155,14 @@ def readers_table(args, questions: dict[str, list[dict]], passages: list[Passage
         if stage in missing:
             continue
         key = {"weights": file_digest(root / stage / "model.safetensors"), "sets": list(questions),
-               "limit": args.limit, "k": args.k, "corpus": args.corpus}
+               "limit": args.limit, "k": args.k, "corpus": args.corpus, "pool": args.pool or ANSWER_POOL}
         if earlier.get(label, {}).get("key") == key:
             results.append(earlier[label])
             continue
         if mode == "btr":
-            answerer = Answerer(eval_index(root / stage, passages, Path(args.indexes), cached, args.corpus))
+            answerer = Answerer(eval_index(root / stage, passages, Path(args.indexes), cached, args.corpus), pool=args.pool)
         else:
-            answerer = Answerer(shared, text_reader=str(root / stage))
+            answerer = Answerer(shared, text_reader=str(root / stage), pool=args.pool)
         sets = {name: evaluate(answerer, qs, mode, args.k) for name, qs in questions.items()}
         results.append({"row": label, "checkpoint": stage, "mode": mode, "sets": sets, "key": key})
         print(json.dumps({"row": label} | {n: {k: v for k, v in s.items() if k != "exact"} for n, s in sets.items()}),
@@ -175,7 +176,7 @@ def readers_table(args, questions: dict[str, list[dict]], passages: list[Passage
 def k_curve(args, questions: dict[str, list[dict]], passages: list[Passage], cached: Path | None) -> int:
     """EM, recall and latency of the btr row at each k."""
     stage = Path(args.checkpoints) / "plain+split+bits"
-    answerer = Answerer(eval_index(stage, passages, Path(args.indexes), cached, args.corpus))
+    answerer = Answerer(eval_index(stage, passages, Path(args.indexes), cached, args.corpus), pool=args.pool)
     points = []
     for k in (int(x) for x in args.k_curve.split(",")):
         sets = {name: evaluate(answerer, qs, "btr", k) for name, qs in questions.items()}
@@ -197,8 +198,10 @@ def offline_rows(args, questions: dict[str, list[dict]], passages: list[Passage]
         if not (folder / "manifest.json").exists():
             merge_index(lossless, folder, stopword_ids(tokenizer), OfflineMerge(ratio))
             add_retriever(folder, passages, lossless)
-        sets = {name: evaluate(Answerer(folder), qs, "btr", args.k) for name, qs in questions.items()}
-        rows.append({"offline_merge": ratio, "bits_per_dim": round(bits_per_dimension(folder), 4), "sets": sets})
+        answerer = Answerer(folder, pool=args.pool)
+        sets = {name: evaluate(answerer, qs, "btr", args.k) for name, qs in questions.items()}
+        bits = round(bits_per_dimension(folder), 4)
+        rows.append({"offline_merge": ratio, "pool": answerer.reader.pool, "bits_per_dim": bits, "sets": sets})
         print(f"r_o={ratio}: {rows[-1]['bits_per_dim']} bits/dim; "
               + "; ".join(f"{n} EM {s['em']:.1f}" for n, s in sets.items()), flush=True)
         save(Path(args.out), {"kind": "offline", "checkpoint": str(checkpoint), "k": args.k, "limit": args.limit,
@@ -220,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k-curve", help="comma-separated k values: the btr row's EM and latency at each")
     parser.add_argument("--offline", help="comma-separated offline merge ratios: EM and bits/dim of --reader at each")
     parser.add_argument("--reader", help="checkpoint for --offline (default: the committed reader)")
+    parser.add_argument("--pool", type=int, help="spans weighed per answer string (1 = the single best span; default: the reader's)")
     args = parser.parse_args(argv)
     quiet_library_logs()
     names = [n for n in args.sets.split(",") if n]

@@ -69,11 +69,13 @@ class Answerer:
     model over a batch of lookups, so a server can batch concurrent questions through it.
     """
 
-    def __init__(self, index: Path | str, text_reader: str | None = None) -> None:
+    def __init__(self, index: Path | str, text_reader: str | None = None, pool: int | None = None) -> None:
         """Load the index and the reader that built it.
 
         ``text_reader``: another checkpoint of the same family to read passage *text* with (baseline
-        and split modes only; the index's bits belong to the reader that built it).
+        and split modes only; the index's bits belong to the reader that built it). ``pool``: the
+        extractive reader's answer pool (spans weighed per answer string; 1 = the single best span),
+        instead of its default.
         """
         from storage.index import DamagedIndex, Index, Manifest  # storage builds on reader; import it late
         from storage.shard import repair_hint
@@ -87,6 +89,10 @@ class Answerer:
         if self.text_only:
             spec = ReaderSpec(spec.family, text_reader, None, spec.max_passage_tokens)
         self.reader = load_reader(spec)
+        if pool is not None:
+            if not hasattr(self.reader, "pool"):
+                raise ValueError(f"--pool applies to extractive readers; {spec.family} generates its answers")
+            self.reader.pool = pool  # checked by the reader
         self.index = Index.open(index, expect=None if self.text_only else self.reader.identity())
         try:
             self.retriever = Retriever(index)

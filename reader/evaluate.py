@@ -1,6 +1,6 @@
 """Accuracy and speed of a reader over an index: EM, F1, retrieval recall, QPS, latency.
 
-    python -m reader.evaluate --index INDEX --questions dev.jsonl --mode baseline|split|btr [--k 5] [--json]
+    python -m reader.evaluate --index INDEX --questions dev.jsonl --mode baseline|split|btr [--k 5] [--pool N] [--json]
 
 Each line of the questions file is ``{"question": ..., "answers": [...]}``. Every mode reads the same
 retrieved passages (the retriever does not depend on the mode): baseline re-encodes their text with
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages per question (default {DEFAULT_K})")
     parser.add_argument("--limit", type=int, help="only the first N questions")
     parser.add_argument("--checkpoint", help="read text with this checkpoint instead (baseline/split modes)")
+    parser.add_argument("--pool", type=int, help="spans weighed per answer string (1 = the single best span; default: the reader's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     quiet_library_logs()
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         questions = load_questions(args.questions, args.limit)
-        summary = evaluate(Answerer(args.index, args.checkpoint), questions, args.mode, args.k)
+        summary = evaluate(Answerer(args.index, args.checkpoint, args.pool), questions, args.mode, args.k)
     except DamagedIndex as error:  # before the bad-input errors: a corrupt record is also a ValueError
         print(f"error: {error}", file=sys.stderr)
         return DAMAGED_INDEX

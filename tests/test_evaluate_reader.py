@@ -121,8 +121,8 @@ def test_k_curve_and_offline_merge_rows(tmp_path, files, make_extractive):
     points = json.loads((tmp_path / "accuracy.json").read_text())["points"]
     assert [p["k"] for p in points] == [1, 3]
     assert points[0]["sets"]["dev"]["recall_at_k"] <= points[1]["sets"]["dev"]["recall_at_k"]
-    assert run(tmp_path, files, "--offline", "0,0.4", "--reader", str(root / "plain+split+bits")) == 0
+    assert run(tmp_path, files, "--offline", "0,0.4", "--reader", str(root / "plain+split+bits"), "--pool", "1") == 0
     rows = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
-    assert [r["offline_merge"] for r in rows] == [0.0, 0.4]
+    assert [(r["offline_merge"], r["pool"]) for r in rows] == [(0.0, 1), (0.4, 1)]
     assert 0 < rows[1]["bits_per_dim"] < rows[0]["bits_per_dim"]  # merging stores fewer bits
     assert rows[0]["sets"]["dev"]["recall_at_k"] == rows[1]["sets"]["dev"]["recall_at_k"]  # same passages

@@ -5,8 +5,8 @@ import torch
 
 from reader.assets import minilm_path
 from reader.config import BTRConfig
-from reader.extractive import ExtractiveReader
-from reader.inputs import pad
+from reader.extractive import ExtractiveReader, Span, most_probable_answer
+from reader.inputs import Passage, pad
 from tests.conftest import PASSAGES, QUESTIONS
 
 
@@ -43,6 +43,7 @@ def test_spans_are_valid_and_map_back_to_passage_text(make_extractive):
 
 def test_stored_bits_and_in_graph_bits_pick_the_same_spans(make_extractive):
     reader = make_extractive(BTRConfig(split_layer=2))
+    reader.pool = 1  # the single best span: compared position by position
     stored = [reader.encode_passages(group) for group in PASSAGES]
     assert stored[0][0].calibration == "mean_abs"
     from_text = reader.extract(QUESTIONS, PASSAGES, "btr")
@@ -63,6 +64,32 @@ def test_gradients_flow_through_the_bits(make_extractive, tokenizer):
     passage_only = tokenizer.convert_tokens_to_ids("tragedy")
     grad = reader.model.base_model.embeddings.word_embeddings.weight.grad[passage_only]
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_the_answer_string_with_the_most_probability_wins():
+    kubrick = Span(0, 4, 4, 2.0, "Kubrick")
+    full = [Span(0, 3, 4, 1.8, "Stanley Kubrick"), Span(1, 0, 1, 1.7, "stanley Kubrick.")]
+    # one span of "Kubrick" scores best, but two spans read "Stanley Kubrick" and hold more mass
+    assert most_probable_answer([kubrick, *full]) == full[0]
+    assert most_probable_answer([kubrick, full[0]]) == kubrick
+
+
+def test_pool_sums_spans_of_the_same_answer_across_passages(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2))
+    group = [Passage("A", "Lyon is small and Paris is big."), Passage("B", "Paris again.")]
+    batch = reader.prepare(["which city?"], [group])
+    width = batch.passage_width
+    start, end = torch.full((2, width), float("-inf")), torch.full((2, width), float("-inf"))
+    for passage, word, logit in ((0, "lyon", 3.0), (0, "paris", 2.8), (1, "paris", 2.7)):
+        tokens = reader.tokenizer.convert_ids_to_tokens(batch.passage_ids[passage])
+        start[passage, tokens.index(word)] = end[passage, tokens.index(word)] = logit
+    reader.pool = 1
+    assert reader.best_spans(batch, start, end)[0].text == "Lyon"  # e^6 against e^5.6
+    reader.pool = 20
+    best = reader.best_spans(batch, start, end)[0]  # e^5.6 + e^5.4 > e^6: cited by the better span
+    assert (best.text, best.passage) == ("Paris", 0)
+    with pytest.raises(ValueError, match="at least 1"):
+        ExtractiveReader(reader.model, reader.tokenizer, pool=0)
 
 
 def test_real_minilm_checkpoint_loads_and_splits_at_four_of_six():

@@ -172,6 +172,8 @@ def test_evaluate_command(index, tmp_path, capsys):
         assert summary["em"] == round(100 * summary["exact"].count("1") / 4, 2)
         # EM counts only where the answer was read, so EM given recall is EM over recall
         assert summary["em_when_recalled"] == pytest.approx(100 * summary["em"] / summary["recall_at_k"], abs=0.01)
+    assert evaluate_main(["--index", str(index), "--questions", str(path), "--pool", "0"]) == 2
+    assert "pool must be at least 1" in capsys.readouterr().err
     path.write_text('{"question": "no answers"}\n')
     assert evaluate_main(["--index", str(index), "--questions", str(path), "--mode", "btr"]) == 2
     assert '"answers"' in capsys.readouterr().err
