@@ -74,7 +74,9 @@ def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
         return [f"retriever: {', '.join(missing)} missing"]
     try:
         count = json.loads((root / INFO_FILE).read_text())["count"]
-        vectors = faiss.read_index(str(root / FAISS_FILE)).ntotal
+        # Mapped, not read: only the header is needed, and a flat index of 1M passages is 1.5 GB
+        # (a 200,000-vector one: 40 MB peak mapped against 333 MB read). Damaged files still raise.
+        vectors = faiss.read_index(str(root / FAISS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY).ntotal
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
         return [f"retriever: unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
     if count != manifest.passages or vectors != manifest.passages:
