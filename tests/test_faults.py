@@ -107,6 +107,11 @@ def damage_retriever(index: Path) -> None:
     os.truncate(index / FAISS_FILE, 100)
 
 
+def halve_retriever(index: Path) -> None:  # cut among the vectors: storage.verify maps the file, never reads them
+    path = index / FAISS_FILE
+    os.truncate(path, path.stat().st_size // 2)
+
+
 def stale_retriever(index: Path) -> None:  # a rebuild that stopped between retriever and manifest
     old = faiss.read_index(str(index / FAISS_FILE))
     short = faiss.IndexFlatIP(old.d)
@@ -124,6 +129,7 @@ REFUSED_AT_OPEN = [
     ("damaged codec file", damage_codec_file, "codec is missing or damaged", "does not match the manifest's digest"),
     ("missing retriever", remove_retriever, "retriever in", "retriever: retriever.faiss missing"),
     ("damaged retriever", damage_retriever, "retriever in", "retriever: unreadable"),
+    ("retriever cut in half", halve_retriever, "retriever in", "retriever: unreadable"),
     ("stale retriever", stale_retriever, "holds 39 passages, the manifest 40", "39 vectors"),
 ]
 
