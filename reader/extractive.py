@@ -17,7 +17,7 @@ from transformers import AutoModelForQuestionAnswering
 
 from .binary import BinaryTokens
 from .config import BTRConfig, check_mode
-from .inputs import Passage, TokenLayout, pad, passage_string, tokenize_passage
+from .inputs import PASSAGE_TEMPLATE, Passage, TokenLayout, pad, passage_string, tokenize_passage
 from .merge import Tokens
 from .normalize import normalize_answer
 from .split import Batch, PassageLike, SplitReader
@@ -66,6 +66,9 @@ class ExtractiveReader(SplitReader):
             )
         self.model = model
         self.max_answer_tokens = max_answer_tokens
+        before_title, after_title = PASSAGE_TEMPLATE.split("{title}")
+        marks = (before_title, after_title.split("{text}")[0])  # "title:", " context:"
+        self._marks = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in marks]
         self.pool = pool
 
     @property
@@ -141,9 +144,30 @@ class ExtractiveReader(SplitReader):
         width = batch.passage_width
         logits = self.model.qa_outputs(pairs.hidden[:, -width:]).float()
         lengths = torch.tensor([len(ids) - len(self.layout.passage_suffix) for ids in batch.passage_ids])
-        allowed = (torch.arange(width)[None] < lengths[:, None]).to(logits.device)
-        logits = logits.masked_fill(~allowed[..., None], float("-inf"))
+        allowed = (torch.arange(width)[None] < lengths[:, None]) & ~self.template_tokens(batch.passage_ids, width)[0]
+        logits = logits.masked_fill(~allowed.to(logits.device)[..., None], float("-inf"))
         return logits[..., 0], logits[..., 1]
+
+    def template_tokens(self, passage_ids: Sequence[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each passage's template words are ("title :", "context :"): a mask [n, width], and
+        the position [n] where its text begins (0 if the template is not found).
+
+        An answer never holds them: no span starts or ends on one, and none runs from the title into
+        the text (which would hold "context :": "Martin Scorsese context: Martin Charles Scorsese").
+        """
+        template = torch.zeros(len(passage_ids), width, dtype=torch.bool)
+        text_starts = torch.zeros(len(passage_ids), dtype=torch.long)
+        (title_mark, text_mark) = self._marks
+        for row, ids in enumerate(passage_ids):
+            if ids[: len(title_mark)] != title_mark:
+                continue
+            template[row, : len(title_mark)] = True
+            for at in range(len(title_mark), len(ids) - len(text_mark) + 1):
+                if ids[at : at + len(text_mark)] == text_mark:
+                    template[row, at : at + len(text_mark)] = True
+                    text_starts[row] = at + len(text_mark)
+                    break
+        return template, text_starts
 
     def extract(
         self, questions: Sequence[str], passages: Sequence[Sequence[PassageLike]], mode: str = "btr"
@@ -172,7 +196,9 @@ class ExtractiveReader(SplitReader):
         scores = start[:, :, None] + end[:, None, :]  # [B*n, Lp(start), Lp(end)]
         offset = torch.arange(width, device=scores.device)
         gap = offset[None, :] - offset[:, None]
-        scores = scores.masked_fill((gap < 0) | (gap >= self.max_answer_tokens), float("-inf"))
+        text_starts = self.template_tokens(batch.passage_ids, width)[1].to(scores.device)[:, None, None]
+        across = (offset[None, :, None] < text_starts) & (offset[None, None, :] >= text_starts)  # title into text
+        scores = scores.masked_fill((gap < 0) | (gap >= self.max_answer_tokens) | across, float("-inf"))
         flat = scores.reshape(len(questions), -1)
         top = flat.topk(min(self.pool, flat.shape[1]), dim=-1)
         spans = []

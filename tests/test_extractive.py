@@ -92,6 +92,26 @@ def test_pool_sums_spans_of_the_same_answer_across_passages(make_extractive):
         ExtractiveReader(reader.model, reader.tokenizer, pool=0)
 
 
+def test_no_answer_holds_the_template_words(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2))
+    group = [Passage("Martin Scorsese", "Martin Charles Scorsese is a film director."), Passage("Other", "text.")]
+    batch = reader.prepare(["who directed the aviator?"], [group])
+    template, text_starts = reader.template_tokens(batch.passage_ids, batch.passage_width)
+    tokens = reader.tokenizer.convert_ids_to_tokens(batch.passage_ids[0])
+    assert [t for t, marked in zip(tokens, template[0]) if marked] == ["title", ":", "context", ":"]
+    assert tokens[int(text_starts[0])] == "martin" and tokens[int(text_starts[0]) - 2] == "context"
+    with torch.no_grad():
+        start, end = reader.span_logits(batch, "split")
+    assert torch.isinf(start[template]).all() and torch.isinf(end[template]).all()
+    # The best-scoring pair runs from the title's "martin" to the text's "scorsese": not an answer.
+    start, end = torch.full_like(start, -5.0), torch.full_like(end, -5.0)
+    start[0, 2] = 4.0  # "martin" in the title
+    end[0, len(tokens) - 1 - tokens[::-1].index("##ese")] = 4.0  # the text's "scorsese"
+    end[0, tokens.index("##ese")] = 3.0  # the title's "scorsese"
+    reader.pool = 1
+    assert reader.best_spans(batch, start, end)[0].text == "Martin Scorsese"
+
+
 def test_real_minilm_checkpoint_loads_and_splits_at_four_of_six():
     reader = ExtractiveReader.from_pretrained(str(minilm_path()), local_files_only=True)
     assert (reader.num_layers, reader.split_layer, reader.hidden_size) == (6, 4, 384)
