@@ -9,6 +9,7 @@ tokens.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,6 +71,8 @@ class ExtractiveReader(SplitReader):
         marks = (before_title, after_title.split("{text}")[0])  # "title:", " context:"
         self._marks = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in marks]
         self.pool = pool
+        # The pool's candidates often share a passage: tokenize each once (answer.py asks again to cite).
+        self._offset_mapping = functools.lru_cache(maxsize=256)(self._tokenize_offsets)
 
     @property
     def pool(self) -> int:
@@ -144,19 +147,17 @@ class ExtractiveReader(SplitReader):
         width = batch.passage_width
         logits = self.model.qa_outputs(pairs.hidden[:, -width:]).float()
         lengths = torch.tensor([len(ids) - len(self.layout.passage_suffix) for ids in batch.passage_ids])
-        allowed = (torch.arange(width)[None] < lengths[:, None]) & ~self.template_tokens(batch.passage_ids, width)[0]
+        allowed = (torch.arange(width)[None] < lengths[:, None]) & ~self.template_tokens(batch.passage_ids, width)
         logits = logits.masked_fill(~allowed.to(logits.device)[..., None], float("-inf"))
         return logits[..., 0], logits[..., 1]
 
-    def template_tokens(self, passage_ids: Sequence[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each passage's template words are ("title :", "context :"): a mask [n, width], and
-        the position [n] where its text begins (0 if the template is not found).
+    def template_tokens(self, passage_ids: Sequence[list[int]], width: int) -> torch.Tensor:
+        """Where each passage's template words are ("title :", "context :"): a mask [n, width].
 
-        An answer never holds them: no span starts or ends on one, and none runs from the title into
-        the text (which would hold "context :": "Martin Scorsese context: Martin Charles Scorsese").
+        An answer never holds them (``best_spans`` keeps spans off every position ruled out here, so
+        none runs from the title into the text: "Martin Scorsese context: Martin Charles Scorsese").
         """
         template = torch.zeros(len(passage_ids), width, dtype=torch.bool)
-        text_starts = torch.zeros(len(passage_ids), dtype=torch.long)
         (title_mark, text_mark) = self._marks
         for row, ids in enumerate(passage_ids):
             if ids[: len(title_mark)] != title_mark:
@@ -165,9 +166,8 @@ class ExtractiveReader(SplitReader):
             for at in range(len(title_mark), len(ids) - len(text_mark) + 1):
                 if ids[at : at + len(text_mark)] == text_mark:
                     template[row, at : at + len(text_mark)] = True
-                    text_starts[row] = at + len(text_mark)
                     break
-        return template, text_starts
+        return template
 
     def extract(
         self, questions: Sequence[str], passages: Sequence[Sequence[PassageLike]], mode: str = "btr"
@@ -182,9 +182,9 @@ class ExtractiveReader(SplitReader):
         return self.best_spans(batch, *self.span_logits(batch, mode, pairs))
 
     def best_spans(self, batch: Batch, start: torch.Tensor, end: torch.Tensor) -> list[Span]:
-        """The best span per question across all its passages, from start and end logits [B*n, Lp].
+        """The best span per question across all its passages, from ``span_logits``' start and end [B*n, Lp].
 
-        With ``pool`` > 1 the answer is the string, not the span: the ``pool`` highest-scoring spans
+        A span never holds a position where no answer may start or end (the template's words). With ``pool`` > 1 the answer is the string, not the span: the ``pool`` highest-scoring spans
         of a question are weighed by their probability (softmax of start + end logits, which training
         normalizes over all of a question's passages) and the spans that read the same after SQuAD
         normalization add up; the most probable string wins, cited by its best span. This is the
@@ -196,9 +196,9 @@ class ExtractiveReader(SplitReader):
         scores = start[:, :, None] + end[:, None, :]  # [B*n, Lp(start), Lp(end)]
         offset = torch.arange(width, device=scores.device)
         gap = offset[None, :] - offset[:, None]
-        text_starts = self.template_tokens(batch.passage_ids, width)[1].to(scores.device)[:, None, None]
-        across = (offset[None, :, None] < text_starts) & (offset[None, None, :] >= text_starts)  # title into text
-        scores = scores.masked_fill((gap < 0) | (gap >= self.max_answer_tokens) | across, float("-inf"))
+        ruled_out = (torch.isinf(start) & torch.isinf(end)).cumsum(1)  # ruled-out positions up to each token
+        holds_one = ruled_out[:, None, :] > ruled_out[:, :, None]  # one lies after the start, up to the end
+        scores = scores.masked_fill((gap < 0) | (gap >= self.max_answer_tokens) | holds_one, float("-inf"))
         flat = scores.reshape(len(questions), -1)
         top = flat.topk(min(self.pool, flat.shape[1]), dim=-1)
         spans = []
@@ -223,21 +223,24 @@ class ExtractiveReader(SplitReader):
 
     def span_offsets(self, passage: Passage, start: int, end: int) -> tuple[int, int]:
         """Character offsets [first, last) in ``passage_string(passage)`` of tokens start..end (inclusive)."""
-        offsets = tokenize_passage(
-            self.tokenizer, self.layout, passage, self.config.max_passage_tokens, offsets=True
-        )["offset_mapping"]
+        offsets = self._offset_mapping(passage)
         return offsets[start][0], offsets[end][1]
+
+    def _tokenize_offsets(self, passage: Passage) -> list[tuple[int, int]]:
+        return tokenize_passage(self.tokenizer, self.layout, passage, self.config.max_passage_tokens, offsets=True)[
+            "offset_mapping"
+        ]
 
 
 def most_probable_answer(candidates: Sequence[Span]) -> Span:
     """The best-scoring span of the answer string whose candidate spans hold the most probability."""
     weights = torch.tensor([c.score for c in candidates]).softmax(0).tolist()
+    keys = [normalize_answer(c.text) for c in candidates]
     mass: dict[str, float] = {}
-    for candidate, weight in zip(candidates, weights):
-        key = normalize_answer(candidate.text)
+    for key, weight in zip(keys, weights):
         mass[key] = mass.get(key, 0.0) + weight
     best = max(mass, key=mass.get)  # first reached wins a tie: the higher-scoring string
-    return next(c for c in candidates if normalize_answer(c.text) == best)
+    return candidates[keys.index(best)]
 
 
 __all__ = ["ExtractiveReader", "Passage", "Span", "most_probable_answer"]

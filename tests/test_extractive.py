@@ -96,15 +96,16 @@ def test_no_answer_holds_the_template_words(make_extractive):
     reader = make_extractive(BTRConfig(split_layer=2))
     group = [Passage("Martin Scorsese", "Martin Charles Scorsese is a film director."), Passage("Other", "text.")]
     batch = reader.prepare(["who directed the aviator?"], [group])
-    template, text_starts = reader.template_tokens(batch.passage_ids, batch.passage_width)
+    template = reader.template_tokens(batch.passage_ids, batch.passage_width)
     tokens = reader.tokenizer.convert_ids_to_tokens(batch.passage_ids[0])
     assert [t for t, marked in zip(tokens, template[0]) if marked] == ["title", ":", "context", ":"]
-    assert tokens[int(text_starts[0])] == "martin" and tokens[int(text_starts[0]) - 2] == "context"
+    text_start = int(template[0].nonzero().max()) + 1
+    assert tokens[text_start] == "martin" and tokens[text_start - 2] == "context"
     with torch.no_grad():
         start, end = reader.span_logits(batch, "split")
     assert torch.isinf(start[template]).all() and torch.isinf(end[template]).all()
     # The best-scoring pair runs from the title's "martin" to the text's "scorsese": not an answer.
-    start, end = torch.full_like(start, -5.0), torch.full_like(end, -5.0)
+    start, end = (torch.where(torch.isinf(x), x, torch.full_like(x, -5.0)) for x in (start, end))
     start[0, 2] = 4.0  # "martin" in the title
     end[0, len(tokens) - 1 - tokens[::-1].index("##ese")] = 4.0  # the text's "scorsese"
     end[0, tokens.index("##ese")] = 3.0  # the title's "scorsese"
