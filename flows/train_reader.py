@@ -129,13 +129,16 @@ def train_reader(
     bits_steps: int | None = None,
     control_steps: int | None = None,
     bf16: bool | None = None,
+    heads: bool = True,
 ) -> str:
     """Train plain -> split -> bits from ``base``; returns the last stage's checkpoint folder.
 
     Passages are cut to ``max_passage_tokens`` for training (speed; answers beyond are dropped);
     the reader still reads up to 320 at query time. ``export`` writes the result there too in fp16 (how reader/checkpoint, the default, is made).
     """
-    stages = chain(distill, recovery, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size)
+    stages = chain(
+        distill, recovery, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads
+    )
     checkpoint = base
     for position in range(len(stages)):
         checkpoint = train_stage_task(
@@ -178,12 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", help="retrieve passages from this index for lines that have none")
     parser.add_argument("--export", help="also write the final checkpoint here in fp16")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU too (AVX-512 BF16: faster)")
+    parser.add_argument("--no-heads", action="store_true", help="without question-word match and passage relevance")
     args = parser.parse_args(argv)
     try:
         train_reader(
             args.train, args.out, args.base, args.steps, args.batch_size, args.passages_per_question,
             args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index,
-            args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None,
+            args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None, not args.no_heads,
         )
     except (TrainingDataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

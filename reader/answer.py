@@ -144,7 +144,8 @@ class Answerer:
             for lookup, group in zip(lookups, stored):
                 lookup.passages = group
             groups = [[s.tokens if mode == "btr" else s.passage for s in group] for group in stored]
-            batch = reader.prepare([l.question for l in lookups], groups)
+            scores = [[h.score for h in l.hits] for l in lookups]
+            batch = reader.prepare([l.question for l in lookups], groups, scores)
             with torch.inference_mode():
                 states = reader.passage_states(batch, mode) if mode == "btr" else None
         with torch.inference_mode():

@@ -36,6 +36,7 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
     (``paired_ratio_interval``), which says far more than two EM figures side by side.
     """
     ems, f1s, recalls, latencies, refused, cut = [], [], [], [], 0, 0
+    cited, titles = [0] * k, 0  # rank of the cited passage; answers that are a retrieved passage's title
     started = time.perf_counter()
     for record in questions:
         try:
@@ -55,6 +56,10 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
         ems.append(exact_match(result["answer"], record["answers"]))
         f1s.append(f1_score(result["answer"], record["answers"]))
         recalls.append(float(has_answer(texts, record["answers"])))
+        if result["source"] is not None:
+            cited[result["source"]] += 1
+        answer = normalize_answer(result["answer"])
+        titles += bool(answer) and any(answer == normalize_answer(s.title) for s in lookup.passages)
     elapsed = time.perf_counter() - started
     n = len(questions)
     return {
@@ -68,6 +73,11 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
         # the reader's share of what retrieval made possible: EM over questions whose answer was read
         "em_when_recalled": round(100 * float(np.mean([e for e, r in zip(ems, recalls) if r])), 2) if any(recalls) else None,
         "k": k,
+        # How often the answer came from the passage retrieved at rank 1..k: a reader that weighs
+        # relevance cites rank 1 far more often than rank k; an even spread means it does not.
+        "cited_rank": cited,
+        # Answers that are exactly a retrieved passage's title: high means a title prior, not reading.
+        "answer_is_title": round(100 * titles / max(1, n - refused), 2),
         "qps": round(len(latencies) / elapsed, 3),
         "latency_p50_ms": round(float(np.percentile(latencies, 50)), 1) if latencies else None,
         "latency_p95_ms": round(float(np.percentile(latencies, 95)), 1) if latencies else None,

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForQuestionAnswering
 
 from .binary import BinaryTokens
 from .config import BTRConfig, check_mode
+from .heads import QuestionMatch, ReaderHeads
+from .identity import weights_digest
 from .inputs import PASSAGE_TEMPLATE, Passage, TokenLayout, pad, passage_string, tokenize_passage
 from .merge import Tokens
 from .normalize import normalize_answer
@@ -71,6 +74,12 @@ class ExtractiveReader(SplitReader):
         marks = (before_title, after_title.split("{text}")[0])  # "title:", " context:"
         self._marks = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in marks]
         self.pool = pool
+        self.heads: ReaderHeads | None = None  # question-word match and passage relevance (reader.heads)
+        self._matcher: QuestionMatch | None = None
+        # How much the passage's relevance (log-softmax over the question's passages) and the
+        # retriever's score weigh in each span's score; chosen on held-out dev, kept in btr.json.
+        self.relevance_weight = 0.0
+        self.retrieval_weight = 0.0
         # The pool's candidates often share a passage: tokenize each once (answer.py asks again to cite).
         self._offset_mapping = functools.lru_cache(maxsize=256)(self._tokenize_offsets)
 
@@ -84,6 +93,60 @@ class ExtractiveReader(SplitReader):
         if value < 1:
             raise ValueError(f"pool must be at least 1 (the single best span), not {value}")
         self._pool = value
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, config: BTRConfig | None = None, **kwargs):
+        """The checkpoint's model and tokenizer, and its heads where it has them (``heads.safetensors``)."""
+        reader = super().from_pretrained(name_or_path, config, **kwargs)
+        if Path(name_or_path).is_dir():
+            reader.attach_heads(ReaderHeads.load(name_or_path, reader.hidden_size))
+        return reader
+
+    def attach_heads(self, heads: ReaderHeads | None) -> None:
+        """Use ``heads`` (None: read as a reader without them); a fresh set for training is ``ReaderHeads(d)``."""
+        self.heads = None if heads is None else heads.to(self.device)
+
+    def identity(self):
+        """As ``SplitReader.identity``, with the heads in the weights digest (they change the answers)."""
+        identity = super().identity()
+        if self.heads is None:
+            return identity
+        return replace(identity, weights_digest=weights_digest(self))
+
+    # ---- question-word match and passage relevance (reader.heads) ------------------------------
+    def match_flags(self, batch: Batch, width: int) -> torch.Tensor:
+        """[B*n, width]: 1 where a passage token's word is a content word of its question."""
+        if self._matcher is None:
+            self._matcher = QuestionMatch(self.tokenizer)
+        n = batch.per_query
+        rows = [
+            self._matcher.flags(question, batch.passage_ids[q * n : (q + 1) * n], width)
+            for q, question in enumerate(batch.query_ids)
+        ]
+        return torch.cat(rows).to(self.device)
+
+    def _at_split(self, batch: Batch, passages: Tokens) -> Tokens:
+        if self.heads is None:
+            return passages
+        flags = self.match_flags(batch, passages.hidden.shape[1])
+        hidden = passages.hidden + flags[..., None].to(passages.hidden.dtype) * self.heads.match.to(passages.hidden.dtype)
+        return Tokens(hidden, passages.size, passages.position)
+
+    def relevance_logits(self, batch: Batch, pairs: Tokens) -> torch.Tensor | None:
+        """[B, n]: how well each passage answers its question, from the pair's first token; None without heads."""
+        if self.heads is None:
+            return None
+        return self.heads.relevance(pairs.hidden[:, 0].float()).reshape(len(batch.query_ids), batch.per_query)
+
+    def passage_prior(self, batch: Batch, pairs: Tokens) -> torch.Tensor | None:
+        """[B*n]: what each passage adds to the scores of its spans (relevance, retriever score), or None."""
+        prior = torch.zeros(len(batch.passage_ids), device=pairs.hidden.device)
+        relevance = self.relevance_logits(batch, pairs)
+        if relevance is not None and self.relevance_weight:
+            prior += self.relevance_weight * relevance.log_softmax(-1).reshape(-1)
+        if batch.retrieval is not None and self.retrieval_weight:
+            prior += self.retrieval_weight * torch.tensor(batch.retrieval, device=prior.device)
+        return prior if prior.any() else None
 
     # ---- encoder hooks ------------------------------------------------------------------------
     def _positions(self, width: int, segment: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,13 +184,23 @@ class ExtractiveReader(SplitReader):
         passage_pos, passage_type = self._positions(passage.shape[1], "passage")
         position = torch.cat([query_pos, passage_pos], 1).expand_as(ids)
         types = torch.cat([query_type, passage_type], 1).expand_as(ids)
-        output = self.model.base_model(
-            input_ids=ids,
-            attention_mask=mask,
-            token_type_ids=types,
-            position_ids=position,
-            output_attentions=attention_from is not None,
-        )
+        hook = None
+        if self.heads is not None:  # the match vector enters where the split reader's upper layers start
+            added = self.match_flags(batch, passage.shape[1])[..., None] * self.heads.match
+            added = torch.cat([added.new_zeros((added.shape[0], query.shape[1], added.shape[2])), added], 1)
+            layer = self.model.base_model.encoder.layer[self.split_layer]
+            hook = layer.register_forward_pre_hook(lambda _, args: (args[0] + added.to(args[0].dtype), *args[1:]))
+        try:
+            output = self.model.base_model(
+                input_ids=ids,
+                attention_mask=mask,
+                token_type_ids=types,
+                position_ids=position,
+                output_attentions=attention_from is not None,
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         tokens = Tokens(output.last_hidden_state, mask.float(), position.float())
         if attention_from is None:
             return tokens
@@ -175,13 +248,15 @@ class ExtractiveReader(SplitReader):
         """The best span per question across all its passages (score = start + end logit)."""
         batch = self.prepare(questions, passages)
         with torch.no_grad():
-            return self.best_spans(batch, *self.span_logits(batch, mode))
+            return self.read_out(batch, self.encode_pairs(batch, mode), mode)
 
     def read_out(self, batch: Batch, pairs: Tokens, mode: str) -> list[Span]:
         """The query path's last stage: spans from encoder output the caller already has."""
-        return self.best_spans(batch, *self.span_logits(batch, mode, pairs))
+        return self.best_spans(batch, *self.span_logits(batch, mode, pairs), self.passage_prior(batch, pairs))
 
-    def best_spans(self, batch: Batch, start: torch.Tensor, end: torch.Tensor) -> list[Span]:
+    def best_spans(
+        self, batch: Batch, start: torch.Tensor, end: torch.Tensor, prior: torch.Tensor | None = None
+    ) -> list[Span]:
         """The best span per question across all its passages, from ``span_logits``' start and end [B*n, Lp].
 
         A span never holds a position where no answer may start or end (the template's words). With ``pool`` > 1 the answer is the string, not the span: the ``pool`` highest-scoring spans
@@ -194,6 +269,8 @@ class ExtractiveReader(SplitReader):
         questions = batch.query_ids
         width = start.shape[1]
         scores = start[:, :, None] + end[:, None, :]  # [B*n, Lp(start), Lp(end)]
+        if prior is not None:  # the passage's own evidence, shared by all its spans
+            scores = scores + prior.to(scores.device)[:, None, None]
         offset = torch.arange(width, device=scores.device)
         gap = offset[None, :] - offset[:, None]
         ruled_out = (torch.isinf(start) & torch.isinf(end)).cumsum(1)  # ruled-out positions up to each token

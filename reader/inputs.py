@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,36 @@ class Passage:
 
 QUERY_TEMPLATE = "question: {question}"
 PASSAGE_TEMPLATE = "title: {title} context: {text}"
+
+# A standard English function-word list (as in common stopword lists).
+ENGLISH_STOPWORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before being below
+    between both but by can could did do does doing down during each few for from further had has have
+    having he her here hers herself him himself his how i if in into is it its itself just me more most
+    my myself no nor not now of off on once only or other our ours ourselves out over own same she should
+    so some such than that the their theirs them themselves then there these they this those through to
+    too under until up very was we were what when where which while who whom why will with would you
+    your yours yourself yourselves also its""".split()
+)
+
+
+def stopword_ids(tokenizer) -> set[int]:
+    """Token ids that carry no content: function words, punctuation, special and template tokens.
+
+    The offline merge collapses them to their prototype; question-word matching ignores them.
+    """
+    template_words = PASSAGE_TEMPLATE.replace("{title}", " ").replace("{text}", " ")
+    words = set(ENGLISH_STOPWORDS) | set(re.findall(r"\w+", template_words))
+    ids = set(tokenizer.all_special_ids)
+    for word in words:
+        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if len(pieces) == 1:  # a word split into pieces has no single vector to collapse
+            ids.add(pieces[0])
+    for token, i in tokenizer.get_vocab().items():
+        text = token.removeprefix("##").removeprefix("\u2581")
+        if text and not any(ch.isalnum() for ch in text):
+            ids.add(i)
+    return ids
 
 
 @dataclass(frozen=True)

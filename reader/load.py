@@ -87,4 +87,8 @@ def load_reader(spec: ReaderSpec) -> SplitReader:
         reader = family.from_pretrained(checkpoint, config, local_files_only=local, dtype=torch.float32)
     if settings is not None and settings["calibration"] != reader.calibration:
         raise ValueError(f"{checkpoint} was trained with {settings['calibration']} calibration, not {reader.calibration}")
+    for name, value in (settings or {}).get("answer", {}).items():  # the answer rule chosen on dev
+        if not hasattr(reader, name):
+            raise ValueError(f"{checkpoint}/{SETTINGS_FILE}: unknown answer setting {name!r}")
+        setattr(reader, name, value)
     return reader.eval()

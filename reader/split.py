@@ -45,6 +45,7 @@ class Batch:
     passage_ids: list[list[int]]
     passages: list[PassageLike]
     per_query: int
+    retrieval: list[float] | None = None  # the retriever's score of each passage, when the caller has it
 
     @property
     def passage_width(self) -> int:
@@ -94,6 +95,10 @@ class SplitReader(nn.Module):
         """What the encoder does after its last layer (T5: the final norm)."""
         return tokens
 
+    def _at_split(self, batch: Batch, passages: Tokens) -> Tokens:
+        """Passage states as the upper layers take them (a family may add query-aware features)."""
+        return passages
+
     def identity(self) -> ReaderIdentity:
         """What an index built by this reader records (and what this reader checks when it opens one)."""
         return ReaderIdentity(
@@ -133,8 +138,16 @@ class SplitReader(nn.Module):
             return passage.token_ids.tolist()
         return encode_passage(self.tokenizer, self.layout, passage, self.config.max_passage_tokens)
 
-    def prepare(self, questions: Sequence[str], passages: Sequence[Sequence[PassageLike]]) -> Batch:
-        """Tokenize questions and their passages once; every mode reads the same passages."""
+    def prepare(
+        self,
+        questions: Sequence[str],
+        passages: Sequence[Sequence[PassageLike]],
+        retrieval: Sequence[Sequence[float]] | None = None,
+    ) -> Batch:
+        """Tokenize questions and their passages once; every mode reads the same passages.
+
+        ``retrieval``: the retriever's score of each passage, which a reader may weigh in its answer.
+        """
         if isinstance(questions, str):
             raise ReaderInputError("questions must be a list of strings, not one string")
         if len(questions) != len(passages) or not questions:
@@ -151,6 +164,7 @@ class SplitReader(nn.Module):
             passage_ids=[self.passage_ids(p) for p in flat],
             passages=flat,
             per_query=counts.pop(),
+            retrieval=None if retrieval is None else [float(x) for group in retrieval for x in group],
         )
 
     # ---- the split ----------------------------------------------------------------------------
@@ -259,7 +273,7 @@ class SplitReader(nn.Module):
                 raise ValueError("the unsplit baseline does not merge tokens")
             return self._encode_unsplit(batch)
         query = self.lower(*pad(batch.query_ids, self.layout.pad_id), segment="query")
-        passages = self.passage_states(batch, mode) if passages is None else passages
+        passages = self._at_split(batch, self.passage_states(batch, mode) if passages is None else passages)
         if merge_ratio == 0 and not torch.is_grad_enabled():  # inference: skip the padding
             return self.upper_by_length(query, passages, batch.per_query)
         return self.upper(query, passages, batch.per_query, merge_ratio)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .extractive import ExtractiveReader
-from .inputs import Passage, ReaderInputError, passage_string, tokenize_passage
+from .inputs import ENGLISH_STOPWORDS, Passage, ReaderInputError, passage_string, tokenize_passage
 from .normalize import has_answer
 
 class TrainingDataError(ValueError):
@@ -65,6 +65,7 @@ def to_example(record: dict) -> Example | None:
 
 
 _ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
+_WORD = re.compile(r"\w+")
 
 
 def answer_spans(reader: ExtractiveReader, passage: Passage, answers: Sequence[str]) -> list[tuple[int, int]]:
@@ -101,13 +102,26 @@ class Target:
     spans: tuple[tuple[int, int, int], ...]  # (passage, start token, end token)
 
 
+def shares_question_word(question: str, passage: Passage) -> bool:
+    """Whether the passage holds a content word of the question (not a stopword), title included."""
+    wanted = set(_WORD.findall(question.lower())) - ENGLISH_STOPWORDS
+    return bool(wanted & set(_WORD.findall(passage_string(passage).lower())))
+
+
 def targets(
-    reader: ExtractiveReader, examples: Sequence[Example], per_question: int, max_positives: int = 2
+    reader: ExtractiveReader, examples: Sequence[Example], per_question: int, max_positives: int = 1
 ) -> tuple[list[Target], dict[str, int]]:
     """Each example with ``per_question`` passages: up to ``max_positives`` positives whose answer
-    survives truncation, then negatives; with counts of the examples dropped and why."""
+    survives truncation, then negatives; with counts of the examples dropped and why.
+
+    A positive must also share a content word with the question: a passage that holds the answer
+    string but nothing of the question ("1968", a person's own article for "who sang ...?") is more
+    often a coincidence than evidence, and teaches the reader to answer without reading. One
+    positive against retrieved negatives, as in the DPR reader and as at query time, where most
+    questions have at most one passage with the answer among the top k.
+    """
     kept = []
-    dropped = {"question_empty": 0, "answer_truncated": 0, "too_few_negatives": 0}
+    dropped = {"question_empty": 0, "no_positive_kept": 0, "too_few_negatives": 0}
     for example in examples:
         try:
             reader.question_ids(example.question)
@@ -116,13 +130,15 @@ def targets(
             continue
         positives = []
         for passage in example.passages[: example.positives]:
+            if not shares_question_word(example.question, passage):
+                continue
             found = answer_spans(reader, passage, example.answers)
             if found:
                 positives.append((passage, found))
             if len(positives) == max_positives:
                 break
         if not positives:
-            dropped["answer_truncated"] += 1
+            dropped["no_positive_kept"] += 1  # answer cut off by truncation, or no question word
             continue
         negatives = example.passages[example.positives :][: per_question - len(positives)]
         if len(positives) + len(negatives) < per_question:

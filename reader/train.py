@@ -31,11 +31,13 @@ from pathlib import Path
 import torch
 
 from .extractive import ExtractiveReader
+from .heads import ReaderHeads
 from .inputs import pad
 from .merge import Tokens
 from .supervision import Target, TrainingDataError, batch_order, example_tokens
 
 STAGES = ("plain", "split", "bits")
+ANSWER_SETTINGS = ("relevance_weight", "retrieval_weight")  # the answer rule, kept in btr.json
 SETTINGS_FILE = "btr.json"
 
 
@@ -50,6 +52,7 @@ class Stage:
     batch_size: int = 8
     learning_rate: float = 5e-5
     seed: int = 0
+    heads: bool = True  # question-word match + passage relevance (reader.heads), added at the first stage
 
     def __post_init__(self) -> None:
         if self.kind not in STAGES:
@@ -78,6 +81,14 @@ def span_loss(reader: ExtractiveReader, batch, chosen: Sequence[Target], pairs: 
         lasts = sorted({p * width + e for p, _, e in target.spans})
         losses.append(-start[row, firsts].logsumexp(0) - end[row, lasts].logsumexp(0))
     return torch.stack(losses).mean() / 2
+
+
+def relevance_loss(reader: ExtractiveReader, batch, chosen: Sequence[Target], pairs: Tokens) -> torch.Tensor:
+    """Passage selection (the DPR reader's): softmax over each question's passages, -log of the summed
+    probability of the passages that hold a gold span."""
+    logits = reader.relevance_logits(batch, pairs).float().log_softmax(-1)
+    losses = [-logits[row, sorted({p for p, _, _ in target.spans})].logsumexp(0) for row, target in enumerate(chosen)]
+    return torch.stack(losses).mean()
 
 
 def distillation_loss(student: Tokens, teacher: Tokens, attention: torch.Tensor, width: int, share: float = 0.5):
@@ -121,6 +132,8 @@ def stage_losses(reader, stage: Stage, chosen: Sequence[Target], teacher=None, p
         if projection is not None:
             losses["recovery"] = recovery_loss(projection, signs, states)
     losses["task"] = span_loss(reader, batch, chosen, pairs, stage.mode)
+    if reader.heads is not None:
+        losses["relevance"] = relevance_loss(reader, batch, chosen, pairs)
     losses["loss"] = sum(losses.values())
     return losses
 
@@ -166,6 +179,8 @@ def train_stage(
         raise TrainingDataError("no usable training examples (every answer cut off by truncation, or too few passages)")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(stage.seed)
+    if stage.heads and reader.heads is None:
+        reader.attach_heads(ReaderHeads(reader.hidden_size))
     projection = None
     if stage.kind == "bits" and stage.recovery:
         projection = torch.nn.Linear(reader.hidden_size, reader.hidden_size).to(reader.device)
@@ -180,6 +195,8 @@ def train_stage(
     if resume.exists():
         state = torch.load(resume, map_location=reader.device, weights_only=False)
         reader.model.load_state_dict(state["model"])
+        if reader.heads is not None:
+            reader.heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         if projection is not None:
@@ -219,6 +236,8 @@ def train_stage(
                      "schedule": schedule.state_dict(), "step": step + 1}
             if projection is not None:
                 state["projection"] = projection.state_dict()
+            if reader.heads is not None:
+                state["heads"] = reader.heads.state_dict()
             _atomic_save(state, resume)
     reader.eval()
     final = [json.loads(line) for line in curve.read_text().splitlines()[-10:]]
@@ -239,6 +258,8 @@ def save_checkpoint(reader: ExtractiveReader, out: Path, training: dict, dtype: 
     model = reader.model if dtype is None else copy.deepcopy(reader.model).to(dtype)
     model.save_pretrained(out)
     reader.tokenizer.save_pretrained(out)
+    if reader.heads is not None:
+        reader.heads.save(out, dtype)
     settings = {
         "family": type(reader).__name__,
         "split_layer": reader.split_layer,
@@ -246,6 +267,7 @@ def save_checkpoint(reader: ExtractiveReader, out: Path, training: dict, dtype: 
         "hidden_size": reader.hidden_size,
         "max_query_tokens": reader.config.max_query_tokens,
         "training": training,
+        "answer": {name: getattr(reader, name) for name in ANSWER_SETTINGS if hasattr(reader, name)},
         "done": True,
     }
     (out / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")

@@ -21,7 +21,6 @@ merge is the same, whatever the bucketing.
 from __future__ import annotations
 
 import itertools
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -31,22 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from reader.inputs import PASSAGE_TEMPLATE
+from reader.inputs import stopword_ids
 
 from .index import Index, IndexWriter, Manifest
 from .shard import ensure_open_files
-
-# A standard English function-word list (as in common stopword lists).
-ENGLISH_STOPWORDS = frozenset(
-    """a about above after again against all am an and any are as at be because been before being below
-    between both but by can could did do does doing down during each few for from further had has have
-    having he her here hers herself him himself his how i if in into is it its itself just me more most
-    my myself no nor not now of off on once only or other our ours ourselves out over own same she should
-    so some such than that the their theirs them themselves then there these they this those through to
-    too under until up very was we were what when where which while who whom why will with would you
-    your yours yourself yourselves also its""".split()
-)
-
 
 @dataclass(frozen=True)
 class OfflineMerge:
@@ -72,22 +59,6 @@ class OfflineMerge:
 # A token's occurrences go to buckets in pieces of this many chunks (65,536 occurrences, 4 MB at
 # d = 384, at the default chunk), so no bucket holds more than a piece of a frequent token.
 PIECE_CHUNKS = 64
-
-
-def stopword_ids(tokenizer) -> set[int]:
-    """Token ids that collapse to their prototype: function words, punctuation, special and template tokens."""
-    template_words = PASSAGE_TEMPLATE.replace("{title}", " ").replace("{text}", " ")
-    words = set(ENGLISH_STOPWORDS) | set(re.findall(r"\w+", template_words))
-    ids = set(tokenizer.all_special_ids)
-    for word in words:
-        pieces = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(pieces) == 1:  # a word split into pieces has no single vector to collapse
-            ids.add(pieces[0])
-    for token, i in tokenizer.get_vocab().items():
-        text = token.removeprefix("##").removeprefix("\u2581")
-        if text and not any(ch.isalnum() for ch in text):
-            ids.add(i)
-    return ids
 
 
 def _occurrence_dtype(width: int) -> np.dtype:

@@ -96,8 +96,9 @@ def test_distantly_supervised_examples_put_every_answer_passage_first():
 
 
 def test_span_loss_is_shared_across_passages_and_marginal_over_occurrences(reader):
-    [target], _ = targets(reader, [to_example({"question": "when?", "answers": ["1889", "1707"],
-                                               "passages": [{"title": t, "text": x} for t, x, _ in FACTS]})], 3)
+    question = "when was the tower completed or the volcano erupted?"
+    [target], _ = targets(reader, [to_example({"question": question, "answers": ["1889", "1707"],
+                                               "passages": [{"title": t, "text": x} for t, x, _ in FACTS]})], 3, 2)
     assert [p.title for p in target.passages] == ["Eiffel Tower", "Mount Fuji", "Danube"]
     assert {p for p, _, _ in target.spans} == {0, 1}  # both positives carry gold spans
     batch = reader.prepare([target.example.question], [target.passages])

@@ -1,0 +1,110 @@
+"""Choose the answer rule on held-out dev: how much passage relevance and the retriever's score weigh.
+
+    python -m flows.tune_answer --index INDEX [--sets nq-dev-heldout-in-sample,trivia-dev-heldout-in-sample]
+                                [--relevance 0,0.5,1,2] [--retrieval 0,5,10,20] [--k 5] [--write] [--out FILE]
+
+Each span's score is start + end logit (normalized over all of a question's passages) plus
+``relevance_weight`` x the log-softmax of the passage's relevance over the question's passages, plus
+``retrieval_weight`` x the retriever's score of the passage. The reader runs once per question (btr
+mode, over the index's bits); every grid point then re-scores the same logits, so the grid costs
+little. EM, the cited passage's rank and the share of title answers are reported per point; with
+``--write`` the best point (summed EM over the sets; ties go to the smaller weights) goes into the
+index's reader checkpoint's btr.json, which ``reader.load`` applies. Only dev sets may be named:
+test files are for reporting, never for choosing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from reader.answer import DEFAULT_K, Answerer
+from reader.evaluate import load_questions
+from reader.load import DEFAULT_CHECKPOINT, SETTINGS_FILE, quiet_library_logs
+from reader.normalize import exact_match, normalize_answer
+
+DEV_SETS = ("nq-dev-heldout-in-sample", "trivia-dev-heldout-in-sample")
+
+
+def read_logits(answerer: Answerer, questions: list[dict], k: int) -> list[dict]:
+    """Per question, what re-scoring needs: the batch, span logits, relevance and titles (one model pass)."""
+    reader, cached = answerer.reader, []
+    for record in questions:
+        lookup = answerer.lookup(record["question"], k)
+        stored = answerer.index.decode(lookup.raw, [h.row for h in lookup.hits])
+        batch = reader.prepare([record["question"]], [[s.tokens for s in stored]], [[h.score for h in lookup.hits]])
+        with torch.inference_mode():
+            pairs = reader.encode_pairs(batch, "btr")
+            start, end = reader.span_logits(batch, "btr", pairs)
+            relevance = reader.relevance_logits(batch, pairs)
+        cached.append({"record": record, "batch": batch, "start": start, "end": end, "relevance": relevance,
+                       "titles": [normalize_answer(s.title) for s in stored]})
+    return cached
+
+
+def score(reader, cached: list[dict], relevance_weight: float, retrieval_weight: float) -> dict:
+    """EM, cited ranks and title answers of the rule at one grid point, over cached logits."""
+    ems, ranks, titles = [], [0] * cached[0]["batch"].per_query, 0
+    for item in cached:
+        batch = item["batch"]
+        prior = retrieval_weight * torch.tensor(batch.retrieval)
+        if item["relevance"] is not None and relevance_weight:
+            prior = prior + relevance_weight * item["relevance"].log_softmax(-1).reshape(-1)
+        span = reader.best_spans(batch, item["start"], item["end"], prior)[0]
+        ems.append(exact_match(span.text, item["record"]["answers"]))
+        ranks[span.passage] += 1
+        titles += normalize_answer(span.text) in item["titles"]
+    n = len(cached)
+    return {"em": round(100 * sum(ems) / n, 2), "cited_rank": ranks, "answer_is_title": round(100 * titles / n, 2),
+            "exact": "".join("1" if e else "0" for e in ems)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.tune_answer", description=__doc__.splitlines()[0])
+    parser.add_argument("--index", required=True, help="an index built by the reader to tune")
+    parser.add_argument("--data", default="data/qa")
+    parser.add_argument("--sets", default=",".join(DEV_SETS))
+    parser.add_argument("--limit", type=int, help="the first N questions of each set")
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
+    parser.add_argument("--relevance", default="0,0.5,1,2", help="relevance_weight values")
+    parser.add_argument("--retrieval", default="0,5,10,20,40", help="retrieval_weight values")
+    parser.add_argument("--write", action="store_true", help="write the best point into the reader's btr.json")
+    parser.add_argument("--out", help="also save every point as JSON here")
+    args = parser.parse_args(argv)
+    quiet_library_logs()
+    names = [n for n in args.sets.split(",") if n]
+    if any("-test" in n for n in names):
+        print("error: the answer rule is chosen on dev sets only; test sets are for reporting", file=sys.stderr)
+        return 2
+    answerer = Answerer(args.index)
+    cached = {n: read_logits(answerer, load_questions(Path(args.data) / f"{n}.jsonl", args.limit), args.k) for n in names}
+    grid = itertools.product((float(x) for x in args.relevance.split(",")), (float(x) for x in args.retrieval.split(",")))
+    points = []
+    for relevance_weight, retrieval_weight in grid:
+        sets = {n: score(answerer.reader, c, relevance_weight, retrieval_weight) for n, c in cached.items()}
+        points.append({"relevance_weight": relevance_weight, "retrieval_weight": retrieval_weight, "sets": sets})
+        print(f"relevance {relevance_weight:g} retrieval {retrieval_weight:g}: " + "; ".join(
+            f"{n} EM {s['em']:.2f} ranks {s['cited_rank']} titles {s['answer_is_title']:.0f}%" for n, s in sets.items()),
+            flush=True)
+    best = max(points, key=lambda p: (sum(s["em"] for s in p["sets"].values()), -p["relevance_weight"] - p["retrieval_weight"]))
+    print(f"best: relevance_weight {best['relevance_weight']:g}, retrieval_weight {best['retrieval_weight']:g}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"index": args.index, "k": args.k, "limit": args.limit, "points": points}, indent=2) + "\n")
+    if args.write:
+        spec = answerer.index.manifest.extra["reader_spec"]
+        folder = Path(spec["checkpoint"]) if spec.get("checkpoint") else DEFAULT_CHECKPOINT
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+        settings["answer"] = {"relevance_weight": best["relevance_weight"], "retrieval_weight": best["retrieval_weight"]}
+        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+        print(f"wrote the answer rule into {folder / SETTINGS_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
