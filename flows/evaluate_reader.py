@@ -112,15 +112,23 @@ def relative_em(row: dict, reference: dict) -> str:
 
 
 def table(results: list[dict], sets: list[str]) -> str:
-    """Markdown: one line per reader, EM / F1 / recall@k per set, EM vs the control (or baseline), QPS."""
+    """Markdown: one line per reader; per set EM / F1 / recall@k / EM when recalled, and the cited passage's
+    rank (1..k) with the share of title answers; EM vs the control (or baseline) on the first set, QPS."""
     reference_label = next((r["row"] for r in results if "control" in r["row"]), "baseline")
-    header = ["reader", "mode"] + [f"{name}: EM / F1 / R@k" for name in sets]
+    header = ["reader", "mode"]
+    for name in sets:
+        header += [f"{name}: EM / F1 / R@k / EM if recalled", f"{name}: cited rank 1..k, title answers"]
     header += [f"EM vs {'control' if 'control' in reference_label else 'baseline'} ({sets[0]})", "QPS", "p50 ms"]
     lines = [" | ".join(header), " | ".join(["---"] * len(header))]
     by_row = {r["row"]: r for r in results}
     for r in results:
         cells = [r["row"], r["mode"]]
-        cells += [f"{r['sets'][s]['em']:.1f} / {r['sets'][s]['f1']:.1f} / {r['sets'][s]['recall_at_k']:.1f}" for s in sets]
+        for name in sets:
+            s = r["sets"][name]
+            recalled = "n/a" if s.get("em_when_recalled") is None else f"{s['em_when_recalled']:.1f}"
+            cells.append(f"{s['em']:.1f} / {s['f1']:.1f} / {s['recall_at_k']:.1f} / {recalled}")
+            ranks = " / ".join(str(x) for x in s["cited_rank"]) if "cited_rank" in s else "n/a"
+            cells.append(f"{ranks}, {s['answer_is_title']:.0f}%" if "answer_is_title" in s else ranks)
         reference = by_row.get(reference_label)
         cells.append(relative_em(r["sets"][sets[0]], reference["sets"][sets[0]]) if reference else "")
         first = r["sets"][sets[0]]

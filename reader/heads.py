@@ -6,9 +6,10 @@ Both act where the upper layers start or end, so BTR's offline half stays query-
   word pieces) is also a content word of the question gets one learned vector added to its state at
   the input of layer k+1, in every mode (the unsplit baseline too, at the same layer). The lower
   layers never see the question, so the bits stored offline do not change.
-- relevance: one score per (question, passage) pair, read from the pair's first token ([CLS]) after
-  the last layer and trained with a softmax over the question's passages (the DPR reader's passage
-  selection), so the reader learns which passage answers, not only what an answer looks like.
+- relevance: one score per (question, passage) pair, the logsumexp of a linear score of each
+  passage token's last-layer state, trained with a softmax over the question's passages (the DPR
+  reader's passage selection), so the reader learns which passage answers, not only what an answer
+  looks like.
 
 Both start at zero (no effect until trained). They are saved as ``heads.safetensors`` beside the
 model; a checkpoint without that file reads as before.

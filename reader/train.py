@@ -37,6 +37,7 @@ from .merge import Tokens
 from .supervision import Target, TrainingDataError, batch_order, example_tokens
 
 STAGES = ("plain", "split", "bits")
+HEADS_LR_SCALE = 10  # the match vector and relevance head start at zero; the encoder is pretrained
 ANSWER_SETTINGS = ("relevance_weight", "retrieval_weight")  # the answer rule, kept in btr.json
 SETTINGS_FILE = "btr.json"
 
@@ -185,7 +186,11 @@ def train_stage(
     if stage.kind == "bits" and stage.recovery:
         projection = torch.nn.Linear(reader.hidden_size, reader.hidden_size).to(reader.device)
     parameters = list(reader.parameters()) + (list(projection.parameters()) if projection else [])
-    optimizer = torch.optim.AdamW(parameters, lr=stage.learning_rate, weight_decay=0.01)
+    heads = {id(p) for p in reader.heads.parameters()} if reader.heads is not None else set()
+    groups = [{"params": [p for p in parameters if id(p) not in heads]}]
+    if heads:  # fresh, zero-initialised heads learn at HEADS_LR_SCALE x the stage's rate
+        groups.append({"params": list(reader.heads.parameters()), "lr": stage.learning_rate * HEADS_LR_SCALE})
+    optimizer = torch.optim.AdamW(groups, lr=stage.learning_rate, weight_decay=0.01)
     warmup = max(1, stage.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (stage.steps - step) / (stage.steps - warmup)))

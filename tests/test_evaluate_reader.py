@@ -85,7 +85,8 @@ def test_a_missing_question_set_is_named(tmp_path, files, capsys):
 
 
 def _row(label: str, mode: str, em: float, exact: str | None = None) -> dict:
-    cell = {"em": em, "f1": em, "recall_at_k": 90.0, "qps": 5.0, "latency_p50_ms": 100.0, "latency_p95_ms": 200.0}
+    cell = {"em": em, "f1": em, "recall_at_k": 90.0, "em_when_recalled": em / 0.9, "qps": 5.0, "latency_p50_ms": 100.0,
+            "latency_p95_ms": 200.0, "cited_rank": [3, 2, 1], "answer_is_title": 25.0}
     if exact:
         cell["exact"] = exact
     return {"row": label, "mode": mode, "sets": {"a": cell, "b": cell | {"em": em / 2}}}
@@ -97,8 +98,9 @@ def test_the_table_has_one_cell_per_column_and_compares_with_the_control_when_th
     for results, reference, relative in ((rows, "control", "50.0%"), ([rows[0], rows[2]], "baseline", "70.0%")):
         lines = evaluate_reader.table(results, ["a", "b"]).splitlines()
         cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-        assert {len(c) for c in cells} == {7} and cells[0][4] == f"EM vs {reference} (a)"
-        assert cells[-1][2:5] == ["42.0 / 42.0 / 90.0", "21.0 / 42.0 / 90.0", relative]
+        assert {len(c) for c in cells} == {9} and cells[0][6] == f"EM vs {reference} (a)"
+        assert cells[-1][2:7] == ["42.0 / 42.0 / 90.0 / 46.7", "3 / 2 / 1, 25%", "21.0 / 42.0 / 90.0 / 46.7",
+                                  "3 / 2 / 1, 25%", relative]
 
 
 def test_paired_interval_of_the_em_ratio():

@@ -88,7 +88,9 @@ def test_relevance_loss_is_minus_log_of_the_positives_share(make_extractive):
     [target], _ = targets(reader, [example], 3)
     batch = reader.prepare([example.question], [target.passages])
     pairs = reader.encode_pairs(batch, "split")
-    logits = reader.heads.relevance(pairs.hidden[:, 0]).reshape(-1)
+    width = batch.passage_width  # a passage's score: logsumexp over its own tokens of the head's token scores
+    logits = torch.stack([reader.heads.relevance(pairs.hidden[i, -width:][: len(ids)]).logsumexp(0)[0]
+                          for i, ids in enumerate(batch.passage_ids)])
     expected = -(logits[0].exp() / logits.exp().sum()).log()
     assert torch.allclose(relevance_loss(reader, batch, [target], pairs), expected, atol=1e-5)
     assert set(stage_losses(reader, Stage("plain"), [target])) == {"task", "relevance", "loss"}

@@ -160,6 +160,7 @@ def test_evaluate_prints_the_summary_and_metrics_follow_squad():
 
 
 def test_evaluate_command(index, tmp_path, capsys):
+    answerer = Answerer(index)
     path = tmp_path / "dev.jsonl"
     path.write_text("".join(json.dumps({"question": q, "answers": [p.title]}) + "\n" for q, p in zip(QUESTIONS, PASSAGES)))
     for mode in ("baseline", "btr"):
@@ -172,6 +173,11 @@ def test_evaluate_command(index, tmp_path, capsys):
         assert summary["em"] == round(100 * summary["exact"].count("1") / 4, 2)
         # EM counts only where the answer was read, so EM given recall is EM over recall
         assert summary["em_when_recalled"] == pytest.approx(100 * summary["em"] / summary["recall_at_k"], abs=0.01)
+        # the cited passage's rank and the title answers, counted here from each answer on its own
+        results = [answerer.answer(q, 3, mode) for q in QUESTIONS]
+        assert summary["cited_rank"] == [sum(r["source"] == rank for r in results) for rank in range(3)]
+        titles = sum(normalize_answer(r["answer"]) in {normalize_answer(p["title"]) for p in r["passages"]} for r in results)
+        assert summary["answer_is_title"] == round(100 * titles / len(QUESTIONS), 2)
     assert evaluate_main(["--index", str(index), "--questions", str(path), "--pool", "0"]) == 2
     assert "pool must be at least 1" in capsys.readouterr().err
     path.write_text('{"question": "no answers"}\n')
