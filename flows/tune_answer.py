@@ -9,7 +9,8 @@ Each span's score is start + end logit (normalized over all of a question's pass
 mode, over the index's bits); every grid point then re-scores the same logits, so the grid costs
 little. EM, the cited passage's rank and the share of title answers are reported per point; with
 ``--write`` the best point (summed EM over the sets; ties go to the smaller weights) goes into the
-index's reader checkpoint's btr.json, which ``reader.load`` applies. Only dev sets may be named:
+btr.json of the index's reader checkpoint and of the training stages beside it, which ``reader.load``
+applies. Only dev sets may be named:
 test files are for reporting, never for choosing.
 """
 
@@ -64,6 +65,20 @@ def score(reader, cached: list[dict], relevance_weight: float, retrieval_weight:
             "exact": "".join("1" if e else "0" for e in ems)}
 
 
+def write_rule(folder: Path, rule: dict) -> list[Path]:
+    """Put the answer rule in ``folder``'s btr.json and in those of the stages beside it (a chain's
+    ``plain``, ``plain+plain``, ...), so that every row of the accuracy table reads with one rule."""
+    written = []
+    for path in sorted({folder / SETTINGS_FILE, *folder.parent.glob(f"*/{SETTINGS_FILE}")}):
+        settings = json.loads(path.read_text())
+        if settings.get("family") != "ExtractiveReader":
+            continue
+        settings["answer"] = rule
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.tune_answer", description=__doc__.splitlines()[0])
     parser.add_argument("--index", required=True, help="an index built by the reader to tune")
@@ -99,10 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         spec = answerer.index.manifest.extra["reader_spec"]
         folder = Path(spec["checkpoint"]) if spec.get("checkpoint") else DEFAULT_CHECKPOINT
-        settings = json.loads((folder / SETTINGS_FILE).read_text())
-        settings["answer"] = {"relevance_weight": best["relevance_weight"], "retrieval_weight": best["retrieval_weight"]}
-        (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
-        print(f"wrote the answer rule into {folder / SETTINGS_FILE}")
+        rule = {"relevance_weight": best["relevance_weight"], "retrieval_weight": best["retrieval_weight"]}
+        for path in write_rule(folder, rule):
+            print(f"wrote the answer rule into {path}")
     return 0
 
 
