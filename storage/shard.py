@@ -13,10 +13,8 @@ import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -212,50 +210,3 @@ def check_shard_files(root: Path, shards: Sequence[ShardInfo]) -> dict[str, int]
     if problems:
         raise DamagedIndex(f"the index at {root} is damaged: {'; '.join(problems)}. {repair_hint(root)}")
     return inodes
-
-
-# LMDB allows one environment per file per process, and none may cross fork(): every reader in a
-# process shares these, keyed by path, and a child process or a rebuilt shard (new inode) reopens.
-_OPEN: dict[str, tuple[int, int, lmdb.Environment]] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-# Files a process may hold besides those it asks room for (sockets, libraries, a few temporary files).
-_HEADROOM = 256
-
-
-def ensure_open_files(files: int) -> None:
-    """Raise this process's soft limit on open files (up to the hard limit) to hold ``files`` more than a few.
-
-    Every open shard holds a file: a million passages in shards of 1,000 are 1,000 files, about the
-    usual soft limit (1,024). Beyond the hard limit, a clear error instead of a failing LMDB open.
-    """
-    needed = files + _HEADROOM
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or needed <= soft:
-        return
-    if hard != resource.RLIM_INFINITY and needed > hard:
-        raise OSError(
-            errno.EMFILE,
-            f"{files:,} files must be open at once (one per shard read) and the limit on open files is {hard:,}: "
-            "raise it (ulimit -n), or rebuild the index with larger shards (shard_size)",
-        )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(hard, 2 * needed), hard))
-
-
-def open_shard(root: Path, name: str) -> lmdb.Environment:
-    """A sealed shard, read-only and lock-free (safe: it is never written again), shared in-process."""
-    path = os.path.realpath(root / SHARDS / name)
-    inode = os.stat(os.path.join(path, DATA)).st_ino
-    with _OPEN_LOCK:
-        entry = _OPEN.get(path)
-        if entry is not None and entry[:2] == (os.getpid(), inode):
-            return entry[2]
-        if entry is not None:
-            # Inherited through fork, or the shard was rebuilt. Closing a read-only, lock-free
-            # environment only unmaps this process's view, so a child may close its parent's copy.
-            entry[2].close()
-        ensure_open_files(len(_OPEN) + 1)
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True, max_readers=1024)
-        _OPEN[path] = (os.getpid(), inode, env)
-        return env
