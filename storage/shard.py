@@ -67,6 +67,21 @@ def block_key(row: int, first_row: int) -> bytes:
     return KEY.pack(first_row + (row - first_row) // BLOCK_ROWS * BLOCK_ROWS)
 
 
+# The most shards the default shard size makes (see default_shard_size).
+MAX_DEFAULT_SHARDS = 4096
+
+
+def default_shard_size(passages: int) -> int:
+    """Passages per shard for a corpus of ``passages``: 1,000, or whole thousands more so that there are at most 4,096 shards.
+
+    A shard is a file and a memory map to whoever reads it: 21M passages make 3,500 shards of
+    6,000, 100M make 4,000 of 25,000, well under a usual hard limit of 20,000 open files and
+    ``vm.max_map_count`` (65,530) even for a process that opens every shard (readers keep at most
+    ``BTR_MAX_OPEN_SHARDS`` open anyway). Up to 4M passages this is the 1,000 it always was.
+    """
+    return max(1, -(-passages // (MAX_DEFAULT_SHARDS * 1000))) * 1000
+
+
 def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:05d}"
 

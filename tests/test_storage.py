@@ -284,3 +284,12 @@ def test_shards_open_at_once_are_bounded_and_the_least_recently_used_close_first
         index.fetch([20])
         assert "shard-00004" in [os.path.basename(path) for path in open_shards._OPEN]
     assert open_shards.open_count() == 3
+
+
+def test_the_default_shard_size_keeps_wikipedia_sized_corpora_to_a_few_thousand_shards():
+    from storage.shard import default_shard_size
+
+    assert [default_shard_size(n) for n in (1, 10_000, 1_000_000, 4_096_000)] == [1000] * 4
+    for passages, size in ((4_096_001, 2000), (21_000_000, 6000), (100_000_000, 25_000)):
+        assert default_shard_size(passages) == size
+        assert -(-passages // size) <= 4096  # files and maps: far under 20,000 and 65,530
