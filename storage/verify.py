@@ -75,7 +75,7 @@ def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
     """The retriever's files: present, readable, and over as many passages as the manifest lists."""
     import faiss
 
-    from reader.retriever import FAISS_FILE, INFO_FILE
+    from reader.retriever import FAISS_FILE, INFO_FILE, IVF_DATA
 
     present = [name for name in (FAISS_FILE, INFO_FILE) if (root / name).exists()]
     if not present and "retriever" not in manifest.extra:
@@ -87,7 +87,13 @@ def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
         count = json.loads((root / INFO_FILE).read_text())["count"]
         # Mapped, not read: only the header is needed, and a flat index of 1M passages is 1.5 GB
         # (a 200,000-vector one: 40 MB peak mapped against 333 MB read). Damaged files still raise.
-        vectors = faiss.read_index(str(root / FAISS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY).ntotal
+        # Lists merged on disk (reader.retriever.build_faiss_apart) live in IVF_DATA, beside it.
+        lists = (root / IVF_DATA).exists()
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if lists else faiss.IO_FLAG_MMAP_IFC
+        index = faiss.read_index(str(root / FAISS_FILE), flags | faiss.IO_FLAG_READ_ONLY)
+        vectors = index.ntotal
+        if lists and faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).totsize > (root / IVF_DATA).stat().st_size:
+            return [f"retriever: {IVF_DATA} is truncated"]
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
         return [f"retriever: unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
     if count != manifest.passages or vectors != manifest.passages:

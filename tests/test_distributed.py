@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from storage.index import Manifest
 from storage.offline import OfflineMerge, merge_index, stopword_ids
 from storage.scale import _tokenizer, step_write
+from storage.tasks import serial as serial_run
 from storage.verify import verify
 from workers.cluster import FAULT_ENV, cluster
 from workers.offline import merge_on_cluster, verify_on_cluster
@@ -63,3 +66,58 @@ def test_merge_and_verify_on_one_or_two_workers_match_one_process_and_survive_a_
         problems, checked = verify(damaged)
         assert problems and any("shard-00004" in p for p in problems)
         assert verify_on_cluster(damaged) == (problems, checked)
+
+        # The retriever, a task per shard's vectors: what one process builds, searched alike.
+        from reader.retriever import build_faiss_apart
+        from workers.cluster import cluster_runner
+
+        for folder, run in (("one-process", serial_run), ("cluster", cluster_runner())):
+            (tmp_path / folder).mkdir()
+            build_faiss_apart(embedding_files(lossless), tmp_path / folder, {}, run, train_size=300, factory="IVF8,PQ16np")
+        queries = np.load(embedding_files(lossless)[3])[:20] + 0.01
+        assert all(np.array_equal(a, b) for a, b in zip(search(tmp_path / "cluster", queries), search(tmp_path / "one-process", queries)))
+
+
+def embedding_files(lossless: Path) -> list[Path]:
+    from workers.indexer import EMBEDDINGS
+
+    return sorted((lossless / EMBEDDINGS).glob("shard-*.npy"))
+
+
+def search(folder: Path, queries, probes: int = 4):
+    from reader.retriever import read_faiss
+
+    index = read_faiss(folder)
+    index.nprobe = probes
+    return index.search(queries, 10)
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "IVF8,PQ16np"])
+def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_lists(lossless, tmp_path, factory):
+    import faiss
+
+    from reader.retriever import IVF_DATA, build_faiss, build_faiss_apart
+    from storage.verify import retriever_problems
+
+    files = embedding_files(lossless)
+    parts = [np.load(f, mmap_mode="r") for f in files]
+    whole, apart = tmp_path / "whole", tmp_path / "apart"
+    whole.mkdir(), apart.mkdir()
+    build_faiss(parts, whole, {"name": "test"}, train_size=300, factory=factory)
+    build_faiss_apart(files, apart, {"name": "test"}, train_size=300, factory=factory)
+    assert (apart / IVF_DATA).exists() and not (whole / IVF_DATA).exists()
+    queries = np.ascontiguousarray(np.concatenate([p[:5] for p in parts]) + 0.01, dtype=np.float32)
+    expected = search(whole, queries)
+    assert (expected[1] >= 0).all()
+    moved = tmp_path / "moved"
+    apart.rename(moved)  # the lists are found beside the index file, wherever the folder goes
+    got = search(moved, queries)
+    assert np.array_equal(got[1], expected[1]) and np.array_equal(got[0], expected[0])
+    plain = faiss.read_index(str(whole / "retriever.faiss"))
+    plain.nprobe = 4
+    assert np.array_equal(plain.search(queries, 10)[1], expected[1])  # mapped or read: the same answers
+
+    manifest = type("M", (), {"passages": 600, "extra": {"retriever": {}}})()
+    assert retriever_problems(moved, manifest) == []
+    os.truncate(moved / IVF_DATA, (moved / IVF_DATA).stat().st_size // 2)
+    assert retriever_problems(moved, manifest) == [f"retriever: {IVF_DATA} is truncated"]

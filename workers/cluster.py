@@ -74,7 +74,7 @@ def _run_unit(fn: Callable[..., Any], args: tuple) -> Any:
     return fn(*args)
 
 
-def ray_runner(retries: int = RETRIES) -> Runner:
+def cluster_runner(retries: int = RETRIES) -> Runner:
     """A Runner whose units are Ray tasks on the connected cluster (one CPU each), retried when their process is lost."""
 
     def run(fn: Callable[..., Any], calls: Sequence[tuple], done: Done | None = None) -> list:

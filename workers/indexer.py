@@ -132,6 +132,11 @@ def _maybe_die(rows, shard_id: int):
         yield row
 
 
+def embedding_files(index_root: Path, plans: list[ShardPlan]) -> list[Path]:
+    """Every shard's embeddings file, in row order."""
+    return [index_root / EMBEDDINGS / f"{shard_name(p.shard_id)}.npy" for p in plans]
+
+
 def shard_embeddings(index_root: Path, plans: list[ShardPlan]) -> list[np.ndarray]:
     """Every shard's embeddings, in row order, memory-mapped (never all in RAM at once)."""
-    return [np.load(index_root / EMBEDDINGS / f"{shard_name(p.shard_id)}.npy", mmap_mode="r") for p in plans]
+    return [np.load(path, mmap_mode="r") for path in embedding_files(index_root, plans)]

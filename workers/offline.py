@@ -18,7 +18,7 @@ from storage.index import Manifest
 from storage.offline import OfflineMerge, Progress, merge_index, stopword_ids
 from storage.verify import verify
 
-from .cluster import cluster, ray_runner
+from .cluster import cluster, cluster_runner
 
 
 def merge_on_cluster(
@@ -26,12 +26,12 @@ def merge_on_cluster(
     workdir: Path | str | None = None, progress: Progress | None = None, scratch: Path | str | None = None,
 ) -> Manifest:
     """``storage.offline.merge_index`` with every pass's units as tasks on the connected Ray cluster."""
-    return merge_index(source, destination, stopwords, settings, workdir, progress, ray_runner(), scratch)
+    return merge_index(source, destination, stopwords, settings, workdir, progress, cluster_runner(), scratch)
 
 
 def verify_on_cluster(root: Path) -> tuple[list[str], int]:
     """``storage.verify.verify`` with one task per shard on the connected Ray cluster."""
-    return verify(root, ray_runner())
+    return verify(root, cluster_runner())
 
 
 def index_tokenizer(root: Path):
