@@ -23,12 +23,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from reader.load import ReaderSpec, load_reader
 from reader.identity import ReaderIdentity
-from reader.retriever import build_faiss
+from reader.retriever import build_faiss_apart
 from storage.codec import CodecSettings
 from storage.index import IndexWriter
 from storage.offline import OfflineMerge, stopword_ids
 from storage.shard import ShardInfo, default_shard_size
-from workers.indexer import ShardPlan, calibrate_codec, plan_shards, shard_embeddings
+from workers.cluster import cluster_runner
+from workers.indexer import ShardPlan, calibrate_codec, embedding_files, plan_shards
 from workers.offline import merge_on_cluster
 
 from .corpus import normalize
@@ -79,10 +80,11 @@ def fit_codec(staging: str, corpus_path: str, spec: dict, sample: int) -> dict:
 
 @task(name="build-retriever", cache_policy=NO_CACHE)
 def build_retriever(staging: str, index: str, plans: list[dict], encoder: str | None) -> dict:
+    """The faiss retriever over every shard's embeddings: a task per shard on the run's Ray, lists merged on disk."""
     from reader.retriever import Encoder
 
-    parts = shard_embeddings(Path(staging), [ShardPlan(**p) for p in plans])
-    info = build_faiss(parts, Path(index), Encoder(encoder).identity())
+    files = embedding_files(Path(staging), [ShardPlan(**p) for p in plans])
+    info = build_faiss_apart(files, Path(index), Encoder(encoder).identity(), cluster_runner())
     get_run_logger().info("retriever: faiss %s over %s passages", info["factory"], info["count"])
     return info
 
