@@ -23,13 +23,15 @@ from prefect.artifacts import create_markdown_artifact
 
 from reader.load import ReaderSpec, load_reader
 from reader.identity import ReaderIdentity
-from reader.retriever import build_faiss_apart
+from reader.retriever import INFO_FILE, build_faiss_apart
 from storage.codec import CodecSettings
 from storage.index import IndexWriter
 from storage.offline import OfflineMerge, stopword_ids
 from storage.shard import ShardInfo, default_shard_size
 from workers.cluster import cluster_runner
-from workers.indexer import ShardPlan, calibrate_codec, embedding_files, plan_shards
+from workers.indexer import (
+    ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards,
+)
 from workers.offline import merge_on_cluster
 
 from .corpus import normalize
@@ -83,9 +85,14 @@ def build_retriever(staging: str, index: str, plans: list[dict], encoder: str | 
     """The faiss retriever over every shard's embeddings: a task per shard on the run's Ray, lists merged on disk."""
     from reader.retriever import Encoder
 
-    files = embedding_files(Path(staging), [ShardPlan(**p) for p in plans])
-    info = build_faiss_apart(files, Path(index), Encoder(encoder).identity(), cluster_runner())
+    shards = [ShardPlan(**p) for p in plans]
+    built = embeddings_consumed(Path(staging))
+    if built is not None and (Path(index) / INFO_FILE).exists():  # an earlier attempt built it, then freed the disk
+        get_run_logger().info("retriever: kept from an earlier attempt (faiss %s over %s passages)", built["factory"], built["count"])
+        return built
+    info = build_faiss_apart(embedding_files(Path(staging), shards), Path(index), Encoder(encoder).identity(), cluster_runner())
     get_run_logger().info("retriever: faiss %s over %s passages", info["factory"], info["count"])
+    consume_embeddings(Path(staging), shards, info)  # 1.5 KB a passage at d = 384: 32 GB at 21M
     return info
 
 
