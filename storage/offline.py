@@ -275,7 +275,9 @@ def rewrite_shard(scratch: str, destination: str, shard_id: int) -> dict:
             return info.to_dict()
     shard = index.manifest.shards[shard_id]
     info = writer.write_shard(shard_id, shard.first_row, _merged_passages(Path(scratch), index, shard_id, is_stop))
-    marker.write_text(json.dumps(info.to_dict()))
+    tmp = marker.with_name(f".tmp-{marker.name}")
+    tmp.write_text(json.dumps(info.to_dict()))
+    os.replace(tmp, marker)
     return info.to_dict()
 
 

@@ -162,3 +162,29 @@ def test_buckets_hold_pieces_of_tokens_and_no_stopwords(tmp_path, make_extractiv
     # A bucket's share no longer grows with the corpus: one bucket per bucket_tokens tokens.
     assert OfflineMerge().bucket_count(10_000) == 8
     assert OfflineMerge().bucket_count(3_000_000_000) == 3000
+
+
+def test_a_merge_stopped_half_way_resumes_from_its_scratch_folder_to_the_same_bytes(indexes, tmp_path, monkeypatch):
+    import storage.offline as offline
+    from storage.tasks import serial
+
+    _, stopwords, _, merged = indexes
+
+    def crashing(fn, calls, done=None):  # the process dies after the first shard's rewrite
+        if fn is offline.rewrite_shard:
+            serial(fn, calls[:1])
+            raise SystemExit("killed")
+        return serial(fn, calls, done)
+
+    settings, scratch = OfflineMerge(0.2, chunk=64, buckets=3), tmp_path / "scratch"
+    with pytest.raises(SystemExit):
+        merge_index(tmp_path / "lossless", tmp_path / "again", stopwords, settings, run=crashing, scratch=scratch)
+    assert (scratch / "plan.json").exists()  # kept for the rerun
+
+    def no_merging(*_):
+        raise AssertionError("a bucket finished before the crash was merged again")
+
+    monkeypatch.setattr(offline, "merge_occurrences", no_merging)
+    manifest = merge_index(tmp_path / "lossless", tmp_path / "again", stopwords, settings, scratch=scratch)
+    assert [s.digest for s in manifest.shards] == [s.digest for s in merged.manifest.shards]
+    assert not scratch.exists()
