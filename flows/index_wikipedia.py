@@ -23,16 +23,20 @@ from prefect.artifacts import create_markdown_artifact
 
 from reader.load import ReaderSpec, load_reader
 from reader.identity import ReaderIdentity
-from reader.retriever import build_faiss
+from reader.retriever import INFO_FILE, build_faiss_apart
 from storage.codec import CodecSettings
 from storage.index import IndexWriter
-from storage.offline import OfflineMerge, merge_index, stopword_ids
-from storage.shard import ShardInfo
-from workers.indexer import ShardPlan, calibrate_codec, plan_shards, shard_embeddings
+from storage.offline import OfflineMerge, stopword_ids
+from storage.shard import ShardInfo, default_shard_size
+from workers.cluster import cluster_runner
+from workers.indexer import (
+    ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards,
+)
+from workers.offline import merge_on_cluster
 
 from .corpus import normalize
 from .progress import PROGRESS_FILE, RUN_FILE, RunProgress, markdown_table
-from .shards import index_shards, ray_runner
+from .shards import flow_cluster, index_shards, ray_runner
 
 def check_plan(work: Path, plan: dict) -> None:
     """Record what this index folder is being built from; refuse to resume a build of something else.
@@ -78,11 +82,17 @@ def fit_codec(staging: str, corpus_path: str, spec: dict, sample: int) -> dict:
 
 @task(name="build-retriever", cache_policy=NO_CACHE)
 def build_retriever(staging: str, index: str, plans: list[dict], encoder: str | None) -> dict:
+    """The faiss retriever over every shard's embeddings: a task per shard on the run's Ray, lists merged on disk."""
     from reader.retriever import Encoder
 
-    parts = shard_embeddings(Path(staging), [ShardPlan(**p) for p in plans])
-    info = build_faiss(parts, Path(index), Encoder(encoder).identity())
+    shards = [ShardPlan(**p) for p in plans]
+    built = embeddings_consumed(Path(staging))
+    if built is not None and (Path(index) / INFO_FILE).exists():  # an earlier attempt built it, then freed the disk
+        get_run_logger().info("retriever: kept from an earlier attempt (faiss %s over %s passages)", built["factory"], built["count"])
+        return built
+    info = build_faiss_apart(embedding_files(Path(staging), shards), Path(index), Encoder(encoder).identity(), cluster_runner())
     get_run_logger().info("retriever: faiss %s over %s passages", info["factory"], info["count"])
+    consume_embeddings(Path(staging), shards, info)  # 1.5 KB a passage at d = 384: 32 GB at 21M
     return info
 
 
@@ -97,7 +107,9 @@ def publish(
     if Path(staging).resolve() == Path(index).resolve():
         return staged.to_dict()
     tokenizer = load_reader(ReaderSpec(**spec)).tokenizer
-    manifest = merge_index(staging, index, stopword_ids(tokenizer), OfflineMerge(offline_ratio))
+    # On the run's Ray cluster; a rerun after a crash resumes from the scratch folder's finished units.
+    scratch = Path(staging).parent / "merge"
+    manifest = merge_on_cluster(staging, index, stopword_ids(tokenizer), OfflineMerge(offline_ratio), scratch=scratch)
     return manifest.to_dict()
 
 
@@ -111,14 +123,17 @@ def index_wikipedia(
     split_layer: int | None = None,
     max_passage_tokens: int = 320,
     retriever: str | None = None,
-    shard_size: int = 1000,
+    shard_size: int = 0,
     offline_merge: float = 0.2,
     codec_sample: int = 2000,
     ray_address: str | None = None,
     workers: int = 0,
     batch_size: int = 32,
 ) -> dict:
-    """Index a corpus (default: the bundled Wikipedia sample) into a BTR index folder."""
+    """Index a corpus (default: the bundled Wikipedia sample) into a BTR index folder.
+
+    ``shard_size`` 0: from the corpus size (``storage.shard.default_shard_size``: 1,000 up to 4M passages).
+    """
     OfflineMerge(offline_merge)  # validate before any work
     out = Path(index)
     work = out / ".work"
@@ -139,28 +154,30 @@ def index_wikipedia(
     try:
         progress.phase("normalizing the corpus")
         corpus_summary = normalize_corpus(corpus, corpus_format, str(work))
+        shard_size = shard_size or default_shard_size(corpus_summary["passages"])
         plans = [asdict(p) for p in plan_shards(corpus_summary["passages"], shard_size)]
         progress.set(passages_total=corpus_summary["passages"], shards_total=len(plans))
         progress.phase("fitting the codec")
         fitted = fit_codec(str(staging), corpus_summary["path"], spec, codec_sample)
 
-        progress.phase("indexing shards")
-        fanned = index_shards.with_options(task_runner=ray_runner(ray_address))(
-            plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, str(progress.path)
-        )
-        results = fanned["shards"]
-        progress = RunProgress.load(progress.path)  # the subflow brought it up to date
-        progress.set(reassigned_shards=fanned["reassigned"])
-        progress.phase("building the retriever")
-        retriever_info = build_retriever(str(staging), str(out), plans, retriever)
-        extra = {
-            "reader_spec": spec,
-            "corpus": {k: corpus_summary[k] for k in ("passages", "rejects")} | {"format": corpus_format, "source": corpus},
-            "retriever": retriever_info,
-            "shard_size": shard_size,
-        }
-        progress.phase("offline merge and publish" if offline_merge > 0 else "publishing")
-        manifest = publish(str(staging), str(out), fitted["reader"], [r["shard"] for r in results], extra, offline_merge, spec)
+        with flow_cluster(ray_address):  # one Ray for the shards, the retriever and the merge
+            progress.phase("indexing shards")
+            fanned = index_shards.with_options(task_runner=ray_runner(ray_address))(
+                plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, str(progress.path)
+            )
+            results = fanned["shards"]
+            progress = RunProgress.load(progress.path)  # the subflow brought it up to date
+            progress.set(reassigned_shards=fanned["reassigned"])
+            progress.phase("building the retriever")
+            retriever_info = build_retriever(str(staging), str(out), plans, retriever)
+            extra = {
+                "reader_spec": spec,
+                "corpus": {k: corpus_summary[k] for k in ("passages", "rejects")} | {"format": corpus_format, "source": corpus},
+                "retriever": retriever_info,
+                "shard_size": shard_size,
+            }
+            progress.phase("offline merge and publish" if offline_merge > 0 else "publishing")
+            manifest = publish(str(staging), str(out), fitted["reader"], [r["shard"] for r in results], extra, offline_merge, spec)
     except BaseException:
         progress.finish("failed")
         raise
@@ -182,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", default="indexes/wikipedia-sample")
     parser.add_argument("--corpus", default=None)
     parser.add_argument("--corpus-format", default="sample")
-    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--shard-size", type=int, default=0, help="passages per shard (default: from the corpus size)")
     parser.add_argument("--offline-merge", type=float, default=0.2)
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--reader-checkpoint", default=None, help="reader to index with (default: the trained default)")

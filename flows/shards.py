@@ -12,6 +12,7 @@ import queue
 import shutil
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import prefect_ray
@@ -26,13 +27,10 @@ from prefect_ray.context import remote_options
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.actor import index_or_lost, start_workers, stop_workers, when_back
+from workers.cluster import LOCAL_RAY, cluster, loopback_ray
 
 from .progress import WORKER_FOLDER, Printer, RunProgress, in_flight
 from .quiet import quiet
-
-# A local Ray listens on loopback only, dashboard included (on 8265, or the next free port; the
-# task runner logs its URL).
-LOCAL_RAY = {"_node_ip_address": "127.0.0.1", "include_dashboard": True, "dashboard_host": "127.0.0.1"}
 
 
 class RayTaskRunner(prefect_ray.RayTaskRunner):
@@ -51,25 +49,25 @@ class RayTaskRunner(prefect_ray.RayTaskRunner):
             APILogWorker.drain_all(timeout=10)
 
 
-def _loopback_ray() -> None:
-    """Make a local Ray single-node and loopback-only (its default picks the machine's outward IP).
-
-    Ray reads this switch at import; the environment carries it to Ray's own processes and the
-    constant to this one. A cluster given by address is left alone.
-    """
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+def ray_env() -> dict:
+    """What Ray's processes are started with: quiet, and reporting to this run's Prefect API."""
+    return {"env_vars": quiet() | {"PREFECT_API_URL": prefect_api_url()}}
 
 
 def ray_runner(ray_address: str | None) -> RayTaskRunner:
     """The task runner for ``index_shards``: the cluster at ``ray_address``, else a local loopback Ray.
 
-    Ray's processes report to this run's Prefect API, and phone nobody.
+    Ray's processes report to this run's Prefect API, and phone nobody. Inside ``flow_cluster``, the
+    cluster it connected to.
     """
     if not ray_address:
-        _loopback_ray()
-    runtime_env = {"env_vars": quiet() | {"PREFECT_API_URL": prefect_api_url()}}
-    return RayTaskRunner(address=ray_address, init_kwargs=({} if ray_address else LOCAL_RAY) | {"runtime_env": runtime_env})
+        loopback_ray()
+    return RayTaskRunner(address=ray_address, init_kwargs=({} if ray_address else LOCAL_RAY) | {"runtime_env": ray_env()})
+
+
+def flow_cluster(ray_address: str | None) -> AbstractContextManager:
+    """The run's Ray, for every step from the shards on: the cluster at ``ray_address``, else a loopback one started here."""
+    return cluster(ray_address, runtime_env=ray_env())
 
 
 @task(name="index-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)

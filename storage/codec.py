@@ -192,6 +192,10 @@ class Codec:
             start += n
         return out
 
+    def decode_ids(self, ids_z) -> np.ndarray:
+        """One passage's token ids alone (int32 [L]): no bits decoded."""
+        return np.frombuffer(self._decompressors()[1].decompress(ids_z), dtype=self.id_dtype).astype(np.int32)
+
     def decode(self, ids_z, scale_z, bits_z) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One passage's ids, packed bits and scales (see ``decode_many``)."""
         return self.decode_many([(ids_z, scale_z, bits_z)])[0]

@@ -4,8 +4,8 @@
     Index.open(root, expect=reader.identity()).fetch(rows)
 
 The manifest is the commit point: written atomically after every shard it lists is sealed, so a
-reader either sees a complete index or none. Shards open lazily, once per process (see
-``storage.shard.open_shard``), and every thread reads them. Opening, and every read, first checks
+reader either sees a complete index or none. Shards open lazily and are shared by every thread of
+the process, a bounded number at a time (see ``storage.open_shards``). Opening, and every read, first checks
 the shard's file against the manifest's size (LMDB would fault on a shorter one) and the file it
 was opened on: a damaged or replaced shard is a ``DamagedIndex``, never a signal or a mix.
 """
@@ -16,7 +16,8 @@ import bisect
 import json
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from reader.identity import ReaderIdentity
 from .codec import Codec
 from .record import RecordFormat, StoredPassage, decode_records, encode_record
 from .shard import (
-    BLOCK_ROWS, SHARDS, DamagedIndex, ShardInfo, block_key, block_record, check_shard_files, open_shard, repair_hint,
-    sealed_shard, shard_file, write_shard,
+    BLOCK_ROWS, SHARDS, DamagedIndex, ShardInfo, block_key, block_record, check_shard_files, repair_hint, sealed_shard,
+    shard_file, write_shard,
 )
+from .open_shards import open_shard
 
 FORMAT_VERSION = 2  # 2: records packed in blocks of BLOCK_ROWS rows per LMDB value
 MANIFEST = "manifest.json"
@@ -182,8 +184,6 @@ class Index:
         # The files this index was opened on: a shard replaced later (a rebuild into the same folder)
         # is refused rather than read against this manifest and retriever.
         self._inodes = check_shard_files(self.root, manifest.shards)
-        self._envs: dict[str, object] = {}  # this process's open shards (published shards never change)
-        self._pid = os.getpid()
 
     @classmethod
     def open(cls, root: Path | str, expect: ReaderIdentity | None = None) -> "Index":
@@ -217,20 +217,15 @@ class Index:
                 f"if that is refused too, {repair_hint(self.root)}"
             ) from None
 
-    def _env(self, shard: ShardInfo):
+    @contextmanager
+    def _env(self, shard: ShardInfo) -> Iterator[lmdb.Environment]:
         self._check_file(shard)
-        if self._pid != os.getpid():  # a forked child: the parent's environments are not ours
-            self._envs, self._pid = {}, os.getpid()
-        env = self._envs.get(shard.name)
-        if env is None:
+        with ExitStack() as stack:
             try:
-                env = self._envs[shard.name] = open_shard(self.root, shard.name)
+                env = stack.enter_context(open_shard(self.root, shard.name))
             except lmdb.Error as error:
                 raise DamagedIndex(f"{shard.name} is not a readable LMDB file ({error}). {repair_hint(self.root)}") from None
-        return env
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_envs": {}}
+            yield env  # a read's own errors pass through to it
 
     def _check_row(self, row: int) -> int:
         if not 0 <= row < len(self):
@@ -254,7 +249,7 @@ class Index:
             shard = self.manifest.shards[index]
             # Blocks are read in place from the memory map; only the wanted records are copied out.
             try:
-                with self._env(shard).begin(buffers=True) as txn:
+                with self._env(shard) as env, env.begin(buffers=True) as txn:
                     for row in shard_rows:
                         block = txn.get(block_key(row, shard.first_row))
                         record = block_record(block, (row - shard.first_row) % BLOCK_ROWS) if block is not None else None

@@ -1,64 +1,62 @@
-"""Offline (lossy) compression of an index, as in BTR: merge token occurrences across the corpus.
+"""Offline (lossy) compression of a whole index in bounded memory: passes of small units, run here or on a cluster.
 
-- Stopwords (English function words, punctuation, special and template tokens) collapse to their
-  vocabulary token's prototype, sign(mean of all occurrences): their residual becomes zero.
-- Every other vocabulary token: bipartite merge of ``ratio`` of its occurrences by Hamming distance
-  (alternate occurrences form sets A and B; each A links to its nearest B; the best links merge);
-  a merged group takes sign(sum), ties going to the prototype bit. Merged vectors sit closer to the
-  prototype, so their residuals code smaller.
+What happens to each token (``storage.token_merge``): stopwords collapse to their prototype, and
+``ratio`` of every other token's occurrences merge, chunk by chunk of ``chunk`` occurrences in (row,
+position) order. Occurrences are grouped by token through an external partition in a scratch
+folder. Each pass is a map over shards or buckets whose units are independent, so ``merge_index``
+runs them with any ``storage.tasks.Runner`` (one process, or Ray tasks: ``workers.offline``) and
+writes the same bytes either way:
 
-Occurrences are grouped by token id through an external partition: pass 1 streams the index into
-bucket files, pass 2 merges one bucket at a time (within chunks of ``chunk`` occurrences, which
-bounds the pairwise work), writing changed vectors to one file per shard, and pass 3 rewrites each
-shard with its changes, setting every stopword to its prototype as it goes. Memory is bounded by a
-bucket and a shard, never the corpus: stopwords (about 45% of Wikipedia's tokens, the most frequent
-of them 5% each) never enter a bucket; a token's occurrences are cut into pieces of whole chunks,
-each hashed to a bucket of its own; and the bucket count grows with the corpus (one per
-``bucket_tokens`` tokens, at least ``buckets``). Cutting at chunk boundaries changes nothing: the
-merge is the same, whatever the bucketing.
+    count      per shard: how many occurrences of each token it holds (token ids alone are decoded)
+    (driver)   each shard's first rank per token: the sum of the shards' counts before it
+    partition  per shard: every non-stopword occurrence (token, row, position, bits) to a bucket by
+               hash(token, piece), a piece being PIECE_CHUNKS chunks of the token's occurrences in
+               corpus order; one file per shard, grouped by bucket
+    merge      per bucket: its slice of every shard's file; new bits for the changed occurrences,
+               one file per bucket, grouped by shard
+    (driver)   the codec's dictionary, trained again on the first merged passages
+    rewrite    per shard: its slice of every bucket's changes swapped in, stopwords set to their
+               prototypes, sealed into the destination
+
+Memory is bounded by a bucket and a shard, never the corpus: stopwords (about 45% of Wikipedia's
+tokens, the most frequent of them 5% each) never enter a bucket; a token's occurrences are cut into
+pieces of whole chunks, each hashed to a bucket of its own; and the bucket count grows with the
+corpus (one per ``bucket_tokens`` tokens, at least ``buckets``). Cutting at chunk boundaries
+changes nothing: the merge is the same, whatever the bucketing.
+
+Every unit writes its files under a temporary name and renames them: a unit lost with its process
+runs again from the start, and a rerun given the same ``scratch`` folder and settings skips the
+units already done. A shard's partition file is deleted once every bucket is merged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from reader.inputs import stopword_ids
-
 from .index import Index, IndexWriter, Manifest
-from .shard import ensure_open_files
-
-@dataclass(frozen=True)
-class OfflineMerge:
-    """Settings of the offline pass; recorded in the manifest."""
-
-    ratio: float = 0.2
-    chunk: int = 1024
-    buckets: int = 8  # at least; one more per bucket_tokens tokens of the corpus
-    # About 35 MB of bucket file at d = 384 (stopwords, ~45% of tokens, stay out): the bound on pass 2's memory.
-    bucket_tokens: int = 1_000_000
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio <= 0.5:
-            raise ValueError(f"offline merge ratio must be in [0, 0.5] (bipartite limit), got {self.ratio}")
-        if self.chunk < 2 or self.buckets < 1 or self.bucket_tokens < 1:
-            raise ValueError("chunk must be >= 2, buckets and bucket_tokens >= 1")
-
-    def bucket_count(self, tokens: int) -> int:
-        """Buckets for a corpus of ``tokens`` tokens: a bucket's size does not grow with the corpus."""
-        return max(self.buckets, -(-tokens // self.bucket_tokens))
-
+from .record import record_token_ids
+from .shard import ShardInfo
+from .tasks import Runner, serial
+from .token_merge import ENGLISH_STOPWORDS, OfflineMerge, merge_occurrences, stopword_ids
 
 # A token's occurrences go to buckets in pieces of this many chunks (65,536 occurrences, 4 MB at
 # d = 384, at the default chunk), so no bucket holds more than a piece of a frequent token.
 PIECE_CHUNKS = 64
+PLAN = "plan.json"
+_ROWS = 256  # rows read at a time
+
+Progress = Callable[[str, int, int], None]  # (pass, done, total): "count", "partition", "merge", "rewrite"
 
 
 def _occurrence_dtype(width: int) -> np.dtype:
@@ -69,94 +67,166 @@ def _change_dtype(width: int) -> np.dtype:
     return np.dtype([("row", "<u8"), ("pos", "<u4"), ("bits", "u1", (width,))])
 
 
-def merge_occurrences(bits: np.ndarray, prototype: np.ndarray, ratio: float) -> np.ndarray:
-    """Bipartite merge of ``ratio`` of one token's occurrences (packed bits [n, d/8]); returns new bits."""
-    n = len(bits)
-    r = min(round(ratio * n), n // 2)
-    if r == 0:
-        return bits
-    signs = np.unpackbits(bits, axis=1, bitorder="little").astype(np.float32) * 2 - 1
-    a, b = signs[0::2], signs[1::2]
-    similarity = a @ b.T  # d - 2 * Hamming distance
-    partner = similarity.argmax(1)
-    best = np.argsort(-similarity[np.arange(len(a)), partner], kind="stable")[:r]
-    # Each B token with the A tokens merged into it forms a group that takes sign(sum).
-    group_sum = b.copy()
-    np.add.at(group_sum, partner[best], a[best])
-    proto_sign = np.unpackbits(prototype, bitorder="little").astype(np.float32) * 2 - 1
-    merged = np.where(group_sum == 0, proto_sign, np.sign(group_sum))
-    out = signs.copy()
-    touched_b = np.unique(partner[best])
-    out[1::2][touched_b] = merged[touched_b]
-    out[0::2][best] = merged[partner[best]]
-    return np.packbits(out > 0, axis=1, bitorder="little")
+def _save(path: Path, array: np.ndarray) -> None:
+    """``array`` to ``path`` (.npy or raw .bin) under a temporary name, then renamed: never half a file."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    if path.suffix == ".npy":
+        np.save(tmp, array)
+    else:
+        array.tofile(tmp)
+    os.replace(tmp, path)
 
 
-Progress = Callable[[str, int, int], None]  # (pass, done, total): "partition", "merge", "rewrite"
+def _unit(scratch: Path, name: str, unit: int, suffix: str) -> Path:
+    return scratch / f"{name}-{unit:05d}{suffix}"
 
 
-def _partition(index: Index, folder: Path, buckets: int, is_stop: np.ndarray, span: int, progress: Progress) -> int:
-    """Pass 1: every non-stopword occurrence (token, row, position, bits) into a bucket's file.
+def _save_grouped(scratch: Path, name: str, unit: int, items: np.ndarray, group: np.ndarray, groups: int, result: int) -> None:
+    """A unit's items sorted by group, and its index: where each group starts, then ``result`` (written last)."""
+    order = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[order], np.arange(groups + 1))
+    _save(_unit(scratch, name, unit, ".bin"), items[order])
+    _save(_unit(scratch, name, unit, ".idx.npy"), np.r_[bounds, result].astype(np.int64))
 
-    A token's k-th occurrence (in row, position order) goes with its piece ``k // span`` to bucket
-    hash(token, piece). Returns how many stopword occurrences differ from their prototype (pass 3
-    changes them).
+
+def _done(scratch: Path, name: str, unit: int) -> int | None:
+    """The result of a unit an earlier attempt finished, else None."""
+    path = _unit(scratch, name, unit, ".idx.npy")
+    return int(np.load(path)[-1]) if path.exists() else None
+
+
+def _gather(scratch: Path, name: str, units: int, groups: int) -> None:
+    """``name``.npy: every unit's group starts as one table, [group, unit], so a reader takes one group's row."""
+    tmp = scratch / f".tmp-{name}.npy"
+    table = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(groups + 1, units))
+    for start in range(0, units, 1024):
+        stop = min(start + 1024, units)
+        table[:, start:stop] = np.stack([np.load(_unit(scratch, name, u, ".idx.npy"))[:-1] for u in range(start, stop)], 1)
+    table.flush()
+    del table
+    os.replace(tmp, scratch / f"{name}.npy")
+
+
+def _read_group(scratch: Path, name: str, group: int, dtype: np.dtype) -> np.ndarray:
+    """Group ``group``'s items from every unit's file, in unit order."""
+    table = np.load(scratch / f"{name}.npy", mmap_mode="r")
+    lo, hi = np.array(table[group]), np.array(table[group + 1])
+    pieces = [
+        np.fromfile(_unit(scratch, name, u, ".bin"), dtype=dtype, count=int(hi[u] - lo[u]), offset=int(lo[u]) * dtype.itemsize)
+        for u in np.flatnonzero(hi > lo)
+    ]
+    return np.concatenate(pieces) if pieces else np.empty(0, dtype)
+
+
+_CONTEXT: dict[tuple[str, int], tuple[dict, Index, np.ndarray]] = {}
+
+
+def _context(scratch: Path) -> tuple[dict, Index, np.ndarray]:
+    """The merge's plan, source index and stopword mask, read once per process (a merge's units share them)."""
+    key = (str(scratch), (scratch / PLAN).stat().st_mtime_ns)
+    if key not in _CONTEXT:
+        plan = json.loads((scratch / PLAN).read_text())
+        index = Index.open(plan["source"])
+        is_stop = np.zeros(index.format.codec.vocab_size, dtype=bool)
+        is_stop[[t for t in plan["stopwords"] if t < len(is_stop)]] = True
+        _CONTEXT.clear()
+        _CONTEXT[key] = plan, index, is_stop
+    return _CONTEXT[key]
+
+
+def _row_blocks(shard: ShardInfo) -> Iterator[list[int]]:
+    last = shard.first_row + shard.rows
+    for start in range(shard.first_row, last, _ROWS):
+        yield list(range(start, min(start + _ROWS, last)))
+
+
+def count_shard(scratch: str, shard_id: int) -> int:
+    """Count pass, one shard: its occurrences of each non-stopword token, saved as (tokens, counts); their sum."""
+    path = _unit(Path(scratch), "counts", shard_id, ".npy")
+    if not path.exists():
+        _, index, is_stop = _context(Path(scratch))
+        counts = np.zeros(len(is_stop), dtype=np.int64)
+        for rows in _row_blocks(index.manifest.shards[shard_id]):
+            read = index.read(rows)
+            ids = np.concatenate([record_token_ids(index.format, v, f"{name} row {r}") for (name, v), r in zip(read, rows)])
+            counts += np.bincount(ids[~is_stop[ids]], minlength=len(counts))
+        tokens = np.flatnonzero(counts)
+        _save(path, np.stack([tokens, counts[tokens]]))
+    return int(np.load(path)[1].sum())
+
+
+def _first_ranks(scratch: Path, shards: int, vocab: int) -> None:
+    """Each shard's (tokens, rank of its first occurrence of each among all the token's occurrences)."""
+    seen = np.zeros(vocab, dtype=np.int64)
+    for shard_id in range(shards):
+        tokens, counts = np.load(_unit(scratch, "counts", shard_id, ".npy"))
+        _save(_unit(scratch, "ranks", shard_id, ".npy"), np.stack([tokens, seen[tokens]]))
+        seen[tokens] += counts
+
+
+def partition_shard(scratch: str, shard_id: int) -> int:
+    """Partition pass, one shard: its non-stopword occurrences grouped by bucket; how many stopwords differ from their prototype.
+
+    A token's k-th occurrence in the corpus (in row, position order) goes with its piece
+    ``k // span`` to bucket hash(token, piece).
     """
-    codec = index.format.codec
-    width = codec.hidden_size // 8
-    dtype = _occurrence_dtype(width)
-    seen = np.zeros(len(is_stop), dtype=np.int64)  # occurrences of each token so far
-    stop_changed = 0
-    files = [open(folder / f"bucket-{b:04d}.bin", "ab") for b in range(buckets)]
-    try:
-        for done, shard in enumerate(index.manifest.shards, start=1):
-            for start in range(shard.first_row, shard.first_row + shard.rows, 256):
-                rows = list(range(start, min(start + 256, shard.first_row + shard.rows)))
-                passages = index.fetch(rows)
-                ids = np.concatenate([p.tokens.token_ids.numpy() for p in passages]).astype(np.int64)
-                bits = np.concatenate([p.tokens.bits.numpy() for p in passages])
-                stop = is_stop[ids]
-                stop_changed += int((bits[stop] != codec.prototypes[ids[stop]]).any(1).sum())
-                keep = ~stop
-                if not keep.any():
-                    continue
-                block = np.empty(int(keep.sum()), dtype=dtype)
-                block["token"] = ids[keep]
-                block["row"] = np.repeat(rows, [len(p.tokens) for p in passages])[keep]
-                block["pos"] = np.concatenate([np.arange(len(p.tokens)) for p in passages])[keep]
-                block["bits"] = bits[keep]
-                # Each occurrence's number among its token's occurrences, counting earlier blocks.
-                order = np.argsort(block["token"], kind="stable")
-                tokens = block["token"][order].astype(np.int64)
-                first = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
-                rank = np.empty(len(block), dtype=np.int64)
-                rank[order] = np.arange(len(block)) - np.repeat(first, np.diff(np.r_[first, len(block)])) + seen[tokens]
-                np.add.at(seen, tokens[first], np.diff(np.r_[first, len(block)]))
-                piece = (rank // span).astype(np.uint64)
-                bucket_of = (block["token"].astype(np.uint64) * np.uint64(2654435761) + piece) % np.uint64(buckets)
-                for b in np.unique(bucket_of):
-                    files[b].write(block[bucket_of == b].tobytes())
-            progress("partition", done, len(index.manifest.shards))
-    finally:
-        for f in files:
-            f.close()
+    done = _done(Path(scratch), "part", shard_id)
+    if done is not None:
+        return done
+    plan, index, is_stop = _context(Path(scratch))
+    codec, buckets, span = index.format.codec, plan["buckets"], plan["span"]
+    dtype = _occurrence_dtype(codec.hidden_size // 8)
+    tokens, first = np.load(_unit(Path(scratch), "ranks", shard_id, ".npy"))
+    seen = np.zeros(len(is_stop), dtype=np.int64)  # occurrences of each token before this block
+    seen[tokens] = first
+    blocks, bucket_of, stop_changed = [], [], 0
+    for rows in _row_blocks(index.manifest.shards[shard_id]):
+        passages = index.fetch(rows)
+        ids = np.concatenate([p.tokens.token_ids.numpy() for p in passages]).astype(np.int64)
+        bits = np.concatenate([p.tokens.bits.numpy() for p in passages])
+        stop = is_stop[ids]
+        stop_changed += int((bits[stop] != codec.prototypes[ids[stop]]).any(1).sum())
+        keep = ~stop
+        if not keep.any():
+            continue
+        block = np.empty(int(keep.sum()), dtype=dtype)
+        block["token"] = ids[keep]
+        block["row"] = np.repeat(rows, [len(p.tokens) for p in passages])[keep]
+        block["pos"] = np.concatenate([np.arange(len(p.tokens)) for p in passages])[keep]
+        block["bits"] = bits[keep]
+        # Each occurrence's number among its token's occurrences, counting earlier blocks and shards.
+        order = np.argsort(block["token"], kind="stable")
+        sorted_tokens = block["token"][order].astype(np.int64)
+        starts = np.flatnonzero(np.r_[True, sorted_tokens[1:] != sorted_tokens[:-1]])
+        runs = np.diff(np.r_[starts, len(block)])
+        rank = np.empty(len(block), dtype=np.int64)
+        rank[order] = np.arange(len(block)) - np.repeat(starts, runs) + seen[sorted_tokens]
+        np.add.at(seen, sorted_tokens[starts], runs)
+        piece = (rank // span).astype(np.uint64)
+        blocks.append(block)
+        bucket_of.append((block["token"].astype(np.uint64) * np.uint64(2654435761) + piece) % np.uint64(buckets))
+    occurrences = np.concatenate(blocks) if blocks else np.empty(0, dtype)
+    groups = np.concatenate(bucket_of) if bucket_of else np.empty(0, np.uint64)
+    _save_grouped(Path(scratch), "part", shard_id, occurrences, groups.astype(np.int64), buckets, stop_changed)
     return stop_changed
 
 
-def _merge_bucket(path: Path, index: Index, settings: OfflineMerge) -> int:
-    """Pass 2 for one bucket: new bits for every changed occurrence, appended to its shard's changes file.
+def merge_bucket(scratch: str, bucket: int) -> int:
+    """Merge pass, one bucket: new bits for every changed occurrence, grouped by shard; how many changed.
 
     A token's occurrences here are whole pieces (multiples of ``chunk``, but for its last), in
     order: counting chunks from the first of them gives the same chunks as over all of them.
     """
-    codec, folder = index.format.codec, path.parent
+    done = _done(Path(scratch), "changes", bucket)
+    if done is not None:
+        return done
+    plan, index, _ = _context(Path(scratch))
+    codec, settings = index.format.codec, OfflineMerge(**plan["settings"])
     width = codec.hidden_size // 8
-    occurrences = np.fromfile(path, dtype=_occurrence_dtype(width))
-    if not len(occurrences):
-        return 0
+    occurrences = _read_group(Path(scratch), "part", bucket, _occurrence_dtype(width))
     occurrences = occurrences[np.lexsort((occurrences["pos"], occurrences["row"], occurrences["token"]))]
     tokens = occurrences["token"]
-    starts = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]])
+    starts = np.flatnonzero(np.r_[True, tokens[1:] != tokens[:-1]]) if len(tokens) else np.empty(0, np.int64)
     new_bits = occurrences["bits"].copy()
     for start, end in zip(starts, np.r_[starts[1:], len(tokens)]):
         token = int(tokens[start])
@@ -164,31 +234,26 @@ def _merge_bucket(path: Path, index: Index, settings: OfflineMerge) -> int:
             hi = min(lo + settings.chunk, end)
             new_bits[lo:hi] = merge_occurrences(new_bits[lo:hi], codec.prototypes[token], settings.ratio)
     changed = np.flatnonzero((new_bits != occurrences["bits"]).any(1))
-    starts_of_shards = np.array([s.first_row for s in index.manifest.shards])
-    shard_of = np.searchsorted(starts_of_shards, occurrences["row"][changed], side="right") - 1
     changes = np.empty(len(changed), dtype=_change_dtype(width))
     changes["row"], changes["pos"], changes["bits"] = occurrences["row"][changed], occurrences["pos"][changed], new_bits[changed]
-    for s in np.unique(shard_of):  # opened per write: one file per shard at once would exhaust the file limit
-        with open(folder / f"changes-{s:05d}.bin", "ab") as f:
-            f.write(changes[shard_of == s].tobytes())
+    shard_of = np.searchsorted(np.array([s.first_row for s in index.manifest.shards]), changes["row"], side="right") - 1
+    _save_grouped(Path(scratch), "changes", bucket, changes, shard_of, len(index.manifest.shards), len(changed))
     return len(changed)
 
 
-def _merged_passages(index: Index, shard_id: int, changes_path: Path, is_stop: np.ndarray):
+def _merged_passages(scratch: Path, index: Index, shard_id: int, is_stop: np.ndarray):
     """(pid, title, text, tokens) of one shard with its changed vectors swapped in, stopwords collapsed."""
     shard = index.manifest.shards[shard_id]
-    width = index.format.codec.hidden_size // 8
+    changes = _read_group(scratch, "changes", shard_id, _change_dtype(index.format.codec.hidden_size // 8))
     by_row: dict[int, np.ndarray] = {}
-    changes = np.fromfile(changes_path, dtype=_change_dtype(width)) if changes_path.exists() else []
     if len(changes):
         changes = changes[np.lexsort((changes["pos"], changes["row"]))]
         rows = changes["row"]
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
         for start, end in zip(starts, np.r_[starts[1:], len(rows)]):
             by_row[int(rows[start])] = changes[start:end]
-    last = shard.first_row + shard.rows
-    for start in range(shard.first_row, last, 256):
-        for stored in index.fetch(range(start, min(start + 256, last))):
+    for rows in _row_blocks(shard):
+        for stored in index.fetch(rows):
             bits = stored.tokens.bits.numpy().copy()
             ids = stored.tokens.token_ids.numpy().astype(np.int64)
             stop = is_stop[ids]
@@ -199,50 +264,93 @@ def _merged_passages(index: Index, shard_id: int, changes_path: Path, is_stop: n
             yield stored.pid, stored.title, stored.text, replace(stored.tokens, bits=torch.from_numpy(bits))
 
 
+def rewrite_shard(scratch: str, destination: str, shard_id: int) -> dict:
+    """Rewrite pass, one shard: sealed into ``destination`` (whose codec is saved already); its ShardInfo."""
+    marker = _unit(Path(scratch), "rewritten", shard_id, ".json")
+    plan, index, is_stop = _context(Path(scratch))
+    writer = IndexWriter(destination, index.manifest.reader)
+    if marker.exists():  # sealed by an earlier attempt of this merge, and still intact
+        info = writer.sealed(shard_id)
+        if info is not None and info.to_dict() == json.loads(marker.read_text()):
+            return info.to_dict()
+    shard = index.manifest.shards[shard_id]
+    info = writer.write_shard(shard_id, shard.first_row, _merged_passages(Path(scratch), index, shard_id, is_stop))
+    tmp = marker.with_name(f".tmp-{marker.name}")
+    tmp.write_text(json.dumps(info.to_dict()))
+    os.replace(tmp, marker)
+    return info.to_dict()
+
+
+def _start(scratch: Path, plan: dict) -> None:
+    """Keep what an earlier attempt of the same merge left in ``scratch``; clear anything else."""
+    path = scratch / PLAN
+    if path.exists() and json.loads(path.read_text()) == plan:
+        return
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    path.write_text(json.dumps(plan))
+
+
+def _merge(
+    index: Index, folder: Path, destination: Path, settings: OfflineMerge, stopwords: int, run: Runner, progress: Progress
+) -> Manifest:
+    """The passes, in order, over a started scratch folder; the destination's manifest."""
+    shards, codec = len(index.manifest.shards), index.format.codec
+    buckets = settings.bucket_count(index.manifest.tokens)
+    units = [(str(folder), i) for i in range(shards)]
+    report = lambda stage: lambda done, total: progress(stage, done, total)  # noqa: E731
+    run(count_shard, units, report("count"))
+    _first_ranks(folder, shards, codec.vocab_size)
+    changed = sum(run(partition_shard, units, report("partition")))
+    _gather(folder, "part", shards, buckets)
+    changed += sum(run(merge_bucket, [(str(folder), b) for b in range(buckets)], report("merge")))
+    _gather(folder, "changes", buckets, shards)
+    for i in range(shards):  # every bucket is merged: the partition is no longer needed
+        _unit(folder, "part", i, ".bin").unlink(missing_ok=True)
+    # Same prototypes; the dictionary is trained again on merged residuals, which differ from lossless ones.
+    is_stop = _context(folder)[2]
+    merged = itertools.chain.from_iterable(_merged_passages(folder, index, i, is_stop) for i in range(shards))
+    sample = [(t.token_ids.numpy(), t.bits.numpy()) for *_, t in itertools.islice(merged, codec.settings.dictionary_samples)]
+    writer = IndexWriter(destination, index.manifest.reader, codec.with_dictionary(sample))
+    del sample
+    infos = run(rewrite_shard, [(str(folder), str(destination), i) for i in range(shards)], report("rewrite"))
+    extra = {**index.manifest.extra, "offline_merge": {
+        **asdict(settings), "bucket_files": buckets, "stopwords": stopwords, "changed_tokens": changed,
+    }}
+    return writer.publish([ShardInfo.from_dict(i) for i in infos], extra=extra)
+
+
 def merge_index(
     source: Path | str, destination: Path | str, stopwords: set[int], settings: OfflineMerge | None = None,
-    workdir: Path | str | None = None, progress: Progress | None = None,
+    workdir: Path | str | None = None, progress: Progress | None = None, run: Runner = serial,
+    scratch: Path | str | None = None,
 ) -> Manifest:
     """Write an offline-compressed copy of the index at ``source`` to ``destination``.
 
-    ``progress(pass, done, total)`` is called after each shard of passes 1 and 3 and each bucket of pass 2.
+    ``run`` runs each pass's units (``storage.tasks.serial``, or a cluster's runner); ``scratch``
+    (default: a temporary folder in ``workdir``) is kept if the merge fails, so that a rerun with
+    the same one resumes. ``progress(pass, done, total)`` is called after each unit of each pass.
     """
     settings = settings or OfflineMerge()
     progress = progress or (lambda *_: None)
     index = Index.open(source)
-    destination = Path(destination)
-    scratch = Path(tempfile.mkdtemp(prefix="btr-merge-", dir=workdir))
-    codec = index.format.codec
-    is_stop = np.zeros(codec.vocab_size, dtype=bool)
-    is_stop[[t for t in stopwords if t < codec.vocab_size]] = True
-    buckets = settings.bucket_count(index.manifest.tokens)
-    ensure_open_files(len(index.manifest.shards) + buckets)  # pass 1 holds every shard and every bucket file open
+    folder = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="btr-merge-", dir=workdir))
+    source_digest = hashlib.sha256("".join(s.digest for s in index.manifest.shards).encode()).hexdigest()
+    _start(folder, {
+        "source": str(Path(source).resolve()), "source_shards": source_digest, "settings": asdict(settings),
+        "stopwords": sorted(stopwords), "buckets": settings.bucket_count(index.manifest.tokens), "span": settings.chunk * PIECE_CHUNKS,
+    })
     try:
-        changed = _partition(index, scratch, buckets, is_stop, settings.chunk * PIECE_CHUNKS, progress)
-        for b in range(buckets):
-            changed += _merge_bucket(scratch / f"bucket-{b:04d}.bin", index, settings)
-            (scratch / f"bucket-{b:04d}.bin").unlink()  # free the disk as we go
-            progress("merge", b + 1, buckets)
-        # Same prototypes; the dictionary is retrained on merged residuals, which differ from lossless ones.
-        merged = itertools.chain.from_iterable(
-            _merged_passages(index, i, scratch / f"changes-{i:05d}.bin", is_stop) for i in range(len(index.manifest.shards))
-        )
-        sample = [
-            (tokens.token_ids.numpy(), tokens.bits.numpy())
-            for *_, tokens in itertools.islice(merged, codec.settings.dictionary_samples)
-        ]
-        writer = IndexWriter(destination, index.manifest.reader, codec.with_dictionary(sample))
-        shards = []
-        for i, shard in enumerate(index.manifest.shards):
-            changes = scratch / f"changes-{i:05d}.bin"
-            shards.append(writer.write_shard(i, shard.first_row, _merged_passages(index, i, changes, is_stop)))
-            progress("rewrite", i + 1, len(index.manifest.shards))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    extra = {**index.manifest.extra, "offline_merge": {
-        **asdict(settings), "bucket_files": buckets, "stopwords": len(stopwords), "changed_tokens": changed,
-    }}
-    return writer.publish(shards, extra=extra)
+        manifest = _merge(index, folder, Path(destination), settings, len(stopwords), run, progress)
+    except BaseException:
+        if scratch is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    return manifest
 
 
-__all__ = ["OfflineMerge", "merge_index", "merge_occurrences", "stopword_ids"]
+__all__ = [
+    "ENGLISH_STOPWORDS", "OfflineMerge", "count_shard", "merge_bucket", "merge_index", "merge_occurrences",
+    "partition_shard", "rewrite_shard", "stopword_ids",
+]

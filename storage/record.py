@@ -102,6 +102,15 @@ def _sections(data: bytes, where: str) -> tuple[int, list[memoryview]]:
     return n_tokens, parts
 
 
+def record_token_ids(fmt: RecordFormat, data: bytes, where: str) -> np.ndarray:
+    """The token ids of a checked record, without decoding its bits."""
+    n_tokens, parts = _sections(data, where)
+    ids = fmt.codec.decode_ids(parts[1])
+    if len(ids) != n_tokens:
+        raise CorruptRecord(f"{where}: {len(ids)} token ids, header says {n_tokens}")
+    return ids
+
+
 def decode_records(fmt: RecordFormat, values: list[bytes], rows: list[int], wheres: list[str]) -> list[StoredPassage]:
     """Check and parse records (one batch decode for all); CorruptRecord names the first bad one."""
     parsed = [_sections(value, where) for value, where in zip(values, wheres)]

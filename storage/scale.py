@@ -1,6 +1,7 @@
 """A synthetic corpus of any size through the product's own storage code: throughput, disk, memory, reads.
 
     python -m storage.scale --passages 1000000 --json
+    python -m storage.scale --passages 1000000 --workers 2 --json     # the steps after the workers on Ray
 
 Everything after the model, as the flow `index-wikipedia` does it, at a size no CPU could encode:
 passages and bits come from ``storage.synthetic`` (no model runs), then each step runs in its own
@@ -14,8 +15,13 @@ process so that its peak memory is its own:
     verify    storage.verify on the final index (digests, every record's checksum, the retriever)
     fetch     40 random passages fetched and decoded, p50 / p99 over 200 draws, lossless and merged
 
+With ``--workers W`` the retriever builds, the merge and verify run as tasks on a loopback Ray of W
+CPUs started for each step (``reader.retriever.build_faiss_apart``, ``workers.offline``); their
+``digests`` match whatever W is.
+
 Peak memory per step: ``peak_rss_mb`` (the kernel's high-water mark, file pages of memory-mapped
-shards included) and ``peak_anon_mb`` (heap, sampled every 0.1 s: what the step really holds).
+shards included) and ``peak_anon_mb`` (heap, sampled every 0.1 s: what the step's largest process
+really holds, Ray's processes included); ``peak_disk_bytes``, the work folder's, sampled every second.
 Work goes to ``--out`` (kept), or a temporary folder removed afterwards unless ``--keep``.
 """
 
@@ -23,13 +29,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from .shard import default_shard_size
+from .step_monitor import run_watched
 
 STEPS = ("write", "faiss", "faiss_pq", "merge", "verify", "fetch")
 HIDDEN_SIZE = 384  # the default reader's (all-MiniLM-L6-v2)
@@ -141,13 +150,29 @@ def step_write(cfg: dict, out: Path) -> dict:
     }
 
 
-def _faiss(out: Path, folder: Path, factory: str | None) -> dict:
-    """``reader.retriever.build_faiss`` over the random unit vectors; training's own time and memory high-water mark."""
+@contextmanager
+def _runner(cfg: dict) -> Iterator:
+    """What runs a step's units: this process (``workers`` 0), else a loopback Ray of ``workers`` CPUs started for the step."""
+    from storage.tasks import serial
+
+    if not cfg["workers"]:
+        yield serial
+        return
+    from workers.cluster import cluster, cluster_runner
+
+    start = time.perf_counter()
+    with cluster(cpus=cfg["workers"], include_dashboard=False):
+        print(f"ray: {cfg['workers']} CPU(s) up in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        yield cluster_runner()
+
+
+def _faiss(cfg: dict, out: Path, folder: Path, factory: str | None) -> dict:
+    """The retriever over the random unit vectors (built apart on the cluster, with workers); training's time and memory."""
     import resource
 
-    from reader.retriever import FAISS_FILE, build_faiss
+    from reader.retriever import FAISS_FILE, IVF_DATA, build_faiss, build_faiss_apart
     from storage.index import Manifest
-    from workers.indexer import ShardPlan, shard_embeddings
+    from workers.indexer import ShardPlan, embedding_files, shard_embeddings
 
     manifest = Manifest.load(out / "lossless")
     plans = [ShardPlan(i, s.first_row, s.rows) for i, s in enumerate(manifest.shards)]
@@ -164,20 +189,26 @@ def _faiss(out: Path, folder: Path, factory: str | None) -> dict:
             bar.update(done)
 
     identity = {"name": "random unit vectors (storage.scale)", "weights_digest": "synthetic", "max_tokens": 256}
-    info = build_faiss(shard_embeddings(out / "lossless", plans), folder, identity, factory=factory, progress=progress)
-    return {"factory": info["factory"], "bytes": (folder / FAISS_FILE).stat().st_size, **marks}
+    with _runner(cfg) as run:
+        if cfg["workers"]:
+            files = embedding_files(out / "lossless", plans)
+            info = build_faiss_apart(files, folder, identity, run, factory=factory, progress=progress)
+        else:
+            info = build_faiss(shard_embeddings(out / "lossless", plans), folder, identity, factory=factory, progress=progress)
+    size = sum((folder / name).stat().st_size for name in (FAISS_FILE, IVF_DATA) if (folder / name).exists())
+    return {"factory": info["factory"], "bytes": size, **marks}
 
 
 def step_faiss(cfg: dict, out: Path) -> dict:
     """The retriever as the flow builds it: the index type ``index_factory`` picks for the count."""
-    return _faiss(out, out / "index", None)
+    return _faiss(cfg, out, out / "index", None)
 
 
 def step_faiss_pq(cfg: dict, out: Path) -> dict:
     """The IVF-PQ retriever the flow builds past 5M passages, at this count's lists: PQ training and code size."""
     from reader.retriever import ivfpq_factory
 
-    return _faiss(out, out / "ivfpq", ivfpq_factory(cfg["passages"], HIDDEN_SIZE))
+    return _faiss(cfg, out, out / "ivfpq", ivfpq_factory(cfg["passages"], HIDDEN_SIZE))
 
 
 def step_merge(cfg: dict, out: Path) -> dict:
@@ -190,10 +221,11 @@ def step_merge(cfg: dict, out: Path) -> dict:
         unit = "buckets" if stage == "merge" else "shards"
         bars.setdefault(stage, Progress(f"merge, {stage}", total, unit)).update(done)
 
-    manifest = merge_index(
-        out / "lossless", out / "index", stopword_ids(_tokenizer()[0]), OfflineMerge(cfg["offline_ratio"]),
-        workdir=out, progress=progress,
-    )
+    with _runner(cfg) as run:
+        manifest = merge_index(
+            out / "lossless", out / "index", stopword_ids(_tokenizer()[0]), OfflineMerge(cfg["offline_ratio"]),
+            workdir=out, progress=progress, run=run,
+        )
     merge = manifest.extra["offline_merge"]
     return {"changed_tokens": merge["changed_tokens"], "bucket_files": merge["bucket_files"], "passages": manifest.passages}
 
@@ -202,7 +234,8 @@ def step_verify(cfg: dict, out: Path) -> dict:
     from storage.verify import verify
 
     print("verify: checking every shard's digest and every record's checksum", file=sys.stderr, flush=True)
-    problems, checked = verify(out / "index")
+    with _runner(cfg) as run:
+        problems, checked = verify(out / "index", run)
     return {"ok": not problems, "records": checked, "problems": problems[:10]}
 
 
@@ -237,40 +270,13 @@ def step_fetch(cfg: dict, out: Path) -> dict:
 
 
 # ---- the driver ------------------------------------------------------------------------------------
-def _memory(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) of a process in kB, (0, 0) where /proc does not say."""
-    values = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "RssAnon"):
-                    values[key] = int(value.split()[0])
-    except (OSError, ValueError):
-        pass
-    return values.get("VmRSS", 0), values.get("RssAnon", 0)
-
-
 def run_step(step: str, out: Path) -> dict:
-    """Run one step in a child process; its result, wall time and peak memory."""
-    result_path = out / "steps" / f"{step}.json"
-    start = time.perf_counter()
+    """Run one step in a child process; its result, wall time, peak memory and peak disk."""
     command = [sys.executable, "-m", "storage.scale", "--step", step, "--out", str(out)]
-    child = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-    anon = 0
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
-            break
-        anon = max(anon, _memory(child.pid)[1])
-        time.sleep(0.1)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise RuntimeError(f"step {step} failed (exit {child.returncode}); its folder is {out}")
-    figures = json.loads(result_path.read_text())
-    seconds = round(time.perf_counter() - start, 2)
-    peaks = {"peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_anon_mb": round(anon / 1024, 1)}
-    return {**figures, "seconds": seconds, **peaks}
+    watched = run_watched(command, out)
+    if watched.pop("exit") != 0:
+        raise RuntimeError(f"step {step} failed; its folder is {out}")
+    return {**json.loads((out / "steps" / f"{step}.json").read_text()), **watched}
 
 
 def _child(step: str, out: Path) -> int:
@@ -279,6 +285,29 @@ def _child(step: str, out: Path) -> int:
     (out / "steps").mkdir(exist_ok=True)
     (out / "steps" / f"{step}.json").write_text(json.dumps(figures))
     return 0
+
+
+def digests(out: Path) -> dict:
+    """What two runs over the same corpus share, whoever ran them: manifests (no timestamp), merged shards, retrievers."""
+    import hashlib
+
+    from storage.index import Manifest
+
+    def manifest(folder: Path) -> str:
+        data = json.loads((folder / "manifest.json").read_text())
+        del data["created"]
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+    def retriever(folder: Path) -> str:  # lists merged on disk: the index file names them by path, which is blanked
+        lists = (folder / "retriever.ivfdata").resolve()
+        data = (folder / "retriever.faiss").read_bytes().replace(str(lists).encode(), b"")
+        return hashlib.sha256(data + (lists.read_bytes() if lists.exists() else b"")).hexdigest()
+
+    return {
+        "lossless": manifest(out / "lossless"), "merged": manifest(out / "index"),
+        "retriever": retriever(out / "index"), "retriever_ivfpq": retriever(out / "ivfpq"),
+        "merged_shards": [s.digest for s in Manifest.load(out / "index").shards],
+    }
 
 
 def measure(cfg: dict, out: Path) -> dict:
@@ -294,6 +323,7 @@ def measure(cfg: dict, out: Path) -> dict:
     write = steps["write"]
     return {
         "passages": lossless.passages,
+        "workers": cfg["workers"],
         "tokens": tokens,
         "tokens_per_passage": round(tokens / lossless.passages, 1),
         "write_passages_per_s": write["passages_per_s"],
@@ -316,6 +346,8 @@ def measure(cfg: dict, out: Path) -> dict:
         "peak_rss_mb": {step: steps[step]["peak_rss_mb"] for step in STEPS},
         "peak_anon_mb": {step: steps[step]["peak_anon_mb"] for step in STEPS},
         "seconds": {step: steps[step]["seconds"] for step in STEPS},
+        "peak_disk_bytes": {step: steps[step]["peak_disk_bytes"] for step in STEPS},
+        "digests": digests(out),
         "disk_bytes": {
             "lossless_shards": sum(s.bytes for s in lossless.shards),
             "merged_shards": sum(s.bytes for s in merged.shards),
@@ -336,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", type=Path, help="work folder, kept (default: a temporary folder, removed)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path goes to stderr)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="passages per shard (the flow's default)")
+    parser.add_argument("--shard-size", type=int, default=0, help="passages per shard (default: the flow's, from the count)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="run the retriever builds, merge and verify as tasks on a loopback Ray of this many CPUs (0: one process)")
     parser.add_argument("--words", type=int, default=100, help="words per passage (DPR's Wikipedia passages: 100)")
     parser.add_argument("--max-tokens", type=int, default=320, help="passage token limit (the flow's default)")
     parser.add_argument("--codec-sample", type=int, default=2000, help="passages the codec is fitted on (the flow's)")
@@ -352,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--passages must be positive")
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty: give a new folder")
-    names = ("passages", "shard_size", "words", "max_tokens", "codec_sample", "offline_ratio", "fetch", "draws", "seed")
-    cfg = {name: getattr(args, name) for name in names}
+    names = ("passages", "workers", "words", "max_tokens", "codec_sample", "offline_ratio", "fetch", "draws", "seed")
+    cfg = {name: getattr(args, name) for name in names} | {"shard_size": args.shard_size or default_shard_size(args.passages)}
     out = args.out or Path(tempfile.mkdtemp(prefix="btr-scale-"))
     try:
         result = measure(cfg, out)
@@ -365,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result))
         return 0 if result["verified"] else 1
-    print(f"{result['passages']:,} passages, {result['tokens']:,} tokens ({result['tokens_per_passage']} per passage)")
+    on = f"a loopback Ray of {args.workers} CPU(s)" if args.workers else "one process per step"
+    print(f"{result['passages']:,} passages, {result['tokens']:,} tokens ({result['tokens_per_passage']} per passage), {on}")
     print(f"  write: {result['write_passages_per_s']:,} passages/s, {result['write_tokens_per_s']:,} tokens/s")
     disk, bits = result["disk_bytes_per_token"], result["bits_per_dim"]
     print(f"  on disk: {disk['lossless']} bytes/token lossless, {disk['merged']} merged "
@@ -376,10 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         trained = f"trained in {f['train_s']} s (peak RSS {f['train_peak_rss_mb']} MB)" if f["train_s"] is not None else "no training"
         print(f"  {name}: {f['factory']}, {trained}, {f['bytes']:,} bytes")
     print(f"  verify: {result['verify_s']} s, {'intact' if result['verified'] else 'PROBLEMS'}; all steps {result['total_s']:,} s")
-    print("  step: seconds / peak RSS MB / peak anonymous MB")
+    print("  step: seconds / peak RSS MB / peak anonymous MB (largest process) / peak disk GB")
     for step in STEPS:
-        figures = (result[key][step] for key in ("seconds", "peak_rss_mb", "peak_anon_mb"))
+        figures = [result[key][step] for key in ("seconds", "peak_rss_mb", "peak_anon_mb")] + [result["peak_disk_bytes"][step] / 1e9]
         print(f"    {step:9s}" + "".join(f"{x:10.1f}" for x in figures))
+    print(f"  merged index {result['digests']['merged'][:16]}, retrievers {result['digests']['retriever'][:16]} / "
+          f"{result['digests']['retriever_ivfpq'][:16]}")
     return 0 if result["verified"] else 1
 
 

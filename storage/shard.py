@@ -13,10 +13,8 @@ import itertools
 import json
 import math
 import os
-import resource
 import shutil
 import struct
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,6 +65,21 @@ def block_record(block, index: int):
 def block_key(row: int, first_row: int) -> bytes:
     """The key of the block holding ``row`` in a shard starting at ``first_row``."""
     return KEY.pack(first_row + (row - first_row) // BLOCK_ROWS * BLOCK_ROWS)
+
+
+# The most shards the default shard size makes (see default_shard_size).
+MAX_DEFAULT_SHARDS = 4096
+
+
+def default_shard_size(passages: int) -> int:
+    """Passages per shard for a corpus of ``passages``: 1,000, or whole thousands more so that there are at most 4,096 shards.
+
+    A shard is a file and a memory map to whoever reads it: 21M passages make 3,500 shards of
+    6,000, 100M make 4,000 of 25,000, well under a usual hard limit of 20,000 open files and
+    ``vm.max_map_count`` (65,530) even for a process that opens every shard (readers keep at most
+    ``BTR_MAX_OPEN_SHARDS`` open anyway). Up to 4M passages this is the 1,000 it always was.
+    """
+    return max(1, -(-passages // (MAX_DEFAULT_SHARDS * 1000))) * 1000
 
 
 def shard_name(shard_id: int) -> str:
@@ -212,50 +225,3 @@ def check_shard_files(root: Path, shards: Sequence[ShardInfo]) -> dict[str, int]
     if problems:
         raise DamagedIndex(f"the index at {root} is damaged: {'; '.join(problems)}. {repair_hint(root)}")
     return inodes
-
-
-# LMDB allows one environment per file per process, and none may cross fork(): every reader in a
-# process shares these, keyed by path, and a child process or a rebuilt shard (new inode) reopens.
-_OPEN: dict[str, tuple[int, int, lmdb.Environment]] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-# Files a process may hold besides those it asks room for (sockets, libraries, a few temporary files).
-_HEADROOM = 256
-
-
-def ensure_open_files(files: int) -> None:
-    """Raise this process's soft limit on open files (up to the hard limit) to hold ``files`` more than a few.
-
-    Every open shard holds a file: a million passages in shards of 1,000 are 1,000 files, about the
-    usual soft limit (1,024). Beyond the hard limit, a clear error instead of a failing LMDB open.
-    """
-    needed = files + _HEADROOM
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or needed <= soft:
-        return
-    if hard != resource.RLIM_INFINITY and needed > hard:
-        raise OSError(
-            errno.EMFILE,
-            f"{files:,} files must be open at once (one per shard read) and the limit on open files is {hard:,}: "
-            "raise it (ulimit -n), or rebuild the index with larger shards (shard_size)",
-        )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else min(hard, 2 * needed), hard))
-
-
-def open_shard(root: Path, name: str) -> lmdb.Environment:
-    """A sealed shard, read-only and lock-free (safe: it is never written again), shared in-process."""
-    path = os.path.realpath(root / SHARDS / name)
-    inode = os.stat(os.path.join(path, DATA)).st_ino
-    with _OPEN_LOCK:
-        entry = _OPEN.get(path)
-        if entry is not None and entry[:2] == (os.getpid(), inode):
-            return entry[2]
-        if entry is not None:
-            # Inherited through fork, or the shard was rebuilt. Closing a read-only, lock-free
-            # environment only unmaps this process's view, so a child may close its parent's copy.
-            entry[2].close()
-        ensure_open_files(len(_OPEN) + 1)
-        env = lmdb.open(path, readonly=True, lock=False, readahead=False, subdir=True, max_readers=1024)
-        _OPEN[path] = (os.getpid(), inode, env)
-        return env

@@ -16,11 +16,13 @@ from pathlib import Path
 from .codec import Codec, file_digest
 from .index import CODEC, IndexNotFound, Manifest
 from .record import CorruptRecord, check_record, record_pid
-from .shard import DATA, KEY, SHARDS, DamagedIndex, block_records, open_shard, repair_hint, shard_file
+from .open_shards import open_shard
+from .shard import DATA, KEY, SHARDS, DamagedIndex, ShardInfo, block_records, repair_hint, shard_file
+from .tasks import Runner, serial
 
 
-def verify(root: Path) -> tuple[list[str], int]:
-    """Problems found (empty when intact) and the number of records checked."""
+def verify(root: Path, run: Runner = serial) -> tuple[list[str], int]:
+    """Problems found (empty when intact) and the number of records checked; ``run`` checks the shards (one unit each)."""
     manifest = Manifest.load(root)
     problems: list[str] = []
     try:
@@ -29,34 +31,43 @@ def verify(root: Path) -> tuple[list[str], int]:
         problems.append(f"codec: {error}")
     problems += retriever_problems(root, manifest)
     checked = 0
-    for shard in manifest.shards:
-        data = root / SHARDS / shard.name / DATA
-        try:
-            shard_file(root, shard)
-        except DamagedIndex as error:
-            problems.append(str(error))
-            continue
-        if file_digest(data) != shard.digest:
-            problems.append(f"{shard.name}: digest differs from the manifest (the file changed after it was sealed)")
-        try:
-            with open_shard(root, shard.name).begin(buffers=True) as txn:
-                expected = shard.first_row
-                for key, block in txn.cursor():
-                    first = KEY.unpack(key)[0]
-                    if first != expected:
-                        problems.append(f"{shard.name}: row {expected} is missing (next block starts at row {first})")
-                        expected = first
-                    for row, value in enumerate(block_records(block), start=first):
-                        try:
-                            check_record(value, f"{shard.name} row {row} (passage {record_pid(value)!r})")
-                        except CorruptRecord as error:
-                            problems.append(str(error))
-                        expected += 1
-                        checked += 1
-                if expected != shard.first_row + shard.rows:
-                    problems.append(f"{shard.name}: {expected - shard.first_row} rows, manifest says {shard.rows}")
-        except Exception as error:  # lmdb raises its own errors on a damaged file
-            problems.append(f"{shard.name}: unreadable ({type(error).__name__}: {error})")
+    for shard_problems, records in run(verify_shard, [(str(root), s.to_dict()) for s in manifest.shards]):
+        problems += shard_problems
+        checked += records
+    return problems, checked
+
+
+def verify_shard(root: str, info: dict) -> tuple[list[str], int]:
+    """One shard: its size and digest against the manifest's ``info``, every record's checksum; (problems, records checked)."""
+    root, shard = Path(root), ShardInfo.from_dict(info)
+    problems: list[str] = []
+    checked = 0
+    data = root / SHARDS / shard.name / DATA
+    try:
+        shard_file(root, shard)
+    except DamagedIndex as error:
+        return [str(error)], 0
+    if file_digest(data) != shard.digest:
+        problems.append(f"{shard.name}: digest differs from the manifest (the file changed after it was sealed)")
+    try:
+        with open_shard(root, shard.name) as env, env.begin(buffers=True) as txn:
+            expected = shard.first_row
+            for key, block in txn.cursor():
+                first = KEY.unpack(key)[0]
+                if first != expected:
+                    problems.append(f"{shard.name}: row {expected} is missing (next block starts at row {first})")
+                    expected = first
+                for row, value in enumerate(block_records(block), start=first):
+                    try:
+                        check_record(value, f"{shard.name} row {row} (passage {record_pid(value)!r})")
+                    except CorruptRecord as error:
+                        problems.append(str(error))
+                    expected += 1
+                    checked += 1
+            if expected != shard.first_row + shard.rows:
+                problems.append(f"{shard.name}: {expected - shard.first_row} rows, manifest says {shard.rows}")
+    except Exception as error:  # lmdb raises its own errors on a damaged file
+        problems.append(f"{shard.name}: unreadable ({type(error).__name__}: {error})")
     return problems, checked
 
 
@@ -64,7 +75,7 @@ def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
     """The retriever's files: present, readable, and over as many passages as the manifest lists."""
     import faiss
 
-    from reader.retriever import FAISS_FILE, INFO_FILE
+    from reader.retriever import FAISS_FILE, INFO_FILE, IVF_DATA
 
     present = [name for name in (FAISS_FILE, INFO_FILE) if (root / name).exists()]
     if not present and "retriever" not in manifest.extra:
@@ -76,7 +87,13 @@ def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
         count = json.loads((root / INFO_FILE).read_text())["count"]
         # Mapped, not read: only the header is needed, and a flat index of 1M passages is 1.5 GB
         # (a 200,000-vector one: 40 MB peak mapped against 333 MB read). Damaged files still raise.
-        vectors = faiss.read_index(str(root / FAISS_FILE), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY).ntotal
+        # Lists merged on disk (reader.retriever.build_faiss_apart) live in IVF_DATA, beside it.
+        lists = (root / IVF_DATA).exists()
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR if lists else faiss.IO_FLAG_MMAP_IFC
+        index = faiss.read_index(str(root / FAISS_FILE), flags | faiss.IO_FLAG_READ_ONLY)
+        vectors = index.ntotal
+        if lists and faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).totsize > (root / IVF_DATA).stat().st_size:
+            return [f"retriever: {IVF_DATA} is truncated"]
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
         return [f"retriever: unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
     if count != manifest.passages or vectors != manifest.passages:

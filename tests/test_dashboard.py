@@ -11,10 +11,11 @@ import ray
 
 from flows.corpus import normalize
 from flows.dashboard import auth_token, look
-from flows.shards import LOCAL_RAY, _loopback_ray, ray_dashboard
+from flows.shards import ray_dashboard
 from reader.config import BTRConfig
 from reader.load import ReaderSpec, load_reader
 from workers.actor import start_workers, stop_workers
+from workers.cluster import LOCAL_RAY, loopback_ray
 from workers.indexer import calibrate_codec
 
 
@@ -28,7 +29,7 @@ def cluster_with_workers(tmp_path_factory, make_extractive_module, write_flow_in
     corpus = normalize(root / "corpus.jsonl", "jsonl", root / "work").path
     spec = ReaderSpec("extractive", str(root / "reader"), 2, 64)
     calibrate_codec(root / "staging", Path(corpus), load_reader(spec), 4)
-    _loopback_ray()
+    loopback_ray()
     ray.init(**LOCAL_RAY)
     workers = start_workers(1, False, str(root / "staging"), str(corpus), spec.to_dict(), str(root / "reader"), 4)
     try:

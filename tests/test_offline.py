@@ -135,16 +135,25 @@ def test_merge_is_the_same_whatever_the_bucketing(tmp_path, make_extractive, mon
 
 
 def test_buckets_hold_pieces_of_tokens_and_no_stopwords(tmp_path, make_extractive):
-    from storage.offline import _occurrence_dtype, _partition
+    from storage.offline import _first_ranks, _occurrence_dtype, _start, count_shard, partition_shard
 
     reader = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=128), hidden_size=64)
     build_index(tmp_path / "lossless", reader, PASSAGES, shard_size=15)
     index = Index.open(tmp_path / "lossless")
     is_stop = np.zeros(index.format.codec.vocab_size, dtype=bool)
     is_stop[list(stopword_ids(reader.tokenizer))] = True
-    (tmp_path / "buckets").mkdir()
-    _partition(index, tmp_path / "buckets", 5, is_stop, 3, lambda *_: None)
-    buckets = [np.fromfile(tmp_path / "buckets" / f"bucket-{b:04d}.bin", _occurrence_dtype(8))["token"] for b in range(5)]
+    scratch = tmp_path / "scratch"
+    plan = {"source": str(tmp_path / "lossless"), "settings": {}, "stopwords": np.flatnonzero(is_stop).tolist(), "buckets": 5, "span": 3}
+    _start(scratch, plan)
+    shards = range(len(index.manifest.shards))
+    for shard in shards:
+        count_shard(str(scratch), shard)
+    _first_ranks(scratch, len(shards), len(is_stop))
+    for shard in shards:
+        partition_shard(str(scratch), shard)
+    parts = [np.fromfile(scratch / f"part-{s:05d}.bin", _occurrence_dtype(8)) for s in shards]
+    bounds = [np.load(scratch / f"part-{s:05d}.idx.npy")[:-1] for s in shards]
+    buckets = [np.concatenate([p["token"][b[i] : b[i + 1]] for p, b in zip(parts, bounds)]) for i in range(5)]
     ids = np.concatenate([p.tokens.token_ids.numpy() for p in index.fetch(range(len(index)))])
     assert sum(len(b) for b in buckets) == (~is_stop[ids]).sum()
     assert not any(is_stop[b].any() for b in buckets)
@@ -153,3 +162,29 @@ def test_buckets_hold_pieces_of_tokens_and_no_stopwords(tmp_path, make_extractiv
     # A bucket's share no longer grows with the corpus: one bucket per bucket_tokens tokens.
     assert OfflineMerge().bucket_count(10_000) == 8
     assert OfflineMerge().bucket_count(3_000_000_000) == 3000
+
+
+def test_a_merge_stopped_half_way_resumes_from_its_scratch_folder_to_the_same_bytes(indexes, tmp_path, monkeypatch):
+    import storage.offline as offline
+    from storage.tasks import serial
+
+    _, stopwords, _, merged = indexes
+
+    def crashing(fn, calls, done=None):  # the process dies after the first shard's rewrite
+        if fn is offline.rewrite_shard:
+            serial(fn, calls[:1])
+            raise SystemExit("killed")
+        return serial(fn, calls, done)
+
+    settings, scratch = OfflineMerge(0.2, chunk=64, buckets=3), tmp_path / "scratch"
+    with pytest.raises(SystemExit):
+        merge_index(tmp_path / "lossless", tmp_path / "again", stopwords, settings, run=crashing, scratch=scratch)
+    assert (scratch / "plan.json").exists()  # kept for the rerun
+
+    def no_merging(*_):
+        raise AssertionError("a bucket finished before the crash was merged again")
+
+    monkeypatch.setattr(offline, "merge_occurrences", no_merging)
+    manifest = merge_index(tmp_path / "lossless", tmp_path / "again", stopwords, settings, scratch=scratch)
+    assert [s.digest for s in manifest.shards] == [s.digest for s in merged.manifest.shards]
+    assert not scratch.exists()

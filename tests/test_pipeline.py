@@ -99,3 +99,22 @@ def test_a_worker_killed_mid_shard_is_retried_and_a_resumed_run_gives_the_same_s
     assert (index_b / "manifest.json").exists()
     assert drop_stale_index(index_b, "weights of a newer default reader")
     assert not index_b.exists()
+
+
+def test_a_shard_whose_embeddings_went_into_the_retriever_counts_as_done_without_them(setup, tmp_path):
+    from workers.indexer import consume_embeddings, embedding_files, embeddings_consumed
+
+    corpus = normalize(setup / "corpus.jsonl", "jsonl", tmp_path / "work")
+    spec = ReaderSpec("extractive", str(setup / "reader"), 2, 96)
+    calibrate_codec(tmp_path / "staging", Path(corpus.path), load_reader(spec), PASSAGES)
+    indexer = ShardIndexer(str(tmp_path / "staging"), corpus.path, spec, str(setup / "reader"))
+    plans = plan_shards(corpus.passages, SHARD_SIZE)[:2]
+    for plan in plans:
+        indexer.index(plan)
+    files = embedding_files(tmp_path / "staging", plans)
+    files[0].unlink()  # lost, with no retriever built from it: the shard is indexed again
+    assert indexer.done(plans[0]) is None and indexer.done(plans[1])["skipped"]
+    indexer.index(plans[0])
+    consume_embeddings(tmp_path / "staging", plans, {"factory": "Flat", "count": 2 * SHARD_SIZE})
+    assert not any(f.exists() for f in files) and embeddings_consumed(tmp_path / "staging")["count"] == 2 * SHARD_SIZE
+    assert all(indexer.done(plan)["skipped"] for plan in plans)

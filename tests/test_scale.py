@@ -85,3 +85,16 @@ def test_the_retriever_type_follows_the_corpus_size_and_skips_polysemous_trainin
     assert index_factory(199_999, 384) == "Flat"
     assert index_factory(1_000_000, 384) == "IVF4000,Flat"
     assert index_factory(21_000_000, 384) == "IVF18330,PQ48np"  # "np": the ~75 s annealing nothing uses
+
+
+@pytest.mark.bench
+def test_scale_on_one_or_two_ray_workers_gives_the_same_digests(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    runs = {}
+    for workers in (1, 2):
+        assert main(["--passages", "1200", "--shard-size", "300", "--draws", "5", "--workers", str(workers), "--json"]) == 0
+        runs[workers] = json.loads(capsys.readouterr().out)
+    assert runs[1]["workers"] == 1 and runs[2]["workers"] == 2 and runs[1]["passages"] == 1200
+    assert runs[1]["digests"] == runs[2]["digests"]
+    assert runs[1]["faiss"]["faiss_pq"]["factory"] == "IVF138,PQ48np"  # built apart, lists merged on disk
+    assert all(runs[2]["peak_disk_bytes"][step] > 0 for step in runs[2]["seconds"])

@@ -28,6 +28,7 @@ from storage.index import IndexWriter
 from storage.shard import shard_name
 
 EMBEDDINGS = "embeddings"
+CONSUMED = "in-retriever.json"  # the embeddings went into this retriever and were deleted
 # Fault injection for the pipeline's own tests: "<shard id>:<marker file>" makes the worker SIGKILL
 # itself once, half-way through writing that shard (the marker records that it happened).
 FAULT_ENV = "BTR_FAULT_KILL_SHARD"
@@ -85,10 +86,14 @@ class ShardIndexer:
     def done(self, plan: ShardPlan) -> dict | None:
         """The summary of a shard an earlier run completed intact, else None."""
         info = self.writer.sealed(plan.shard_id)
-        digest_file = self._embeddings_path(plan.shard_id).with_suffix(".sha256")
+        path = self._embeddings_path(plan.shard_id)
+        digest_file = path.with_suffix(".sha256")
         if info is None or info.rows != plan.rows or info.first_row != plan.first_row or not digest_file.exists():
             return None
-        if file_digest(self._embeddings_path(plan.shard_id)) != digest_file.read_text().strip():
+        if not path.exists():  # lost, or in the retriever already
+            if embeddings_consumed(self.root) is None:
+                return None
+        elif file_digest(path) != digest_file.read_text().strip():
             return None
         return {"shard": info.to_dict(), "skipped": True, "passages": info.rows, "tokens": info.tokens, "seconds": 0.0}
 
@@ -132,6 +137,27 @@ def _maybe_die(rows, shard_id: int):
         yield row
 
 
+def consume_embeddings(index_root: Path, plans: list[ShardPlan], retriever: dict) -> None:
+    """Record that the retriever ``retriever`` holds every shard's embeddings, then delete their files (their digests stay).
+
+    A rerun then counts a sealed shard without its embeddings as done, and keeps the retriever.
+    """
+    (index_root / EMBEDDINGS / CONSUMED).write_text(json.dumps(retriever))
+    for path in embedding_files(index_root, plans):
+        path.unlink(missing_ok=True)
+
+
+def embeddings_consumed(index_root: Path) -> dict | None:
+    """The retriever built from this staging folder's embeddings (deleted since), else None."""
+    path = index_root / EMBEDDINGS / CONSUMED
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def embedding_files(index_root: Path, plans: list[ShardPlan]) -> list[Path]:
+    """Every shard's embeddings file, in row order."""
+    return [index_root / EMBEDDINGS / f"{shard_name(p.shard_id)}.npy" for p in plans]
+
+
 def shard_embeddings(index_root: Path, plans: list[ShardPlan]) -> list[np.ndarray]:
     """Every shard's embeddings, in row order, memory-mapped (never all in RAM at once)."""
-    return [np.load(index_root / EMBEDDINGS / f"{shard_name(p.shard_id)}.npy", mmap_mode="r") for p in plans]
+    return [np.load(path, mmap_mode="r") for path in embedding_files(index_root, plans)]

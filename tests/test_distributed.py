@@ -1,0 +1,123 @@
+"""The steps after the workers on a Ray cluster (loopback, 1 and 2 CPUs): the same bytes as in one process, a lost task retried."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.index import Manifest
+from storage.offline import OfflineMerge, merge_index, stopword_ids
+from storage.scale import _tokenizer, step_write
+from storage.tasks import serial as serial_run
+from storage.verify import verify
+from workers.cluster import FAULT_ENV, cluster
+from workers.offline import merge_on_cluster, verify_on_cluster
+
+SETTINGS = OfflineMerge(0.2, chunk=64, buckets=5)
+
+
+@pytest.fixture(scope="module")
+def lossless(tmp_path_factory) -> Path:
+    """600 synthetic passages (d = 384, the default reader's tokenizer) in 6 shards."""
+    out = tmp_path_factory.mktemp("distributed")
+    cfg = {"passages": 600, "shard_size": 100, "words": 60, "max_tokens": 128, "codec_sample": 200, "seed": 0}
+    step_write(cfg, out)
+    return out / "lossless"
+
+
+def published(index: Path) -> dict:
+    """The manifest without its timestamp, and the codec's bytes: all that two identical merges share."""
+    manifest = json.loads((index / "manifest.json").read_text())
+    del manifest["created"]
+    return manifest | {"codec_bytes": {f.name: f.read_bytes() for f in sorted((index / "codec").iterdir())}}
+
+
+def test_merge_and_verify_on_one_or_two_workers_match_one_process_and_survive_a_killed_task(lossless, tmp_path, monkeypatch):
+    stopwords = stopword_ids(_tokenizer()[0])
+    serial = merge_index(lossless, tmp_path / "serial", stopwords, SETTINGS)
+    assert len(serial.shards) == 6 and serial.extra["offline_merge"]["changed_tokens"] > 0
+    with cluster(cpus=1, include_dashboard=False):
+        merge_on_cluster(lossless, tmp_path / "one", stopwords, SETTINGS)
+    assert published(tmp_path / "one") == published(tmp_path / "serial")
+
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"merge_bucket:1:{marker}")  # bucket 1's task kills its process once
+    with cluster(cpus=2, include_dashboard=False):
+        merge_on_cluster(lossless, tmp_path / "two", stopwords, SETTINGS, workdir=tmp_path)
+        assert marker.exists(), "the fault was never injected"
+        assert published(tmp_path / "two") == published(tmp_path / "serial")
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("btr-merge-")] == []  # scratch removed
+
+        # verify: the same verdicts and messages, intact or damaged.
+        assert verify_on_cluster(tmp_path / "two") == verify(tmp_path / "serial") == ([], 600)
+        damaged = tmp_path / "damaged"
+        shutil.copytree(tmp_path / "two", damaged)
+        shard = Manifest.load(damaged).shards[2]
+        data = damaged / "shards" / shard.name / "data.mdb"
+        raw = bytearray(data.read_bytes())
+        raw[len(raw) // 3] ^= 0x40
+        data.write_bytes(bytes(raw))
+        (damaged / "shards" / Manifest.load(damaged).shards[4].name / "data.mdb").write_bytes(b"short")
+        problems, checked = verify(damaged)
+        assert problems and any("shard-00004" in p for p in problems)
+        assert verify_on_cluster(damaged) == (problems, checked)
+
+        # The retriever, a task per shard's vectors: what one process builds, searched alike.
+        from reader.retriever import build_faiss_apart
+        from workers.cluster import cluster_runner
+
+        for folder, run in (("one-process", serial_run), ("cluster", cluster_runner())):
+            (tmp_path / folder).mkdir()
+            build_faiss_apart(embedding_files(lossless), tmp_path / folder, {}, run, train_size=300, factory="IVF8,PQ16np")
+        queries = np.load(embedding_files(lossless)[3])[:20] + 0.01
+        assert all(np.array_equal(a, b) for a, b in zip(search(tmp_path / "cluster", queries), search(tmp_path / "one-process", queries)))
+
+
+def embedding_files(lossless: Path) -> list[Path]:
+    from workers.indexer import EMBEDDINGS
+
+    return sorted((lossless / EMBEDDINGS).glob("shard-*.npy"))
+
+
+def search(folder: Path, queries, probes: int = 4):
+    from reader.retriever import read_faiss
+
+    index = read_faiss(folder)
+    index.nprobe = probes
+    return index.search(queries, 10)
+
+
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "IVF8,PQ16np"])
+def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_lists(lossless, tmp_path, factory):
+    import faiss
+
+    from reader.retriever import IVF_DATA, build_faiss, build_faiss_apart
+    from storage.verify import retriever_problems
+
+    files = embedding_files(lossless)
+    parts = [np.load(f, mmap_mode="r") for f in files]
+    whole, apart = tmp_path / "whole", tmp_path / "apart"
+    whole.mkdir(), apart.mkdir()
+    build_faiss(parts, whole, {"name": "test"}, train_size=300, factory=factory)
+    build_faiss_apart(files, apart, {"name": "test"}, train_size=300, factory=factory)
+    assert (apart / IVF_DATA).exists() and not (whole / IVF_DATA).exists()
+    queries = np.ascontiguousarray(np.concatenate([p[:5] for p in parts]) + 0.01, dtype=np.float32)
+    expected = search(whole, queries)
+    assert (expected[1] >= 0).all()
+    moved = tmp_path / "moved"
+    apart.rename(moved)  # the lists are found beside the index file, wherever the folder goes
+    got = search(moved, queries)
+    assert np.array_equal(got[1], expected[1]) and np.array_equal(got[0], expected[0])
+    plain = faiss.read_index(str(whole / "retriever.faiss"))
+    plain.nprobe = 4
+    assert np.array_equal(plain.search(queries, 10)[1], expected[1])  # mapped or read: the same answers
+
+    manifest = type("M", (), {"passages": 600, "extra": {"retriever": {}}})()
+    assert retriever_problems(moved, manifest) == []
+    os.truncate(moved / IVF_DATA, (moved / IVF_DATA).stat().st_size // 2)
+    assert retriever_problems(moved, manifest) == [f"retriever: {IVF_DATA} is truncated"]
