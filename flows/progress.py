@@ -172,9 +172,16 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def took(record: dict) -> float:
+    """Seconds the run has been going, or, once it has ended, how long it took."""
+    if record["phase"] in FINAL_PHASES:
+        return record.get("seconds") or record["updated"] - record["started"]
+    return time.time() - record["started"]
+
+
 def status_line(record: dict) -> str:
     """One line a person reads: the phase, and while indexing the shard counts, speeds and time left."""
-    elapsed = duration(time.time() - record["started"])
+    elapsed = duration(took(record))
     if record["phase"] != "indexing shards":
         return f"[{elapsed}] {record['phase']}"
     speed = (
@@ -252,9 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("index", type=Path, help="the index folder the run writes")
     args = parser.parse_args(argv)
     path = args.index / ".work" / PROGRESS_FILE
-    if read_json(path) is None:
+    record = read_json(path)
+    if record is None:
         print(f"no run in progress at {args.index} (nothing in {path})", file=sys.stderr)
         return 2
+    if record["phase"] in FINAL_PHASES:
+        ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["updated"]))
+        print(f"this run ended ({record['phase']}) at {ended} and took {duration(took(record))}")
     record = follow(path)
     return 0 if record and record["phase"] == "done" else 1
 
