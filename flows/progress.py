@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 PROGRESS_FILE = "progress.json"  # under the index's .work folder, while the run goes on
@@ -234,6 +236,43 @@ class Printer:
     def close(self) -> None:
         self._newline()
         self.stream.flush()
+
+
+class Steps:
+    """A long command's progress in a log: a line per step, and while a step runs, a line every
+    ``every`` seconds with its latest ``detail`` (so a slow step never looks like a hang)."""
+
+    def __init__(self, stream=None, every: float = 15.0) -> None:
+        self.stream = stream or sys.stderr
+        self.every, self.began, self.detail = every, time.monotonic(), ""
+
+    def say(self, text: str) -> None:
+        self.stream.write(f"[{duration(time.monotonic() - self.began)}] {text}\n")
+        self.stream.flush()
+
+    def counter(self, what: str):
+        """A ``progress(done, total)`` callback that keeps ``detail`` as "what done/total"."""
+        def progress(done: int, total: int) -> None:
+            self.detail = f"{what} {done:,}/{total:,}"
+        return progress
+
+    @contextmanager
+    def step(self, title: str):
+        """Say ``title`` now, then every ``every`` seconds how far the step is, until it ends."""
+        self.say(title)
+        self.detail, began, stop = "", time.monotonic(), threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.every):
+                self.say(f"    {self.detail or 'still at it'} ({duration(time.monotonic() - began)} into this step)")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
 
 
 def follow(path: Path, done=lambda: False, interval: float = 1.0, printer: Printer | None = None) -> dict | None:
