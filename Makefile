@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
-.PHONY: install test bench demo clean data train evaluate loadtest browser
+.PHONY: install test bench demo services stop clean data train evaluate loadtest browser
 
 install: $(STAMP)
 
@@ -47,7 +47,7 @@ train: data
 	$(TRAIN) --no-recovery
 	$(TRAIN) --no-distill
 
-# The accuracy table of the README (results/real-questions.json): control / split / btr / ablations
+# The accuracy table of docs/accuracy.md (results/real-questions.json): control / split / btr / ablations
 # on NQ-open and TriviaQA test questions (needs `make train`'s checkpoints).
 evaluate: install
 	$(BIN)/python -m flows.evaluate_reader
@@ -64,3 +64,12 @@ browser:
 # Local Prefect server + worker + Ray, the index-wikipedia deployment on the bundled sample, an answer.
 demo: install
 	$(BIN)/python -m flows.demo
+
+# The same local stack as make demo, left up: a Prefect server on 127.0.0.1:$(PORT), the btr-local
+# process work pool, the deployments of prefect.yaml and a worker. `make stop` stops them.
+PORT ?= 4200
+services: install
+	$(BIN)/python -m flows.services start --port $(PORT)
+
+stop:
+	$(BIN)/python -m flows.services stop
