@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from .progress import PROGRESS_FILE, follow
-from .services import ROOT, prefect, run, start_stack, step, stop
+from .services import ROOT, prefect, run, start_stack, step, stop_pids
 
 DEMO_INDEX = ROOT / "indexes" / "wikipedia-sample"
 QUESTION = "Who directed 2001: A Space Odyssey?"
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         step("stopping the worker and the server")
-        for process in reversed(services):
-            stop(process)
+        stop_pids([process.pid for process in reversed(services)])
 
 
 if __name__ == "__main__":

@@ -65,15 +65,6 @@ def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
 def healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"{api_url(port)}/health", timeout=2) as response:
@@ -123,7 +114,8 @@ def alive(pid: int) -> bool:
 
 
 def stop_pids(pids: list[int], timeout: float = 20) -> None:
-    """SIGTERM each process group, then SIGKILL what is left after ``timeout`` seconds."""
+    """SIGTERM each process group (a service with its children), then SIGKILL what is left after
+    ``timeout`` seconds."""
     for pid in pids:
         if alive(pid):
             os.killpg(pid, signal.SIGTERM)
