@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
-.PHONY: install test bench demo clean data train evaluate loadtest browser
+.PHONY: install test bench demo services stop clean data train evaluate loadtest browser
 
 install: $(STAMP)
 
@@ -72,3 +72,12 @@ browser:
 # Local Prefect server + worker + Ray, the index-wikipedia deployment on the bundled sample, an answer.
 demo: install
 	$(BIN)/python -m flows.demo
+
+# The same local stack as make demo, left up: a Prefect server on 127.0.0.1:$(PORT), the btr-local
+# process work pool, the deployments of prefect.yaml and a worker. `make stop` stops them.
+PORT ?= 4200
+services: install
+	$(BIN)/python -m flows.services start --port $(PORT)
+
+stop:
+	$(BIN)/python -m flows.services stop

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,48 +18,11 @@ import urllib.request
 from pathlib import Path
 
 from .progress import PROGRESS_FILE, follow
-from .quiet import quiet
+from .services import ROOT, prefect, run, start_stack, step, stop_pids
 
-ROOT = Path(__file__).resolve().parent.parent
-POOL = "btr-local"
 DEMO_INDEX = ROOT / "indexes" / "wikipedia-sample"
 QUESTION = "Who directed 2001: A Space Odyssey?"
 FINAL_STATES = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-
-
-def prefect_env(port: int) -> dict[str, str]:
-    """A project-local Prefect home, telemetry off, the API on loopback."""
-    return {
-        **os.environ,
-        **quiet(),
-        "PREFECT_HOME": str(ROOT / ".prefect"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_UI_ENABLED": "true",
-    }
-
-
-def step(title: str) -> None:
-    print(f"\n==> {title}", flush=True)
-
-
-def run(args: list[str], env: dict[str, str]) -> None:
-    subprocess.run(args, env=env, cwd=ROOT, check=True)
-
-
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """A background service in its own process group (so it can be stopped with its children)."""
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def drop_stale_index(index: Path, weights_digest: str) -> bool:
@@ -76,20 +37,6 @@ def drop_stale_index(index: Path, weights_digest: str) -> bool:
         return False
     shutil.rmtree(index)
     return True
-
-
-def wait_healthy(port: int, server: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited (see {ROOT / '.prefect' / 'server.log'})")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"the Prefect server did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
 
 
 def flow_run_state(port: int, run_id: str) -> str | None:
@@ -109,7 +56,7 @@ def run_deployment(env: dict[str, str], port: int) -> str:
     """
     progress = DEMO_INDEX / ".work" / PROGRESS_FILE
     progress.unlink(missing_ok=True)  # an earlier run's record would read as this one's
-    command = [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "index-wikipedia/local"]
+    command = [prefect(), "deployment", "run", "index-wikipedia/local"]
     created = subprocess.run(command, env=env, cwd=ROOT, check=True, capture_output=True, text=True).stdout
     print(created.rstrip(), flush=True)
     run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", created)
@@ -135,26 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", default=QUESTION)
     parser.add_argument("--port", type=int, default=4200)
     args = parser.parse_args(argv)
-    env = prefect_env(args.port)
-    bin_dir = Path(sys.executable).parent
-    logs = ROOT / ".prefect"
-    logs.mkdir(exist_ok=True)
     services: list[subprocess.Popen] = []
     from reader.load import ReaderSpec, load_reader  # torch: after argparse, so --help stays fast
 
     if drop_stale_index(DEMO_INDEX, load_reader(ReaderSpec()).identity().weights_digest):
         step(f"{DEMO_INDEX.relative_to(ROOT)} was built by another reader than the default one: removed, to be rebuilt")
     try:
-        step(f"Prefect server; its UI, to open now: http://127.0.0.1:{args.port} (log: .prefect/server.log)")
-        server = start([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(args.port)], env, logs / "server.log")
-        services.append(server)
-        wait_healthy(args.port, server)
-
-        step(f"work pool {POOL}, deployments index-wikipedia/local and train-reader/local, worker")
-        run([str(bin_dir / "prefect"), "work-pool", "create", POOL, "--type", "process", "--overwrite"], env)
-        run([str(bin_dir / "prefect"), "deploy", "--all", "--no-prompt"], env)
-        services.append(start([str(bin_dir / "prefect"), "worker", "start", "--pool", POOL], env, logs / "worker.log"))
-
+        env = start_stack(args.port, services)
         step("prefect deployment run index-wikipedia/local (the worker's own log: .prefect/worker.log)")
         final = run_deployment(env, args.port)
         if final != "COMPLETED":
@@ -170,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         step("stopping the worker and the server")
-        for process in reversed(services):
-            stop(process)
+        stop_pids([process.pid for process in reversed(services)])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 PROGRESS_FILE = "progress.json"  # under the index's .work folder, while the run goes on
@@ -172,9 +174,16 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def took(record: dict) -> float:
+    """Seconds the run has been going, or, once it has ended, how long it took."""
+    if record["phase"] in FINAL_PHASES:
+        return record.get("seconds") or record["updated"] - record["started"]
+    return time.time() - record["started"]
+
+
 def status_line(record: dict) -> str:
     """One line a person reads: the phase, and while indexing the shard counts, speeds and time left."""
-    elapsed = duration(time.time() - record["started"])
+    elapsed = duration(took(record))
     if record["phase"] != "indexing shards":
         return f"[{elapsed}] {record['phase']}"
     speed = (
@@ -229,6 +238,43 @@ class Printer:
         self.stream.flush()
 
 
+class Steps:
+    """A long command's progress in a log: a line per step, and while a step runs, a line every
+    ``every`` seconds with its latest ``detail`` (so a slow step never looks like a hang)."""
+
+    def __init__(self, stream=None, every: float = 15.0) -> None:
+        self.stream = stream or sys.stderr
+        self.every, self.began, self.detail = every, time.monotonic(), ""
+
+    def say(self, text: str) -> None:
+        self.stream.write(f"[{duration(time.monotonic() - self.began)}] {text}\n")
+        self.stream.flush()
+
+    def counter(self, what: str):
+        """A ``progress(done, total)`` callback that keeps ``detail`` as "what done/total"."""
+        def progress(done: int, total: int) -> None:
+            self.detail = f"{what} {done:,}/{total:,}"
+        return progress
+
+    @contextmanager
+    def step(self, title: str):
+        """Say ``title`` now, then every ``every`` seconds how far the step is, until it ends."""
+        self.say(title)
+        self.detail, began, stop = "", time.monotonic(), threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.every):
+                self.say(f"    {self.detail or 'still at it'} ({duration(time.monotonic() - began)} into this step)")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
+
 def follow(path: Path, done=lambda: False, interval: float = 1.0, printer: Printer | None = None) -> dict | None:
     """Print the run's progress from ``path`` until its phase is final or ``done()`` says so."""
     printer = printer or Printer()
@@ -252,9 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("index", type=Path, help="the index folder the run writes")
     args = parser.parse_args(argv)
     path = args.index / ".work" / PROGRESS_FILE
-    if read_json(path) is None:
+    record = read_json(path)
+    if record is None:
         print(f"no run in progress at {args.index} (nothing in {path})", file=sys.stderr)
         return 2
+    if record["phase"] in FINAL_PHASES:
+        ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["updated"]))
+        print(f"this run ended ({record['phase']}) at {ended} and took {duration(took(record))}")
     record = follow(path)
     return 0 if record and record["phase"] == "done" else 1
 

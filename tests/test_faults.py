@@ -1,4 +1,4 @@
-"""Fault injection: one test row per fault of the README's table, each on a copy of a small index.
+"""Fault injection: one test row per fault of the table in docs/faults.md, each on a copy of a small index.
 
 Every row asserts what the user sees (a clear refusal, never a signal, never a silently wrong
 answer) and that nothing else is lost (the rest of the index still verifies and answers, and the

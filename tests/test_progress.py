@@ -88,3 +88,17 @@ def test_follow_stops_at_a_final_phase_and_main_says_when_there_is_no_run(tmp_pa
     assert main([str(tmp_path / "idx")]) == 1  # a failed run
     assert main([str(tmp_path / "elsewhere")]) == 2
     assert "no run in progress" in capsys.readouterr().err
+
+
+def test_a_finished_run_shows_how_long_it_took_not_the_time_since_it_began(tmp_path, capsys):
+    path = tmp_path / "idx" / ".work" / "progress.json"
+    progress = RunProgress.start(path, "idx", passages=1, shards=1)
+    progress.finish()
+    record = json.loads(path.read_text())
+    hours_ago = 2 * 3600
+    record |= {"started": record["started"] - hours_ago - 350, "updated": record["updated"] - hours_ago, "seconds": 350.0}
+    path.write_text(json.dumps(record))
+    assert status_line(record) == "[5m50s] done"
+    assert main([str(tmp_path / "idx")]) == 0
+    out = capsys.readouterr().out
+    assert "took 5m50s" in out and "[5m50s] done" in out and "125m" not in out
