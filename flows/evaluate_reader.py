@@ -1,4 +1,4 @@
-"""The README's accuracy tables in one command: readers x question sets, k, and offline merging.
+"""The accuracy tables of docs/accuracy.md in one command: readers x question sets, k, and offline merging.
 
     python -m flows.evaluate_reader [--checkpoints checkpoints/real] [--sets nq-test-in-sample,...]
                                     [--limit 300] [--k 5] [--pool N] [--out results/real-questions.json]
