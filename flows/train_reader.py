@@ -104,7 +104,7 @@ def train_stage_task(
         plain = str(stage_folder(root, stages, 0))
         teacher = load_reader(ReaderSpec(checkpoint=plain, max_passage_tokens=max_passage_tokens)).to(device)
     examples, counts = load_examples(Path(train), index)
-    data, dropped = targets(reader, examples, per_question)
+    data, dropped = targets(reader, examples, per_question, stage.max_positives, stage.question_word)
     logger.info(f"{folder.name}: {len(data)} examples from {train} ({counts | dropped}) on {device}")
     summary = train_stage(reader, stage, data, folder, teacher, log=logger.info, bf16=bf16)
     logger.info(f"{folder.name}: done, final losses {summary['final_loss']}")
@@ -129,7 +129,9 @@ def train_reader(
     bits_steps: int | None = None,
     control_steps: int | None = None,
     bf16: bool | None = None,
-    heads: bool = True,
+    heads: bool = False,
+    max_positives: int = 2,
+    question_word: bool = False,
 ) -> str:
     """Train plain -> split -> bits from ``base``; returns the last stage's checkpoint folder.
 
@@ -137,7 +139,8 @@ def train_reader(
     the reader still reads up to 320 at query time. ``export`` writes the result there too in fp16 (how reader/checkpoint, the default, is made).
     """
     stages = chain(
-        distill, recovery, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads
+        distill, recovery, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads,
+        max_positives=max_positives, question_word=question_word,
     )
     checkpoint = base
     for position in range(len(stages)):
@@ -181,13 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", help="retrieve passages from this index for lines that have none")
     parser.add_argument("--export", help="also write the final checkpoint here in fp16")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU too (AVX-512 BF16: faster)")
-    parser.add_argument("--no-heads", action="store_true", help="without question-word match and passage relevance")
+    parser.add_argument("--heads", action="store_true", help="add question-word match and passage relevance (reader.heads)")
+    parser.add_argument("--max-positives", type=int, default=2, help="passages holding an answer per question")
+    parser.add_argument("--question-word", action="store_true", help="a positive must share a content word with the question")
     args = parser.parse_args(argv)
     try:
         train_reader(
             args.train, args.out, args.base, args.steps, args.batch_size, args.passages_per_question,
             args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index,
-            args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None, not args.no_heads,
+            args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None, args.heads,
+            args.max_positives, args.question_word,
         )
     except (TrainingDataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -53,7 +53,9 @@ class Stage:
     batch_size: int = 8
     learning_rate: float = 5e-5
     seed: int = 0
-    heads: bool = True  # question-word match + passage relevance (reader.heads), added at the first stage
+    heads: bool = False  # question-word match + passage relevance (reader.heads), added at the first stage
+    max_positives: int = 2  # passages holding an answer per question (reader.supervision.targets)
+    question_word: bool = False  # a positive must share a content word with the question
 
     def __post_init__(self) -> None:
         if self.kind not in STAGES:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from reader.config import BTRConfig
@@ -105,7 +106,7 @@ def test_heads_are_trained_saved_and_loaded_with_the_answer_rule(make_extractive
     reader = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64)).train()
     example = Example("who wrote hamlet?", ("William Shakespeare",), tuple(PASSAGES[0]), 1)
     data, _ = targets(reader, [example], 3)
-    train_stage(reader, Stage("plain", steps=3, batch_size=1, learning_rate=1e-2), data, tmp_path / "plain",
+    train_stage(reader, Stage("plain", steps=3, batch_size=1, learning_rate=1e-2, heads=True), data, tmp_path / "plain",
                 log=lambda _: None)
     assert reader.heads is not None and reader.heads.match.abs().sum() > 0  # created and trained
     assert (tmp_path / "plain" / HEADS_FILE).exists()
@@ -120,3 +121,22 @@ def test_heads_are_trained_saved_and_loaded_with_the_answer_rule(make_extractive
     without = load_reader(ReaderSpec(checkpoint=str(tmp_path / "saved"), max_passage_tokens=64))
     without.attach_heads(None)
     assert without.identity().weights_digest != loaded.identity().weights_digest
+
+
+def test_an_unknown_answer_setting_is_refused(make_extractive, tmp_path):
+    save_checkpoint(make_extractive(BTRConfig(split_layer=2)), tmp_path, {"chain": "plain"})
+    settings = json.loads((tmp_path / "btr.json").read_text())
+    settings["answer"]["retrieval_wieght"] = 3.0
+    (tmp_path / "btr.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match="unknown answer setting 'retrieval_wieght'"):
+        load_reader(ReaderSpec(checkpoint=str(tmp_path)))
+
+
+def test_question_word_filter_drops_a_positive_that_shares_nothing_with_the_question(make_extractive):
+    reader = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64))
+    unrelated = Passage("William Shakespeare", "William Shakespeare was an English playwright.")
+    example = Example("who wrote hamlet?", ("William Shakespeare",), (unrelated, *PASSAGES[0]), 2)
+    [kept], _ = targets(reader, [example], 3)
+    assert kept.passages[0] is unrelated  # by default every passage holding the answer is a positive
+    [kept], _ = targets(reader, [example], 3, max_positives=1, question_word=True)
+    assert kept.passages[0].title == "Hamlet" and unrelated not in kept.passages

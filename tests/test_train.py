@@ -242,6 +242,8 @@ def test_the_committed_default_reader_loads_offline_with_its_settings():
     reader = load_reader(ReaderSpec())
     assert reader.split_layer == settings["split_layer"] == 3 and reader.calibration == settings["calibration"]
     assert reader.dtype == torch.float32 and reader.hidden_size == 384
+    # the answer rule chosen on dev rides in btr.json and is applied on load
+    assert reader.retrieval_weight == settings["answer"]["retrieval_weight"] > 0 and reader.heads is None
     assert [s["stage"]["name"] for s in settings["training"]["stages"]] == ["plain", "split", "bits"]
     assert (DEFAULT_CHECKPOINT / "model.safetensors").stat().st_size < 50e6
     assert (DEFAULT_CHECKPOINT / "README.md").exists()  # the model card
