@@ -49,13 +49,12 @@ def read_logits(answerer: Answerer, questions: list[dict], k: int) -> list[dict]
 
 
 def score(reader, cached: list[dict], relevance_weight: float, retrieval_weight: float) -> dict:
-    """EM, cited ranks and title answers of the rule at one grid point, over cached logits."""
+    """EM, cited ranks and title answers of the rule at one grid point (set on ``reader``), over cached logits."""
     ems, ranks, titles = [], [0] * cached[0]["batch"].per_query, 0
+    reader.relevance_weight, reader.retrieval_weight = relevance_weight, retrieval_weight
     for item in cached:
         batch = item["batch"]
-        prior = retrieval_weight * torch.tensor(batch.retrieval)
-        if item["relevance"] is not None and relevance_weight:
-            prior = prior + relevance_weight * item["relevance"].log_softmax(-1).reshape(-1)
+        prior = reader.passage_prior(batch, item["relevance"])
         span = reader.best_spans(batch, item["start"], item["end"], prior)[0]
         ems.append(exact_match(span.text, item["record"]["answers"]))
         ranks[span.passage] += 1
@@ -68,6 +67,8 @@ def score(reader, cached: list[dict], relevance_weight: float, retrieval_weight:
 def write_rule(folder: Path, rule: dict) -> list[Path]:
     """Put the answer rule in ``folder``'s btr.json and in those of the stages beside it (a chain's
     ``plain``, ``plain+plain``, ...), so that every row of the accuracy table reads with one rule."""
+    if not (folder / SETTINGS_FILE).exists():
+        raise FileNotFoundError(f"{folder} has no {SETTINGS_FILE} to write the answer rule into (not a trained checkpoint)")
     written = []
     for path in sorted({folder / SETTINGS_FILE, *folder.parent.glob(f"*/{SETTINGS_FILE}")}):
         settings = json.loads(path.read_text())

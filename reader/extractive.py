@@ -147,14 +147,17 @@ class ExtractiveReader(SplitReader):
         scores = scores.masked_fill(pairs.size[:, -width:] == 0, float("-inf")).logsumexp(-1)
         return scores.reshape(len(batch.query_ids), batch.per_query)
 
-    def passage_prior(self, batch: Batch, pairs: Tokens) -> torch.Tensor | None:
-        """[B*n]: what each passage adds to the scores of its spans (relevance, retriever score), or None."""
-        prior = torch.zeros(len(batch.passage_ids), device=pairs.hidden.device)
-        relevance = self.relevance_logits(batch, pairs)
+    def passage_prior(self, batch: Batch, relevance: torch.Tensor | None) -> torch.Tensor | None:
+        """[B*n]: what each passage adds to the scores of its spans, or None for nothing.
+
+        ``relevance_weight`` x the log-softmax of ``relevance_logits`` over the question's passages,
+        plus ``retrieval_weight`` x the retriever's score of the passage (when the batch has it).
+        """
+        prior = torch.zeros(len(batch.passage_ids))
         if relevance is not None and self.relevance_weight:
-            prior += self.relevance_weight * relevance.log_softmax(-1).reshape(-1)
+            prior += self.relevance_weight * relevance.float().cpu().log_softmax(-1).reshape(-1)
         if batch.retrieval is not None and self.retrieval_weight:
-            prior += self.retrieval_weight * torch.tensor(batch.retrieval, device=prior.device)
+            prior += self.retrieval_weight * torch.tensor(batch.retrieval)
         return prior if prior.any() else None
 
     # ---- encoder hooks ------------------------------------------------------------------------
@@ -261,7 +264,8 @@ class ExtractiveReader(SplitReader):
 
     def read_out(self, batch: Batch, pairs: Tokens, mode: str) -> list[Span]:
         """The query path's last stage: spans from encoder output the caller already has."""
-        return self.best_spans(batch, *self.span_logits(batch, mode, pairs), self.passage_prior(batch, pairs))
+        prior = self.passage_prior(batch, self.relevance_logits(batch, pairs))
+        return self.best_spans(batch, *self.span_logits(batch, mode, pairs), prior)
 
     def best_spans(
         self, batch: Batch, start: torch.Tensor, end: torch.Tensor, prior: torch.Tensor | None = None

@@ -218,3 +218,27 @@ def test_service_answers_reports_health_refuses_bad_input_and_survives_concurren
         assert time.monotonic() - began < 120
         status, again = request(port, "POST", "/answer", {"question": QUESTIONS[0], "k": 3})
         assert again["answer"] == result["answer"] and again["passages"] == result["passages"]
+
+
+def test_tune_answer_rescores_as_the_query_path_reads_and_refuses_test_sets(index, tmp_path, capsys):
+    from flows import tune_answer
+    from reader.evaluate import evaluate
+
+    data = tmp_path / "qa"
+    data.mkdir()
+    records = [{"question": q, "answers": [p.title]} for q, p in zip(QUESTIONS, PASSAGES)]
+    (data / "nq-dev-heldout-in-sample.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "grid.json"
+    argv = ["--index", str(index), "--data", str(data), "--sets", "nq-dev-heldout-in-sample", "--k", "3",
+            "--relevance", "0", "--retrieval", "0,1000", "--out", str(out)]
+    assert tune_answer.main(argv) == 0
+    points = json.loads(out.read_text())["points"]
+    for point in points:  # the reference: the query path itself, with the same rule
+        answerer = Answerer(index)
+        answerer.reader.retrieval_weight = point["retrieval_weight"]
+        expected = evaluate(answerer, records, "btr", 3)
+        got = point["sets"]["nq-dev-heldout-in-sample"]
+        assert (got["exact"], got["cited_rank"], got["em"]) == (expected["exact"], expected["cited_rank"], expected["em"])
+    assert points[1]["sets"]["nq-dev-heldout-in-sample"]["cited_rank"][0] == len(records)  # a huge weight: rank 1
+    assert tune_answer.main([*argv[:4], "--sets", "nq-test-in-sample"]) == 2
+    assert "dev sets only" in capsys.readouterr().err
