@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -64,13 +65,21 @@ def score(reader, cached: list[dict], relevance_weight: float, retrieval_weight:
             "exact": "".join("1" if e else "0" for e in ems)}
 
 
+# A train-reader stage folder: plain, plain+split, plain+split-nodistill+bits, plain+plain, ...
+_STAGE_FOLDER = re.compile(r"^(plain|split|bits)(-\w+)?(\+(plain|split|bits)(-\w+)?)*$")
+
+
 def write_rule(folder: Path, rule: dict) -> list[Path]:
-    """Put the answer rule in ``folder``'s btr.json and in those of the stages beside it (a chain's
-    ``plain``, ``plain+plain``, ...), so that every row of the accuracy table reads with one rule."""
+    """Put the answer rule in ``folder``'s btr.json and, when ``folder`` is a train-reader stage, in those
+    of the stages beside it (``plain``, ``plain+plain``, ...), so every row of the accuracy table reads
+    with one rule. Other folders beside a checkpoint are never touched."""
     if not (folder / SETTINGS_FILE).exists():
         raise FileNotFoundError(f"{folder} has no {SETTINGS_FILE} to write the answer rule into (not a trained checkpoint)")
+    paths = {folder / SETTINGS_FILE}
+    if _STAGE_FOLDER.match(folder.name):
+        paths |= {p for p in folder.parent.glob(f"*/{SETTINGS_FILE}") if _STAGE_FOLDER.match(p.parent.name)}
     written = []
-    for path in sorted({folder / SETTINGS_FILE, *folder.parent.glob(f"*/{SETTINGS_FILE}")}):
+    for path in sorted(paths):
         settings = json.loads(path.read_text())
         if settings.get("family") != "ExtractiveReader":
             continue

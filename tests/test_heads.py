@@ -140,3 +140,19 @@ def test_question_word_filter_drops_a_positive_that_shares_nothing_with_the_ques
     assert kept.passages[0] is unrelated  # by default every passage holding the answer is a positive
     [kept], _ = targets(reader, [example], 3, max_positives=1, question_word=True)
     assert kept.passages[0].title == "Hamlet" and unrelated not in kept.passages
+
+
+def test_the_answer_rule_is_written_into_a_chains_stages_and_nowhere_else(make_extractive, tmp_path):
+    from flows.tune_answer import write_rule
+
+    reader = make_extractive(BTRConfig(split_layer=2))
+    for name in ("plain", "plain+plain", "plain+split", "plain+split+bits", "someone-elses-model"):
+        save_checkpoint(reader, tmp_path / "chain" / name, {"chain": name})
+    rule = {"relevance_weight": 0.0, "retrieval_weight": 80.0}
+    written = write_rule(tmp_path / "chain" / "plain+split+bits", rule)
+    assert sorted(p.parent.name for p in written) == ["plain", "plain+plain", "plain+split", "plain+split+bits"]
+    other = json.loads((tmp_path / "chain" / "someone-elses-model" / "btr.json").read_text())
+    assert other["answer"]["retrieval_weight"] == 0.0
+    assert [p.parent.name for p in write_rule(tmp_path / "chain" / "someone-elses-model", rule)] == ["someone-elses-model"]
+    with pytest.raises(FileNotFoundError, match="no btr.json"):
+        write_rule(tmp_path, rule)
