@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,12 +26,12 @@ from reader.load import ReaderSpec, load_reader
 from reader.identity import ReaderIdentity
 from reader.retriever import INFO_FILE, build_faiss_apart
 from storage.codec import CodecSettings
-from storage.index import IndexWriter
+from storage.index import MANIFEST, IndexWriter, Manifest
 from storage.offline import OfflineMerge, stopword_ids
 from storage.shard import ShardInfo, default_shard_size
 from workers.cluster import cluster_runner
 from workers.indexer import (
-    ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards,
+    ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards, resumed,
 )
 from workers.offline import merge_on_cluster
 
@@ -96,6 +97,13 @@ def build_retriever(staging: str, index: str, plans: list[dict], encoder: str | 
     return info
 
 
+def merging_shards(staging: Path) -> list[dict] | None:
+    """The lossless shards' summaries when an earlier run published them and began merging (its shards may be gone)."""
+    if not (staging / MANIFEST).exists():
+        return None
+    return [resumed(info) for info in Manifest.load(staging).shards]
+
+
 @task(name="publish", cache_policy=NO_CACHE)
 def publish(
     staging: str, index: str, reader: dict, shards: list[dict], extra: dict, offline_ratio: float, spec: dict
@@ -109,7 +117,10 @@ def publish(
     tokenizer = load_reader(ReaderSpec(**spec)).tokenizer
     # On the run's Ray cluster; a rerun after a crash resumes from the scratch folder's finished units.
     scratch = Path(staging).parent / "merge"
-    manifest = merge_on_cluster(staging, index, stopword_ids(tokenizer), OfflineMerge(offline_ratio), scratch=scratch)
+    # Each window's lossless shards go once merged: the disk holds the lossless copy and one window's scratch at most.
+    manifest = merge_on_cluster(
+        staging, index, stopword_ids(tokenizer), OfflineMerge(offline_ratio), scratch=scratch, consume_source=True
+    )
     return manifest.to_dict()
 
 
@@ -162,9 +173,14 @@ def index_wikipedia(
 
         with flow_cluster(ray_address):  # one Ray for the shards, the retriever and the merge
             progress.phase("indexing shards")
-            fanned = index_shards.with_options(task_runner=ray_runner(ray_address))(
-                plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, str(progress.path)
-            )
+            staged = merging_shards(staging) if offline_merge > 0 else None
+            if staged is not None:  # a merge under way deletes the lossless shards it has merged: keep going
+                fanned = {"shards": staged, "reassigned": 0}
+                progress.shards(staged, [], time.time())
+            else:
+                fanned = index_shards.with_options(task_runner=ray_runner(ray_address))(
+                    plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, str(progress.path)
+                )
             results = fanned["shards"]
             progress = RunProgress.load(progress.path)  # the subflow brought it up to date
             progress.set(reassigned_shards=fanned["reassigned"])
@@ -185,8 +201,9 @@ def index_wikipedia(
     print(f"index ready at {out}: {manifest['passages']} passages, {manifest['tokens']} tokens, "
           f"{len(manifest['shards'])} shards ({skipped} resumed from an earlier run, {fanned['reassigned']} given to "
           "another worker after theirs was lost)")
-    if offline_merge > 0:
-        shutil.rmtree(work / "lossless" / "shards", ignore_errors=True)  # the merged copy is the index
+    if offline_merge > 0:  # the merged copy is the index; a rerun indexes the corpus again
+        shutil.rmtree(work / "lossless" / "shards", ignore_errors=True)
+        (work / "lossless" / MANIFEST).unlink(missing_ok=True)
     progress.finish()
     (out / RUN_FILE).write_text(json.dumps(progress.record, indent=1) + "\n")
     create_markdown_artifact(markdown_table(progress.record), key="index-shards", description=f"shards of {out}")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +76,20 @@ class Encoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
             out[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
         return out
+
+
+@contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """faiss's on-disk lists print to the C library's stdout ("resizing ...", "updating ondisk filename"):
+    sent to stderr, so a command's --json output stays JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def ivf_lists(count: int) -> int:
@@ -184,7 +200,8 @@ def build_faiss_apart(
         run(add_part, calls, lambda done, total: progress("add", done, total))
         for name in (FAISS_FILE, IVF_DATA):
             (folder / name).unlink(missing_ok=True)
-        merge_ondisk(index, outs, str((folder / IVF_DATA).resolve()))
+        with stdout_to_stderr():
+            merge_ondisk(index, outs, str((folder / IVF_DATA).resolve()))
         faiss.write_index(index, str(folder / FAISS_FILE))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -205,7 +222,8 @@ def read_faiss(folder: Path) -> faiss.Index:
         flags = faiss.IO_FLAG_MMAP
     else:
         flags = faiss.IO_FLAG_MMAP_IFC
-    return faiss.read_index(str(path), flags | faiss.IO_FLAG_READ_ONLY)
+    with stdout_to_stderr():
+        return faiss.read_index(str(path), flags | faiss.IO_FLAG_READ_ONLY)
 
 
 @dataclass(frozen=True)

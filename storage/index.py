@@ -175,19 +175,23 @@ class IndexWriter:
 class Index:
     """Read side of an index: fetch passages (text and bits) by row; safe across threads and processes."""
 
-    def __init__(self, root: Path | str, manifest: Manifest, codec: Codec) -> None:
-        """Refuses (DamagedIndex) a shard missing or of another size than the manifest's: a stat each, no reads."""
+    def __init__(self, root: Path | str, manifest: Manifest, codec: Codec, only: Sequence[int] | None = None) -> None:
+        """Refuses (DamagedIndex) a shard missing or of another size than the manifest's: a stat each, no reads.
+
+        ``only``: the positions of the shards to open (the offline merge's window); reading any other is refused.
+        """
         self.root = Path(root)
         self.manifest = manifest
         self.format = _record_format(codec, manifest.reader)
         self._starts = [s.first_row for s in manifest.shards]
         # The files this index was opened on: a shard replaced later (a rebuild into the same folder)
         # is refused rather than read against this manifest and retriever.
-        self._inodes = check_shard_files(self.root, manifest.shards)
+        opened = manifest.shards if only is None else [manifest.shards[i] for i in only]
+        self._inodes = check_shard_files(self.root, opened)
 
     @classmethod
-    def open(cls, root: Path | str, expect: ReaderIdentity | None = None) -> "Index":
-        """Open a complete index; with ``expect``, refuse one built by another reader or split."""
+    def open(cls, root: Path | str, expect: ReaderIdentity | None = None, only: Sequence[int] | None = None) -> "Index":
+        """Open a complete index (``only``: some of its shards); with ``expect``, refuse one built by another reader or split."""
         root = Path(root)
         manifest = Manifest.load(root)
         if expect is not None:
@@ -196,7 +200,7 @@ class Index:
             codec = Codec.load(root / CODEC, manifest.codec)
         except (OSError, ValueError, KeyError, zstd.ZstdError) as error:
             raise DamagedIndex(f"the index's codec is missing or damaged ({error}). {repair_hint(root)}") from None
-        return cls(root, manifest, codec)
+        return cls(root, manifest, codec, only)
 
     def __len__(self) -> int:
         return self.manifest.passages
@@ -204,10 +208,13 @@ class Index:
     def check(self) -> None:
         """Raise DamagedIndex unless every shard is still the file this index was opened on (stats only)."""
         for shard in self.manifest.shards:
-            self._check_file(shard)
+            if shard.name in self._inodes:
+                self._check_file(shard)
 
     def _check_file(self, shard: ShardInfo) -> None:
         # Before every read: LMDB faults (SIGBUS) on a mapped file that has become shorter.
+        if shard.name not in self._inodes:
+            raise ValueError(f"{shard.name} is not among the shards this index was opened on")
         try:
             if shard_file(self.root, shard).st_ino != self._inodes[shard.name]:
                 raise DamagedIndex(f"{shard.name} was replaced after this index was opened (rebuilt into the same folder?)")

@@ -122,6 +122,14 @@ def open_shard(root: Path, name: str) -> Iterator[lmdb.Environment]:
         _release(entry)
 
 
+def close_shards(root: Path) -> None:
+    """Close this process's unused shards of the index at ``root`` (deleted ones free their disk only once closed)."""
+    prefix = os.path.join(os.path.realpath(root), "")
+    with _LOCK:
+        for path in [p for p, e in _OPEN.items() if p.startswith(prefix) and e.users == 0]:
+            _OPEN.pop(path).env.close()
+
+
 def open_count() -> int:
     """Shards this process holds open now."""
     with _LOCK:

@@ -11,9 +11,10 @@ process so that its peak memory is its own:
               shards and manifest (the flow's lossless staging index); random unit vectors per shard
     faiss     reader.retriever.build_faiss over those vectors (the index type the flow picks for the count)
     faiss_pq  the same with the IVF-PQ type the flow picks past 5M passages (IVF-PQ training at this size)
-    merge     storage.offline.merge_index, r_o = 0.2, into the final index (as the flow's publish)
+    merge     storage.offline.merge_index, r_o = 0.2, into the final index, consuming the lossless one (as the flow's publish)
     verify    storage.verify on the final index (digests, every record's checksum, the retriever)
-    fetch     40 random passages fetched and decoded, p50 / p99 over 200 draws, lossless and merged
+    fetch     40 random passages fetched and decoded, p50 / p99 over 200 draws, lossless (fetch_lossless,
+              before the merge deletes it window by window, as the flow's does) and merged
 
 With ``--workers W`` the retriever builds, the merge and verify run as tasks on a loopback Ray of W
 CPUs started for each step (``reader.retriever.build_faiss_apart``, ``workers.offline``); their
@@ -40,7 +41,7 @@ from pathlib import Path
 from .shard import default_shard_size
 from .step_monitor import run_watched
 
-STEPS = ("write", "faiss", "faiss_pq", "merge", "verify", "fetch")
+STEPS = ("write", "faiss", "faiss_pq", "fetch_lossless", "merge", "verify", "fetch")
 HIDDEN_SIZE = 384  # the default reader's (all-MiniLM-L6-v2)
 CONFIG = "scale.json"
 
@@ -224,7 +225,7 @@ def step_merge(cfg: dict, out: Path) -> dict:
     with _runner(cfg) as run:
         manifest = merge_index(
             out / "lossless", out / "index", stopword_ids(_tokenizer()[0]), OfflineMerge(cfg["offline_ratio"]),
-            workdir=out, progress=progress, run=run,
+            workdir=out, progress=progress, run=run, consume_source=True,
         )
     merge = manifest.extra["offline_merge"]
     return {"changed_tokens": merge["changed_tokens"], "bucket_files": merge["bucket_files"], "passages": manifest.passages}
@@ -239,7 +240,16 @@ def step_verify(cfg: dict, out: Path) -> dict:
     return {"ok": not problems, "records": checked, "problems": problems[:10]}
 
 
+def step_fetch_lossless(cfg: dict, out: Path) -> dict:
+    """``step_fetch`` on the lossless index, before the merge consumes it (as the flow's does)."""
+    return _fetch(cfg, {"lossless": out / "lossless"})
+
+
 def step_fetch(cfg: dict, out: Path) -> dict:
+    return _fetch(cfg, {"merged": out / "index"})
+
+
+def _fetch(cfg: dict, folders: dict[str, Path]) -> dict:
     """Fetch + decode of ``fetch`` random passages, ``draws`` times; bits per dimension from a sample of records."""
     import numpy as np
 
@@ -247,7 +257,7 @@ def step_fetch(cfg: dict, out: Path) -> dict:
     from storage.record import section_sizes
 
     result = {}
-    for name, folder in (("lossless", out / "lossless"), ("merged", out / "index")):
+    for name, folder in folders.items():
         index = Index.open(folder)
         rng = np.random.default_rng([cfg["seed"], 4])
         index.fetch([s.first_row for s in index.manifest.shards])  # every shard opened once, as a warm service has
@@ -315,6 +325,7 @@ def measure(cfg: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(cfg, indent=1))
     steps = {step: run_step(step, out) for step in STEPS}
+    fetched = {**steps["fetch_lossless"], **steps["fetch"]}
     from storage.index import Manifest  # light enough for the driver: no model, no faiss
 
     lossless, merged = Manifest.load(out / "lossless"), Manifest.load(out / "index")
@@ -332,9 +343,9 @@ def measure(cfg: dict, out: Path) -> dict:
             "lossless": round(sum(s.bytes for s in lossless.shards) / tokens, 2),
             "merged": round(sum(s.bytes for s in merged.shards) / tokens, 2),
         },
-        "bits_per_dim": {name: steps["fetch"][name]["bits_per_dim"] for name in ("lossless", "merged")},
+        "bits_per_dim": {name: fetched[name]["bits_per_dim"] for name in ("lossless", "merged")},
         "fetch_ms": {
-            name: {"p50": steps["fetch"][name]["fetch_ms_p50"], "p99": steps["fetch"][name]["fetch_ms_p99"]}
+            name: {"p50": fetched[name]["fetch_ms_p50"], "p99": fetched[name]["fetch_ms_p99"]}
             for name in ("lossless", "merged")
         },
         "faiss": {

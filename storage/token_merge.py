@@ -28,12 +28,15 @@ class OfflineMerge:
     buckets: int = 8  # at least; one more per bucket_tokens tokens of the corpus
     # About 35 MB of bucket file at d = 384 (stopwords, ~45% of tokens, stay out): the bound on pass 2's memory.
     bucket_tokens: int = 1_000_000
+    # Passages merged together: a token's chunks are cut within a window, so a window's lossless
+    # shards go as soon as it is merged and the disk holds one window's scratch, not the corpus's.
+    window: int = 500_000
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 0.5:
             raise ValueError(f"offline merge ratio must be in [0, 0.5] (bipartite limit), got {self.ratio}")
-        if self.chunk < 2 or self.buckets < 1 or self.bucket_tokens < 1:
-            raise ValueError("chunk must be >= 2, buckets and bucket_tokens >= 1")
+        if self.chunk < 2 or self.buckets < 1 or self.bucket_tokens < 1 or self.window < 1:
+            raise ValueError("chunk must be >= 2, buckets, bucket_tokens and window >= 1")
 
     def bucket_count(self, tokens: int) -> int:
         """Buckets for a corpus of ``tokens`` tokens: a bucket's size does not grow with the corpus."""

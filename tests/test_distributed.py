@@ -93,7 +93,7 @@ def search(folder: Path, queries, probes: int = 4):
 
 
 @pytest.mark.parametrize("factory", ["IVF8,Flat", "IVF8,PQ16np"])
-def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_lists(lossless, tmp_path, factory):
+def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_lists(lossless, tmp_path, factory, capfd):
     import faiss
 
     from reader.retriever import IVF_DATA, build_faiss, build_faiss_apart
@@ -113,6 +113,7 @@ def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_list
     apart.rename(moved)  # the lists are found beside the index file, wherever the folder goes
     got = search(moved, queries)
     assert np.array_equal(got[1], expected[1]) and np.array_equal(got[0], expected[0])
+    assert capfd.readouterr().out == ""  # faiss's notes on its on-disk lists kept off stdout (a --json output)
     plain = faiss.read_index(str(whole / "retriever.faiss"))
     plain.nprobe = 4
     assert np.array_equal(plain.search(queries, 10)[1], expected[1])  # mapped or read: the same answers

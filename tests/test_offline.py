@@ -100,9 +100,10 @@ def test_settings_are_validated():
         OfflineMerge(ratio=0.7)
 
 
-def reference_merge(index: Index, stopwords: set[int], settings: OfflineMerge) -> list[np.ndarray]:
-    """The offline merge in memory, as specified: each token's occurrences in (row, position) order, chunk by chunk."""
-    stored = index.fetch(range(len(index)))
+def reference_merge(index: Index, stopwords: set[int], settings: OfflineMerge, rows: range | None = None) -> list[np.ndarray]:
+    """The offline merge of ``rows`` (all) alone, in memory, as specified: each token's occurrences in (row, position)
+    order, chunk by chunk."""
+    stored = index.fetch(rows if rows is not None else range(len(index)))
     ids = np.concatenate([p.tokens.token_ids.numpy() for p in stored])
     bits = np.concatenate([p.tokens.bits.numpy() for p in stored])  # (row, position) order already
     prototypes = index.format.codec.prototypes
@@ -135,7 +136,8 @@ def test_merge_is_the_same_whatever_the_bucketing(tmp_path, make_extractive, mon
 
 
 def test_buckets_hold_pieces_of_tokens_and_no_stopwords(tmp_path, make_extractive):
-    from storage.offline import _first_ranks, _occurrence_dtype, _start, count_shard, partition_shard
+    from storage.merge_units import _occurrence_dtype, count_shard, first_ranks, partition_shard
+    from storage.offline import _start
 
     reader = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=128), hidden_size=64)
     build_index(tmp_path / "lossless", reader, PASSAGES, shard_size=15)
@@ -143,12 +145,13 @@ def test_buckets_hold_pieces_of_tokens_and_no_stopwords(tmp_path, make_extractiv
     is_stop = np.zeros(index.format.codec.vocab_size, dtype=bool)
     is_stop[list(stopword_ids(reader.tokenizer))] = True
     scratch = tmp_path / "scratch"
-    plan = {"source": str(tmp_path / "lossless"), "settings": {}, "stopwords": np.flatnonzero(is_stop).tolist(), "buckets": 5, "span": 3}
-    _start(scratch, plan)
     shards = range(len(index.manifest.shards))
+    plan = {"source": str(tmp_path / "lossless"), "settings": {}, "stopwords": np.flatnonzero(is_stop).tolist(), "buckets": 5,
+            "span": 3, "first_shard": 0, "shards": len(shards)}
+    _start(scratch, plan)
     for shard in shards:
         count_shard(str(scratch), shard)
-    _first_ranks(scratch, len(shards), len(is_stop))
+    first_ranks(scratch, len(shards), len(is_stop))
     for shard in shards:
         partition_shard(str(scratch), shard)
     parts = [np.fromfile(scratch / f"part-{s:05d}.bin", _occurrence_dtype(8)) for s in shards]
@@ -165,6 +168,7 @@ def test_buckets_hold_pieces_of_tokens_and_no_stopwords(tmp_path, make_extractiv
 
 
 def test_a_merge_stopped_half_way_resumes_from_its_scratch_folder_to_the_same_bytes(indexes, tmp_path, monkeypatch):
+    import storage.merge_units as units
     import storage.offline as offline
     from storage.tasks import serial
 
@@ -184,7 +188,50 @@ def test_a_merge_stopped_half_way_resumes_from_its_scratch_folder_to_the_same_by
     def no_merging(*_):
         raise AssertionError("a bucket finished before the crash was merged again")
 
-    monkeypatch.setattr(offline, "merge_occurrences", no_merging)
+    monkeypatch.setattr(units, "merge_occurrences", no_merging)
     manifest = merge_index(tmp_path / "lossless", tmp_path / "again", stopwords, settings, scratch=scratch)
     assert [s.digest for s in manifest.shards] == [s.digest for s in merged.manifest.shards]
     assert not scratch.exists()
+
+
+def test_each_window_merges_its_own_passages_alone(indexes, tmp_path):
+    """Windows of 20 passages (shards of 15 join the window their first row is in: rows 0-29 and 30-39)."""
+    _, stopwords, lossless, _ = indexes
+    settings = OfflineMerge(0.2, chunk=8, buckets=3, window=20)
+    windowed = merge_index(tmp_path / "lossless", tmp_path / "windowed", stopwords, settings)
+    assert windowed.extra["offline_merge"]["window"] == 20
+    got = Index.open(tmp_path / "windowed").fetch(range(len(PASSAGES)))
+    whole = settings.__class__(0.2, chunk=8, buckets=3)
+    for rows, window in ((range(40), whole), (range(30), settings), (range(30, 40), settings)):
+        expected = reference_merge(lossless, stopwords, window, rows)
+        matches = [np.array_equal(got[r].tokens.bits.numpy(), e) for r, e in zip(rows, expected)]
+        assert all(matches) == (window is settings), rows  # the whole-corpus merge cuts chunks elsewhere
+
+
+def test_a_consuming_merge_deletes_each_window_once_sealed_and_resumes_without_it(indexes, tmp_path, monkeypatch):
+    import storage.offline as offline
+    from storage.shard import SHARDS
+    from storage.tasks import serial
+
+    _, stopwords, _, _ = indexes
+    settings, scratch = OfflineMerge(0.2, chunk=8, buckets=3, window=20), tmp_path / "scratch"
+    reference = merge_index(tmp_path / "lossless", tmp_path / "reference", stopwords, settings)
+    source = tmp_path / "staging"
+    build_index(source, indexes[0], PASSAGES, shard_size=15)
+    names = sorted(p.name for p in (source / SHARDS).iterdir())
+    rewrites = []
+
+    def crashing(fn, calls, done=None):  # the process dies at the second window's rewrite
+        if fn is offline.rewrite_shard:
+            rewrites.append(calls)
+            if len(rewrites) == 2:
+                raise SystemExit("killed")
+        return serial(fn, calls, done)
+
+    with pytest.raises(SystemExit):
+        merge_index(source, tmp_path / "merged", stopwords, settings, run=crashing, scratch=scratch, consume_source=True)
+    assert sorted(p.name for p in (source / SHARDS).iterdir()) == names[2:]  # the first window's two shards are gone
+    manifest = merge_index(source, tmp_path / "merged", stopwords, settings, scratch=scratch, consume_source=True)
+    assert [s.digest for s in manifest.shards] == [s.digest for s in reference.shards]
+    assert manifest.extra["offline_merge"]["changed_tokens"] == reference.extra["offline_merge"]["changed_tokens"]
+    assert list((source / SHARDS).iterdir()) == [] and not scratch.exists()

@@ -30,13 +30,13 @@ def setup(tmp_path_factory, make_extractive_module, write_flow_inputs):
     return root
 
 
-def run_flow(root: Path, index: Path) -> dict:
+def run_flow(root: Path, index: Path, offline_merge: float = 0.0) -> dict:
     from flows.index_wikipedia import index_wikipedia
 
     return index_wikipedia(
         index=str(index), corpus=str(root / "corpus.jsonl"), corpus_format="jsonl",
         reader_checkpoint=str(root / "reader"), retriever=str(root / "reader"), max_passage_tokens=96,
-        split_layer=2, shard_size=SHARD_SIZE, offline_merge=0.0, codec_sample=PASSAGES,
+        split_layer=2, shard_size=SHARD_SIZE, offline_merge=offline_merge, codec_sample=PASSAGES,
     )
 
 
@@ -118,3 +118,38 @@ def test_a_shard_whose_embeddings_went_into_the_retriever_counts_as_done_without
     consume_embeddings(tmp_path / "staging", plans, {"factory": "Flat", "count": 2 * SHARD_SIZE})
     assert not any(f.exists() for f in files) and embeddings_consumed(tmp_path / "staging")["count"] == 2 * SHARD_SIZE
     assert all(indexer.done(plan)["skipped"] for plan in plans)
+
+
+def test_a_run_stopped_mid_merge_resumes_without_the_lossless_shards_it_merged(setup, prefect_server, tmp_path, monkeypatch):
+    """The merge deletes each window's lossless shards once its merged ones are sealed; a rerun neither needs them
+    nor indexes them again, and ends with the bytes of a run that was never stopped."""
+    import functools
+
+    import flows.index_wikipedia as flow_module
+    import storage.offline as offline
+    from storage.shard import SHARDS
+
+    # Windows of two shards (the default is 500,000 passages): 36 passages in 4 shards, 2 windows.
+    monkeypatch.setattr(flow_module, "OfflineMerge", functools.partial(offline.OfflineMerge, window=2 * SHARD_SIZE))
+    reference = tmp_path / "reference"
+    run_flow(setup, reference, offline_merge=0.2)
+    merge_window, windows_begun = offline._merge_window, []
+
+    def stopped_in_the_second_window(*args, **kwargs):
+        windows_begun.append(args[0])
+        if len(windows_begun) == 2:
+            raise RuntimeError("stopped")
+        return merge_window(*args, **kwargs)
+
+    index = tmp_path / "index"
+    monkeypatch.setattr(offline, "_merge_window", stopped_in_the_second_window)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_flow(setup, index, offline_merge=0.2)
+    lossless = index / ".work" / "lossless" / SHARDS
+    assert sorted(p.name for p in lossless.iterdir()) == ["shard-00002", "shard-00003"]  # the first window's are gone
+    monkeypatch.setattr(offline, "_merge_window", merge_window)
+    result = run_flow(setup, index, offline_merge=0.2)
+    assert result["resumed_shards"] == PASSAGES // SHARD_SIZE  # none indexed again
+    assert digests(index) == digests(reference)
+    assert verify_main([str(index)]) == 0
+    assert not lossless.exists() and not (index / ".work" / "lossless" / "manifest.json").exists()

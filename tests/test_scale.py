@@ -59,7 +59,7 @@ def test_scale_runs_every_step_and_reports_sane_figures(capsys, tmp_path, monkey
     assert 0.2 < bits["merged"] < bits["lossless"] < 0.95  # the real default reader's bits: 0.39 / 0.76
     for name in ("lossless", "merged"):
         assert 0 < result["fetch_ms"][name]["p50"] <= result["fetch_ms"][name]["p99"]
-    assert set(result["peak_rss_mb"]) == {"write", "faiss", "faiss_pq", "merge", "verify", "fetch"}
+    assert set(result["peak_rss_mb"]) == {"write", "faiss", "faiss_pq", "fetch_lossless", "merge", "verify", "fetch"}
     assert all(mb > 0 for mb in result["peak_rss_mb"].values())
     assert all(result["peak_anon_mb"][step] <= result["peak_rss_mb"][step] for step in result["peak_rss_mb"])
     assert result["steps"]["write"]["shards"] == 4

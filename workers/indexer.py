@@ -25,7 +25,7 @@ from reader.split import SplitReader
 from storage.build import encode_corpus
 from storage.codec import Codec, CodecSettings, file_digest
 from storage.index import IndexWriter
-from storage.shard import shard_name
+from storage.shard import ShardInfo, shard_name
 
 EMBEDDINGS = "embeddings"
 CONSUMED = "in-retriever.json"  # the embeddings went into this retriever and were deleted
@@ -68,6 +68,11 @@ def calibrate_codec(
     return codec.save(folder)
 
 
+def resumed(info: ShardInfo) -> dict:
+    """The summary of a shard an earlier run sealed: nothing indexed now."""
+    return {"shard": info.to_dict(), "skipped": True, "passages": info.rows, "tokens": info.tokens, "seconds": 0.0}
+
+
 class ShardIndexer:
     """Turns shards of the normalized corpus into sealed index shards and embedding files."""
 
@@ -95,7 +100,7 @@ class ShardIndexer:
                 return None
         elif file_digest(path) != digest_file.read_text().strip():
             return None
-        return {"shard": info.to_dict(), "skipped": True, "passages": info.rows, "tokens": info.tokens, "seconds": 0.0}
+        return resumed(info)
 
     def index(self, plan: ShardPlan) -> dict:
         """Index one shard (or skip it when already complete); a small summary comes back."""

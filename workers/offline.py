@@ -24,9 +24,10 @@ from .cluster import cluster, cluster_runner
 def merge_on_cluster(
     source: Path | str, destination: Path | str, stopwords: set[int], settings: OfflineMerge | None = None,
     workdir: Path | str | None = None, progress: Progress | None = None, scratch: Path | str | None = None,
+    consume_source: bool = False,
 ) -> Manifest:
     """``storage.offline.merge_index`` with every pass's units as tasks on the connected Ray cluster."""
-    return merge_index(source, destination, stopwords, settings, workdir, progress, cluster_runner(), scratch)
+    return merge_index(source, destination, stopwords, settings, workdir, progress, cluster_runner(), scratch, consume_source)
 
 
 def verify_on_cluster(root: Path) -> tuple[list[str], int]:
