@@ -48,7 +48,7 @@ from .index import Index, IndexWriter, Manifest
 from .record import record_token_ids
 from .shard import ShardInfo
 from .tasks import Runner, serial
-from .token_merge import ENGLISH_STOPWORDS, OfflineMerge, merge_occurrences, stopword_ids
+from .token_merge import OfflineMerge, merge_occurrences
 
 # A token's occurrences go to buckets in pieces of this many chunks (65,536 occurrences, 4 MB at
 # d = 384, at the default chunk), so no bucket holds more than a piece of a frequent token.
@@ -351,6 +351,5 @@ def merge_index(
 
 
 __all__ = [
-    "ENGLISH_STOPWORDS", "OfflineMerge", "count_shard", "merge_bucket", "merge_index", "merge_occurrences",
-    "partition_shard", "rewrite_shard", "stopword_ids",
+    "OfflineMerge", "count_shard", "merge_bucket", "merge_index", "merge_occurrences", "partition_shard", "rewrite_shard",
 ]

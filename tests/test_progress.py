@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from flows.progress import (
-    WORKER_FOLDER, Printer, RunProgress, ShardProgress, follow, in_flight, main, markdown_table, status_line,
-)
+from flows.progress import Printer, RunProgress, follow, main, markdown_table, status_line
+from workers.progress import WORKER_FOLDER, ShardProgress, in_flight
 
 
 def finished(shard_id: int, passages: int, tokens: int, skipped: bool = False) -> dict:

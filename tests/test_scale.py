@@ -1,12 +1,12 @@
-"""storage.scale: a synthetic corpus through the product's writer, faiss, offline merge, verify and reads (small here)."""
+"""bench.scale: a synthetic corpus through the product's writer, faiss, offline merge, verify and reads (small here)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from storage.scale import _tokenizer, main
-from storage.synthetic import BitModel, SyntheticCorpus, measure_bit_model
+from bench.scale import _tokenizer, main
+from bench.synthetic import BitModel, SyntheticCorpus, measure_bit_model
 
 
 @pytest.fixture(scope="module")

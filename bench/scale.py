@@ -1,10 +1,10 @@
 """A synthetic corpus of any size through the product's own storage code: throughput, disk, memory, reads.
 
-    python -m storage.scale --passages 1000000 --json
-    python -m storage.scale --passages 1000000 --workers 2 --json     # the steps after the workers on Ray
+    python -m bench.scale --passages 1000000 --json
+    python -m bench.scale --passages 1000000 --workers 2 --json     # the steps after the workers on Ray
 
 Everything after the model, as the flow `index-wikipedia` does it, at a size no CPU could encode:
-passages and bits come from ``storage.synthetic`` (no model runs), then each step runs in its own
+passages and bits come from ``bench.synthetic`` (no model runs), then each step runs in its own
 process so that its peak memory is its own:
 
     write     passages shard by shard; the codec fitted on the first 2,000 (as the flow); IndexWriter
@@ -37,7 +37,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .shard import default_shard_size
+from storage.shard import default_shard_size
+
 from .step_monitor import run_watched
 
 STEPS = ("write", "faiss", "faiss_pq", "merge", "verify", "fetch")
@@ -80,9 +81,9 @@ def _tokenizer():
 
 
 def _identity():
-    from reader.identity import ReaderIdentity
+    from storage.identity import ReaderIdentity
 
-    return ReaderIdentity("synthetic bits (storage.scale)", "synthetic", "ExtractiveReader", 3, HIDDEN_SIZE, "mean_abs")
+    return ReaderIdentity("synthetic bits (bench.scale)", "synthetic", "ExtractiveReader", 3, HIDDEN_SIZE, "mean_abs")
 
 
 def step_write(cfg: dict, out: Path) -> dict:
@@ -91,9 +92,10 @@ def step_write(cfg: dict, out: Path) -> dict:
 
     from storage.codec import Codec, CodecSettings
     from storage.index import IndexWriter
-    from storage.synthetic import BitModel, SyntheticCorpus
-    from workers.indexer import EMBEDDINGS, plan_shards
     from storage.shard import shard_name
+    from workers.indexer import EMBEDDINGS, plan_shards
+
+    from .synthetic import BitModel, SyntheticCorpus
 
     tokenizer, layout = _tokenizer()
     model = BitModel()
@@ -170,8 +172,8 @@ def _faiss(cfg: dict, out: Path, folder: Path, factory: str | None) -> dict:
     """The retriever over the random unit vectors (built apart on the cluster, with workers); training's time and memory."""
     import resource
 
-    from reader.retriever import FAISS_FILE, IVF_DATA, build_faiss, build_faiss_apart
-    from storage.index import Manifest
+    from reader.retriever import build_faiss, build_faiss_apart
+    from storage.index import FAISS_FILE, IVF_DATA, Manifest
     from workers.indexer import ShardPlan, embedding_files, shard_embeddings
 
     manifest = Manifest.load(out / "lossless")
@@ -188,7 +190,7 @@ def _faiss(cfg: dict, out: Path, folder: Path, factory: str | None) -> dict:
         else:
             bar.update(done)
 
-    identity = {"name": "random unit vectors (storage.scale)", "weights_digest": "synthetic", "max_tokens": 256}
+    identity = {"name": "random unit vectors (bench.scale)", "weights_digest": "synthetic", "max_tokens": 256}
     with _runner(cfg) as run:
         if cfg["workers"]:
             files = embedding_files(out / "lossless", plans)
@@ -213,7 +215,8 @@ def step_faiss_pq(cfg: dict, out: Path) -> dict:
 
 def step_merge(cfg: dict, out: Path) -> dict:
     """The flow's offline merge of the lossless index into the final folder."""
-    from storage.offline import OfflineMerge, merge_index, stopword_ids
+    from reader.inputs import stopword_ids
+    from storage.offline import OfflineMerge, merge_index
 
     bars: dict[str, Progress] = {}
 
@@ -272,7 +275,7 @@ def step_fetch(cfg: dict, out: Path) -> dict:
 # ---- the driver ------------------------------------------------------------------------------------
 def run_step(step: str, out: Path) -> dict:
     """Run one step in a child process; its result, wall time, peak memory and peak disk."""
-    command = [sys.executable, "-m", "storage.scale", "--step", step, "--out", str(out)]
+    command = [sys.executable, "-m", "bench.scale", "--step", step, "--out", str(out)]
     watched = run_watched(command, out)
     if watched.pop("exit") != 0:
         raise RuntimeError(f"step {step} failed; its folder is {out}")
@@ -363,7 +366,7 @@ def measure(cfg: dict, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m storage.scale", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
     parser.add_argument("--passages", type=int, default=5000, help="synthetic passages to index")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", type=Path, help="work folder, kept (default: a temporary folder, removed)")

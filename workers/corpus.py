@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reader.assets import wikipedia_sample_path
-from reader.inputs import Passage
+from storage.record import Passage
 
 from .wikitext import split_words, strip_markup
 
