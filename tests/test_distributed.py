@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.scale import _tokenizer, step_write
+from bench.scale_steps import _tokenizer, step_write
 from reader.inputs import stopword_ids
 from storage.index import Manifest
 from storage.offline import OfflineMerge, merge_index

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.scale import _tokenizer, main
+from bench.scale import main
+from bench.scale_steps import _tokenizer
 from bench.synthetic import BitModel, SyntheticCorpus, measure_bit_model
 
 
