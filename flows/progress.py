@@ -13,6 +13,7 @@ tokens/s, seconds, bytes, worker, attempts), is kept as ``<index>/run.json``.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import threading
 import time
@@ -176,6 +177,7 @@ class Printer:
         if self.tty:
             if key != self.key and self.key is not None and key[0] != self.key[0]:
                 self._newline()  # a finished phase keeps its line
+            line = line[: shutil.get_terminal_size().columns - 1]  # \r rewrites one row: a wrapped line would pile up
             self.stream.write("\r" + line.ljust(self.width))
             self.width = len(line)
         elif key != self.key or now - self.last >= self.every:
