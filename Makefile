@@ -17,13 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev]'
 	touch $(STAMP)
 
+# lint-imports first: an import that points up a layer (pyproject.toml's contract) fails here, naming it.
+# PYTHONPATH=. so that it reads this tree, whichever checkout the editable install points at.
 test: install
+	PYTHONPATH=. $(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python -m reader.bench --json
-	$(BIN)/python -m storage.bench --json
-	$(BIN)/python -m workers.bench --json
+	$(BIN)/python -m bench.reader --json
+	$(BIN)/python -m bench.storage --json
+	$(BIN)/python -m bench.workers --json
 	$(BIN)/python -m pytest -m bench tests/test_cluster.py tests/test_scale.py
 
 clean:

@@ -2,7 +2,7 @@
 
 import os
 
-from .quiet import quiet
+from workers.quiet import quiet
 
 quiet()  # before Prefect or Ray is imported anywhere in this process
 # A direct run's temporary Prefect server first migrates a fresh database; on 2 busy cores that once

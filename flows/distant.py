@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from reader.inputs import Passage
-from reader.retriever import FAISS_FILE, Encoder, Retriever, build_faiss, passage_text
+from reader.retriever import Encoder, Retriever, build_faiss, passage_text
+from storage.index import FAISS_FILE
+from storage.record import Passage
 
 from .qa_sets import AnswerFinder
 

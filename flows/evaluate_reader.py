@@ -37,16 +37,15 @@ from pathlib import Path
 from reader.answer import DEFAULT_K, Answerer
 from reader.evaluate import evaluate, load_questions, paired_ratio_interval
 from reader.extractive import ANSWER_POOL
-from reader.inputs import Passage
+from reader.inputs import stopword_ids
 from reader.load import DEFAULT_CHECKPOINT, ReaderSpec, load_reader, quiet_library_logs
-from reader.retriever import FAISS_FILE, INFO_FILE, Encoder, build_faiss, passage_text
-from storage.build import build_index
+from reader.retriever import Encoder, build_faiss, passage_text
 from storage.codec import file_digest
-from storage.index import Index
-from storage.offline import OfflineMerge, merge_index, stopword_ids
-from storage.record import section_sizes
-
-from .corpus import read_jsonl, read_sample
+from storage.index import FAISS_FILE, INFO_FILE, Index
+from storage.offline import OfflineMerge, merge_index
+from storage.record import Passage, section_sizes
+from workers.build import build_index
+from workers.corpus import read_jsonl, read_sample
 
 ROWS = (  # label, stage folder, mode, required (an optional row is measured when its folder exists)
     ("baseline", "plain", "baseline", True),
@@ -80,7 +79,7 @@ def add_retriever(folder: Path, passages: list[Passage], cached: Path | None) ->
 def eval_index(checkpoint: Path, passages: list[Passage], root: Path, cached: Path | None, corpus: str | None) -> Path:
     """The corpus indexed by ``checkpoint`` (built once, then reused), lossless.
 
-    Built in this process with the writer the pipeline uses (``storage.build``): ten thousand
+    Built in this process with the writer the pipeline uses (``workers.build``): ten thousand
     passages need no Ray, and the rows then measure the reader, not the lossy storage pass.
     """
     digest = file_digest(checkpoint / "model.safetensors")[:10]  # a retrained reader gets a new index

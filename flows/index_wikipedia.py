@@ -22,20 +22,21 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact
 
+from reader.inputs import stopword_ids
 from reader.load import ReaderSpec, load_reader
-from reader.identity import ReaderIdentity
-from reader.retriever import INFO_FILE, build_faiss_apart
+from reader.retriever import build_faiss_apart
 from storage.codec import CodecSettings
-from storage.index import MANIFEST, IndexWriter, Manifest
-from storage.offline import OfflineMerge, stopword_ids
+from storage.identity import ReaderIdentity
+from storage.index import INFO_FILE, MANIFEST, IndexWriter, Manifest
+from storage.offline import OfflineMerge
 from storage.shard import ShardInfo, default_shard_size
 from workers.cluster import cluster_runner
+from workers.corpus import normalize
 from workers.indexer import (
     ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards, resumed,
 )
 from workers.offline import merge_on_cluster
 
-from .corpus import normalize
 from .progress import PROGRESS_FILE, RUN_FILE, RunProgress, markdown_table
 from .shards import flow_cluster, index_shards, ray_runner
 

@@ -3,7 +3,7 @@
 The flow keeps ``<index>/.work/progress.json`` up to date (phase, shards done of total, passages
 and tokens per second, an estimate of the time left, the Ray dashboard's URL); ``make demo`` prints
 it in the terminal, and the flow mirrors it as Prefect artifacts for the UI. Workers report the
-shard they are on in small files of their own (``ShardProgress``), so the figures move within a
+shard they are on in small files of their own (``workers.progress``), so the figures move within a
 shard, not only when one ends. At the end the same record, with one row per shard (passages/s,
 tokens/s, seconds, bytes, worker, attempts), is kept as ``<index>/run.json``.
 
@@ -13,55 +13,18 @@ tokens/s, seconds, bytes, worker, attempts), is kept as ``<index>/run.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import shutil
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from workers.progress import read_json, write_json
+
 PROGRESS_FILE = "progress.json"  # under the index's .work folder, while the run goes on
 RUN_FILE = "run.json"  # in the index folder, once it is published
-WORKER_FOLDER = ".progress"  # under the staging folder: one file per shard a worker is on
 FINAL_PHASES = ("done", "failed")
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Replace ``path`` atomically, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-    """The file's record, or None while it does not exist (or is being replaced)."""
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-class ShardProgress:
-    """A worker's report on the shard it is encoding: rows and tokens done so far.
-
-    Written at most every ``interval`` seconds (and once at the end), so it costs nothing next to
-    the encoding.
-    """
-
-    def __init__(self, folder: Path, shard_id: int, rows: int, interval: float = 1.0) -> None:
-        self.path = folder / WORKER_FOLDER / f"shard-{shard_id:06d}.json"
-        self.record = {"shard_id": shard_id, "rows": rows, "done": 0, "tokens": 0, "started": time.time()}
-        self.interval, self.written = interval, 0.0
-
-    def add(self, passages: int, tokens: int) -> None:
-        self.record["done"] += passages
-        self.record["tokens"] += tokens
-        now = time.monotonic()
-        if now - self.written >= self.interval or self.record["done"] >= self.record["rows"]:
-            write_json(self.path, self.record | {"updated": time.time()})
-            self.written = now
 
 
 class RunProgress:
@@ -143,12 +106,6 @@ def shard_row(result: dict) -> dict:
     }
 
 
-def in_flight(staging: Path, finished: set[int]) -> list[dict]:
-    """The workers' reports on shards not finished yet."""
-    reports = (read_json(p) for p in sorted((staging / WORKER_FOLDER).glob("shard-*.json")))
-    return [r for r in reports if r is not None and r["shard_id"] not in finished]
-
-
 def markdown_table(record: dict) -> str:
     """The run's shards as a markdown table (the Prefect UI shows it as an artifact)."""
     lines = [
@@ -220,6 +177,7 @@ class Printer:
         if self.tty:
             if key != self.key and self.key is not None and key[0] != self.key[0]:
                 self._newline()  # a finished phase keeps its line
+            line = line[: shutil.get_terminal_size().columns - 1]  # \r rewrites one row: a wrapped line would pile up
             self.stream.write("\r" + line.ljust(self.width))
             self.width = len(line)
         elif key != self.key or now - self.last >= self.every:

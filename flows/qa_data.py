@@ -41,7 +41,7 @@ from itertools import zip_longest
 from pathlib import Path
 
 from reader.assets import wikipedia_sample
-from reader.inputs import Passage
+from storage.record import Passage
 
 from .progress import Steps
 
@@ -208,9 +208,9 @@ def real_sets(out: Path, cache: Path, depth: int = 20, holdout: float = 0.1, ste
     """The human-written sets under ``out`` and ``real-train.jsonl``, their distantly supervised
     training examples (the three training sets interleaved); returns the counts. ``steps`` reports
     progress (stderr by default)."""
-    from reader.retriever import FAISS_FILE
+    from storage.index import FAISS_FILE
+    from workers.corpus import read_sample
 
-    from .corpus import read_sample
     from .distant import sample_retriever, supervise
     from .qa_sets import WHEEL_FILE, AnswerFinder, convert, data_card, fetch_wheel, write_jsonl
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reader.normalize import normalize_answer
-from reader.inputs import Passage
+from storage.record import Passage
 
 WHEEL = "pyserini==0.16.0"
 WHEEL_FILE = "pyserini-0.16.0-py3-none-any.whl"

@@ -27,8 +27,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from flows.corpus import read_sample
-from reader.inputs import Passage
+from workers.corpus import read_sample
+from storage.record import Passage
 from reader.normalize import has_answer
 from reader.retriever import Encoder, Retriever, build_faiss_apart, ivf_lists, ivfpq_factory, read_faiss
 

@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .quiet import quiet
+from workers.quiet import quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = ROOT / ".prefect"

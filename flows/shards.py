@@ -28,9 +28,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.actor import index_or_lost, start_workers, stop_workers, when_back
 from workers.cluster import LOCAL_RAY, cluster, loopback_ray
+from workers.progress import WORKER_FOLDER, in_flight
+from workers.quiet import quiet
 
-from .progress import WORKER_FOLDER, Printer, RunProgress, in_flight
-from .quiet import quiet
+from .progress import Printer, RunProgress
 
 
 class RayTaskRunner(prefect_ray.RayTaskRunner):

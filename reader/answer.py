@@ -24,9 +24,13 @@ from pathlib import Path
 
 import torch
 
-from .binary import IncompatibleRepresentation
+from storage.bits import IncompatibleRepresentation
+from storage.identity import IncompatibleIndex
+from storage.index import Index, Manifest
+from storage.record import CorruptRecord
+from storage.shard import DamagedIndex, repair_hint
+
 from .config import MODES, check_mode
-from .identity import IncompatibleIndex
 from .inputs import ReaderInputError, passage_string
 from .load import ReaderSpec, load_reader, quiet_library_logs
 from .retriever import Hit, Retriever
@@ -38,8 +42,6 @@ DAMAGED_INDEX = 3  # exit status: the index is damaged (2 is the user's bad inpu
 
 def bad_input_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (question, index, options), reported without a traceback."""
-    from storage.record import CorruptRecord
-
     return ReaderInputError, IncompatibleIndex, IncompatibleRepresentation, CorruptRecord, FileNotFoundError, ValueError
 
 
@@ -77,9 +79,6 @@ class Answerer:
         extractive reader's answer pool (spans weighed per answer string; 1 = the single best span),
         instead of its default.
         """
-        from storage.index import DamagedIndex, Index, Manifest  # storage builds on reader; import it late
-        from storage.shard import repair_hint
-
         manifest = Manifest.load(Path(index))
         spec = manifest.extra.get("reader_spec")
         if spec is None:
@@ -243,8 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
     if (args.question is None) == (args.questions is None):
         parser.error("give a question or --questions FILE, not both")
-    from storage.shard import DamagedIndex
-
     errors = bad_input_errors()
     try:
         if args.question is not None and not args.question.strip():

@@ -6,7 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from .inputs import Passage
+from storage.record import Passage
 
 
 def _package_dir(name: str) -> Path:

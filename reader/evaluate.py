@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.shard import DamagedIndex
+
 from .answer import DAMAGED_INDEX, DEFAULT_K, Answerer, bad_input_errors
 from .config import MODES
 from .inputs import ReaderInputError
@@ -114,8 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     quiet_library_logs()
-    from storage.shard import DamagedIndex  # storage builds on reader; import it late
-
     try:
         questions = load_questions(args.questions, args.limit)
         summary = evaluate(Answerer(args.index, args.checkpoint, args.pool), questions, args.mode, args.k)

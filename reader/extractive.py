@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForQuestionAnswering
 
-from .binary import BinaryTokens
+from storage.bits import BinaryTokens
+from storage.identity import weights_digest
+from storage.record import Passage
+
 from .config import BTRConfig, check_mode
 from .heads import QuestionMatch, ReaderHeads
-from .identity import weights_digest
-from .inputs import PASSAGE_TEMPLATE, Passage, TokenLayout, pad, passage_string, tokenize_passage
+from .inputs import PASSAGE_TEMPLATE, TokenLayout, pad, passage_string, tokenize_passage
 from .merge import Tokens
 from .normalize import normalize_answer
 from .split import Batch, PassageLike, SplitReader

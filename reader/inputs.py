@@ -8,18 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
+from storage.record import Passage
+
 
 class ReaderInputError(ValueError):
     """A question or passage the reader cannot take: the message says which and why."""
-
-
-@dataclass(frozen=True)
-class Passage:
-    """A retrieved passage as text."""
-
-    title: str
-    text: str
-    id: str = ""
 
 
 QUERY_TEMPLATE = "question: {question}"

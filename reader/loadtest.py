@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from storage.index import Index, Manifest
+
 from .answer import DEFAULT_INDEX
 
 
@@ -121,8 +123,6 @@ def phase(port: int, questions: list[str], clients: int, requests: int, time_lim
 
 def default_questions(index: str, count: int = 64) -> list[str]:
     """Questions from the index's first passage titles, when no questions file is given."""
-    from storage.index import Index
-
     opened = Index.open(index)
     stored = opened.fetch(range(min(count, len(opened))))
     return [f"What is {s.title}?" for s in stored]
@@ -130,8 +130,6 @@ def default_questions(index: str, count: int = 64) -> list[str]:
 
 def accepted(index: str, questions: list[str]) -> list[str]:
     """The questions the index's reader takes (an empty one is a 400, not load)."""
-    from storage.index import Manifest
-
     from .inputs import ReaderInputError
     from .load import ReaderSpec, load_reader
 

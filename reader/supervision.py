@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from storage.record import Passage
+
 from .extractive import ExtractiveReader
-from .inputs import ENGLISH_STOPWORDS, Passage, ReaderInputError, passage_string, tokenize_passage
+from .inputs import ENGLISH_STOPWORDS, ReaderInputError, passage_string, tokenize_passage
 from .normalize import has_answer
 
 class TrainingDataError(ValueError):

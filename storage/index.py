@@ -24,10 +24,9 @@ from pathlib import Path
 import lmdb
 import zstandard as zstd
 
-from reader.binary import BinaryTokens
-from reader.identity import ReaderIdentity
-
+from .bits import BinaryTokens
 from .codec import Codec
+from .identity import ReaderIdentity
 from .record import RecordFormat, StoredPassage, decode_records, encode_record
 from .shard import (
     BLOCK_ROWS, SHARDS, DamagedIndex, ShardInfo, block_key, block_record, check_shard_files, repair_hint, sealed_shard,
@@ -38,6 +37,10 @@ from .open_shards import open_shard
 FORMAT_VERSION = 2  # 2: records packed in blocks of BLOCK_ROWS rows per LMDB value
 MANIFEST = "manifest.json"
 CODEC = "codec"
+# The retriever's files (reader.retriever writes them; verify checks them against the manifest).
+FAISS_FILE = "retriever.faiss"
+INFO_FILE = "retriever.json"
+IVF_DATA = "retriever.ivfdata"  # inverted lists merged on disk (build_faiss_apart)
 
 
 class IndexNotFound(FileNotFoundError):

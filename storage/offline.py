@@ -58,7 +58,7 @@ from .merge_units import (
 from .open_shards import close_shards
 from .shard import ShardInfo
 from .tasks import Runner, serial
-from .token_merge import ENGLISH_STOPWORDS, OfflineMerge, merge_occurrences, stopword_ids
+from .token_merge import OfflineMerge, merge_occurrences
 
 Progress = Callable[[str, int, int], None]  # (pass, done, total): "count", "partition", "merge", "rewrite"
 CODEC_MARKER = "codec-trained.json"  # the destination's codec is final (trained on the first window)
@@ -185,6 +185,6 @@ def merge_index(
 
 
 __all__ = [
-    "ENGLISH_STOPWORDS", "OfflineMerge", "count_shard", "merge_bucket", "merge_index", "merge_occurrences",
-    "partition_shard", "rewrite_shard", "stopword_ids", "windows",
+    "OfflineMerge", "count_shard", "merge_bucket", "merge_index", "merge_occurrences", "partition_shard", "rewrite_shard",
+    "windows",
 ]

@@ -10,9 +10,7 @@ import numpy as np
 import torch
 import zstandard as zstd
 
-from reader.binary import BinaryTokens
-from reader.inputs import Passage
-
+from .bits import BinaryTokens
 from .codec import Codec
 from .shard import DamagedIndex
 
@@ -24,6 +22,15 @@ _CRC = struct.Struct("<I")
 
 class CorruptRecord(DamagedIndex, ValueError):
     """A record failed its checksum or does not parse: the message names shard and row."""
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A retrieved passage as text."""
+
+    title: str
+    text: str
+    id: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""What the offline merge does to one token's occurrences, and which tokens are stopwords (the BTR paper's offline compression).
+"""What the offline merge does to one token's occurrences (the BTR paper's offline compression).
 
-- Stopwords (English function words, punctuation, special and template tokens) collapse to their
+- Stopwords (the ids the caller passes: ``reader.inputs.stopword_ids``, English function words,
+  punctuation, special and template tokens) collapse to their
   vocabulary token's prototype, sign(mean of all occurrences): their residual becomes zero.
 - Every other vocabulary token: bipartite merge of ``ratio`` of its occurrences by Hamming distance
   (alternate occurrences form sets A and B; each A links to its nearest B; the best links merge);
@@ -15,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from reader.inputs import ENGLISH_STOPWORDS, stopword_ids  # re-exported: the offline merge collapses them
 
 
 @dataclass(frozen=True)
@@ -66,4 +65,4 @@ def merge_occurrences(bits: np.ndarray, prototype: np.ndarray, ratio: float) -> 
     return np.packbits(out > 0, axis=1, bitorder="little")
 
 
-__all__ = ["ENGLISH_STOPWORDS", "OfflineMerge", "merge_occurrences", "stopword_ids"]
+__all__ = ["OfflineMerge", "merge_occurrences"]

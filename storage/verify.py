@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .codec import Codec, file_digest
-from .index import CODEC, IndexNotFound, Manifest
+from .index import CODEC, FAISS_FILE, INFO_FILE, IVF_DATA, IndexNotFound, Manifest
 from .record import CorruptRecord, check_record, record_pid
 from .open_shards import open_shard
 from .shard import DATA, KEY, SHARDS, DamagedIndex, ShardInfo, block_records, repair_hint, shard_file
@@ -74,8 +74,6 @@ def verify_shard(root: str, info: dict) -> tuple[list[str], int]:
 def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
     """The retriever's files: present, readable, and over as many passages as the manifest lists."""
     import faiss
-
-    from reader.retriever import FAISS_FILE, INFO_FILE, IVF_DATA
 
     present = [name for name in (FAISS_FILE, INFO_FILE) if (root / name).exists()]
     if not present and "retriever" not in manifest.extra:

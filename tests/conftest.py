@@ -10,8 +10,8 @@ from reader.assets import minilm_path
 from reader.config import BTRConfig
 from reader.extractive import ExtractiveReader
 from reader.fid import FiDReader
-from reader.inputs import Passage
 from storage.index import SHARDS, Index
+from storage.record import Passage
 
 QUESTIONS = ["who wrote hamlet?", "what is the capital of france?"]
 PASSAGES = [
@@ -78,7 +78,7 @@ def answering_index(tmp_path_factory, make_extractive_module):
     """``build(root, passages)``: an index reader.answer opens (shards of 16, a tiny saved reader with k=2, a retriever)."""
     from reader.load import ReaderSpec, load_reader
     from reader.retriever import Encoder, build_faiss, passage_text
-    from storage.build import build_index
+    from workers.build import build_index
 
     folder = tmp_path_factory.mktemp("reader")
     tiny = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from reader.bench import main
+from bench.reader import main
 
 
 def test_bench_prints_one_json_object_with_the_promised_keys(capsys):
@@ -24,7 +24,7 @@ def test_bench_rejects_a_split_layer_beyond_the_encoder():
 
 
 def test_storage_bench_measures_the_default_readers_bits(capsys):
-    from storage.bench import main as storage_bench
+    from bench.storage import main as storage_bench
 
     storage_bench(["--json", "--passages", "40", "--shard-size", "16", "--fetch", "8", "--repeats", "2"])
     result = json.loads(capsys.readouterr().out)
@@ -40,8 +40,8 @@ def test_heldout_token_dim_costs_what_the_token_predicts():
     import numpy as np
     import torch
 
-    from reader.binary import BinaryTokens
-    from storage.bench import count_bits, entropy_given_token_dim, heldout_token_dim
+    from bench.storage import count_bits, entropy_given_token_dim, heldout_token_dim
+    from storage.bits import BinaryTokens
 
     rng = np.random.default_rng(0)
     table = rng.integers(0, 256, size=(20, 8), dtype=np.uint8)  # each token's fixed bits, d = 64

@@ -3,17 +3,8 @@
 import pytest
 import torch
 
-from reader.binary import (
-    BinaryTokens,
-    IncompatibleRepresentation,
-    binarize,
-    pack_bits,
-    restore,
-    to_binary_batch,
-    to_binary_tokens,
-    token_scale,
-    unpack_bits,
-)
+from reader.binary import binarize, restore, to_binary_batch, to_binary_tokens, token_scale
+from storage.bits import BinaryTokens, IncompatibleRepresentation, pack_bits, unpack_bits
 
 
 @pytest.mark.parametrize("calibration", ["rms", "mean_abs"])

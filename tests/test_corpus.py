@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.corpus import CorpusError, Reject, normalize, read_corpus, read_rows
-from flows.wikitext import split_words, strip_markup
+from workers.corpus import CorpusError, Reject, normalize, read_corpus, read_rows
+from workers.wikitext import split_words, strip_markup
 
 DUMP = Path(__file__).parent / "fixtures" / "enwiki-excerpt.xml.bz2"
 

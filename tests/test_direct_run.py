@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from flows.progress import RUN_FILE
-from flows.quiet import QUIET_ENV
 from reader.config import BTRConfig
+from workers.quiet import QUIET_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSAGES, SHARD_SIZE = 30, 10

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.scale_steps import _tokenizer, step_write
+from reader.inputs import stopword_ids
 from storage.index import Manifest
-from storage.offline import OfflineMerge, merge_index, stopword_ids
-from storage.scale import _tokenizer, step_write
+from storage.offline import OfflineMerge, merge_index
 from storage.tasks import serial as serial_run
 from storage.verify import verify
 from workers.cluster import FAULT_ENV, cluster
@@ -96,7 +97,8 @@ def search(folder: Path, queries, probes: int = 4):
 def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_lists(lossless, tmp_path, factory, capfd):
     import faiss
 
-    from reader.retriever import IVF_DATA, build_faiss, build_faiss_apart
+    from reader.retriever import build_faiss, build_faiss_apart
+    from storage.index import IVF_DATA
     from storage.verify import retriever_problems
 
     files = embedding_files(lossless)

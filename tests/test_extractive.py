@@ -6,7 +6,8 @@ import torch
 from reader.assets import minilm_path
 from reader.config import BTRConfig
 from reader.extractive import ExtractiveReader, Span, most_probable_answer
-from reader.inputs import Passage, pad
+from reader.inputs import pad
+from storage.record import Passage
 from tests.conftest import PASSAGES, QUESTIONS
 
 

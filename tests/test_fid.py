@@ -3,8 +3,8 @@
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from reader.binary import BinaryTokens
 from reader.config import NO_MERGE, BTRConfig, RuntimeMerge
+from storage.bits import BinaryTokens
 from tests.conftest import PASSAGES, QUESTIONS
 
 DECODER_IDS = torch.tensor([[0, 2023, 2003, 1037], [0, 3000, 2003, 102]])

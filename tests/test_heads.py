@@ -9,10 +9,10 @@ import torch
 
 from reader.config import BTRConfig
 from reader.heads import HEADS_FILE, QuestionMatch, ReaderHeads
-from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader
 from reader.supervision import Example, shares_question_word, targets
 from reader.train import Stage, relevance_loss, save_checkpoint, stage_losses, train_stage
+from storage.record import Passage
 from tests.conftest import PASSAGES, QUESTIONS
 
 

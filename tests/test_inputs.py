@@ -2,9 +2,10 @@
 
 import pytest
 
-from reader.binary import IncompatibleRepresentation
 from reader.config import BTRConfig, RuntimeMerge
-from reader.inputs import Passage, ReaderInputError
+from reader.inputs import ReaderInputError
+from storage.bits import IncompatibleRepresentation
+from storage.record import Passage
 from tests.conftest import PASSAGES, QUESTIONS
 
 LONG = Passage("Long", " ".join(f"word{i}" for i in range(2000)), "long")

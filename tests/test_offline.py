@@ -7,12 +7,12 @@ import pytest
 
 from reader.assets import wikipedia_sample
 from reader.config import BTRConfig
-from reader.inputs import Passage
-from storage.build import build_index
+from reader.inputs import stopword_ids
 from storage.index import Index
-from storage.offline import OfflineMerge, merge_index, merge_occurrences, stopword_ids
-from storage.record import section_sizes
+from storage.offline import OfflineMerge, merge_index, merge_occurrences
+from storage.record import Passage, section_sizes
 from storage.verify import main as verify_main
+from workers.build import build_index
 
 PASSAGES = [Passage(p.title, p.text, f"wiki-{i}") for i, p in enumerate(wikipedia_sample(40))]
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from flows.corpus import normalize
 from reader.assets import wikipedia_sample
 from reader.config import BTRConfig
 from reader.load import ReaderSpec, load_reader
 from storage.index import Index
 from storage.verify import main as verify_main
+from workers.corpus import normalize
 from workers.indexer import FAULT_ENV, ShardIndexer, calibrate_codec, plan_shards
 
 PASSAGES = 36

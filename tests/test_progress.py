@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from flows.progress import (
-    WORKER_FOLDER, Printer, RunProgress, ShardProgress, follow, in_flight, main, markdown_table, status_line,
-)
+from flows.progress import Printer, RunProgress, follow, main, markdown_table, status_line
+from workers.progress import WORKER_FOLDER, ShardProgress, in_flight
 
 
 def finished(shard_id: int, passages: int, tokens: int, skipped: bool = False) -> dict:
@@ -78,6 +77,17 @@ def test_off_a_terminal_a_line_per_change_on_a_terminal_one_line_rewritten(tmp_p
     printer.show(record | {"shards_done": 1})
     printer.close()
     assert terminal.getvalue().count("\r") == 2 and terminal.getvalue().endswith("\n")
+
+
+def test_on_a_narrow_terminal_the_line_is_cut_to_its_width_so_that_it_is_rewritten_in_place(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "40")
+    record = {"phase": "indexing shards", "started": time.time(), "shards_done": 0, "shards_total": 3,
+              "passages_done": 10, "passages_total": 300, "passages_per_s": 5.0, "tokens_per_s": 400.0, "eta_s": 58.0}
+    terminal = _Tty()
+    printer = Printer(terminal)
+    printer.show(record)
+    printer.show(record | {"shards_done": 1})
+    assert all(len(row) < 40 for row in terminal.getvalue().split("\r")) and "shards 1/3" in terminal.getvalue()
 
 
 def test_follow_stops_at_a_final_phase_and_main_says_when_there_is_no_run(tmp_path, capsys):

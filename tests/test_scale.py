@@ -1,12 +1,13 @@
-"""storage.scale: a synthetic corpus through the product's writer, faiss, offline merge, verify and reads (small here)."""
+"""bench.scale: a synthetic corpus through the product's writer, faiss, offline merge, verify and reads (small here)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from storage.scale import _tokenizer, main
-from storage.synthetic import BitModel, SyntheticCorpus, measure_bit_model
+from bench.scale import main
+from bench.scale_steps import _tokenizer
+from bench.synthetic import BitModel, SyntheticCorpus, measure_bit_model
 
 
 @pytest.fixture(scope="module")

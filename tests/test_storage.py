@@ -14,16 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from reader.config import BTRConfig
-from reader.identity import IncompatibleIndex
-from reader.inputs import Passage
 from reader.assets import wikipedia_sample
-from storage.build import build_index, encode_corpus
+from reader.config import BTRConfig
 from storage.codec import Codec, PrototypeCounter
+from storage.identity import IncompatibleIndex
 from storage.index import Index, IndexNotFound, IndexWriter
-from storage.record import CorruptRecord
+from storage.record import CorruptRecord, Passage
 from storage.shard import SHARDS, shard_name
 from storage.verify import main as verify_main
+from workers.build import build_index, encode_corpus
 
 
 PASSAGES = [Passage(p.title, p.text, f"wiki-{i}") for i, p in enumerate(wikipedia_sample(24))]

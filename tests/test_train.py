@@ -10,8 +10,8 @@ import torch
 
 from flows.qa_data import article_questions, generate, is_dev, sentence_questions
 from reader.config import BTRConfig
-from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader
+from storage.record import Passage
 import reader.train as train_module
 from reader.supervision import Example, TrainingDataError, answer_spans, batch_order, read_examples, targets, to_example
 from reader.train import Stage, chain, span_loss, stage_losses, train_stage

@@ -1,5 +1,5 @@
 """Ray workers: tokenize, run the reader's lower layers, binarize, pack, write shards."""
 
-from flows.quiet import quiet
+from .quiet import quiet
 
 quiet()  # before Ray is imported anywhere in this process

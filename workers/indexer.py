@@ -17,15 +17,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flows.corpus import read_rows
-from flows.progress import ShardProgress
 from reader.load import ReaderSpec, load_reader
 from reader.retriever import Encoder, passage_text
 from reader.split import SplitReader
-from storage.build import encode_corpus
 from storage.codec import Codec, CodecSettings, file_digest
 from storage.index import IndexWriter
 from storage.shard import ShardInfo, shard_name
+
+from .build import encode_corpus
+from .corpus import read_rows
+from .progress import ShardProgress
 
 EMBEDDINGS = "embeddings"
 CONSUMED = "in-retriever.json"  # the embeddings went into this retriever and were deleted

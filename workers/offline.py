@@ -14,8 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from reader.inputs import stopword_ids
 from storage.index import Manifest
-from storage.offline import OfflineMerge, Progress, merge_index, stopword_ids
+from storage.offline import OfflineMerge, Progress, merge_index
 from storage.verify import verify
 
 from .cluster import cluster, cluster_runner

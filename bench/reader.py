@@ -1,6 +1,6 @@
 """Reader speed, side by side: unsplit FiD vs split (no bits) vs BTR (bits + runtime merging).
 
-    python -m reader.bench --json
+    python -m bench.reader --json
 
 Builds a FiD reader with full t5-base shapes and random weights (speed does not depend on them),
 takes real passages from the bundled Wikipedia sample, computes BTR's bits beforehand (the offline
@@ -21,10 +21,10 @@ from dataclasses import asdict
 import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from .assets import minilm_path, wikipedia_sample
-from .config import NO_MERGE, BTRConfig, RuntimeMerge
-from .fid import FiDReader
-from .inputs import Passage
+from reader.assets import minilm_path, wikipedia_sample
+from reader.config import NO_MERGE, BTRConfig, RuntimeMerge
+from reader.fid import FiDReader
+from storage.record import Passage
 
 SHAPES = {
     "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m reader.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.reader", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="t5-base")
     parser.add_argument("--split-layer", type=int, default=None, help="k (default: 3/4 of the layers, 9 of 12)")

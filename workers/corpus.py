@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reader.assets import wikipedia_sample_path
-from reader.inputs import Passage
+from storage.record import Passage
 
 from .wikitext import split_words, strip_markup
 
@@ -130,29 +130,34 @@ def read_parquet(path: Path) -> Iterator[Passage | Reject]:
             row += 1
 
 
-def read_wikixml(path: Path, words: int = 100) -> Iterator[Passage | Reject]:
+def wiki_articles(path: Path) -> Iterator[tuple[str, str, str]]:
+    """(page id, title, wikitext) of each article of a MediaWiki XML dump, streamed; redirects and other namespaces skipped."""
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rb") as f:
-        try:
-            for _, element in ET.iterparse(f, events=("end",)):
-                if not element.tag.endswith("}page") and element.tag != "page":
-                    continue
-                title = element.findtext("{*}title") or element.findtext("title")
-                page_id = element.findtext("{*}id") or element.findtext("id")
-                namespace = element.findtext("{*}ns") or element.findtext("ns")
-                redirect = element.find("{*}redirect") is not None or element.find("redirect") is not None
-                wikitext = element.findtext("{*}revision/{*}text") or element.findtext("revision/text") or ""
-                element.clear()  # stream: keep memory flat
-                if redirect or namespace not in (None, "0"):
-                    continue
-                where = f"page {page_id} ({title!r})"
-                chunks = split_words(strip_markup(wikitext), words)
-                if not chunks:
-                    yield Reject(where, "no text after markup removal")
-                for n, chunk in enumerate(chunks):
-                    yield check(f"{page_id}-{n}", title, chunk, where)
-        except ET.ParseError as error:
-            yield Reject(f"{path.name}", f"XML stops parsing here ({error}); the rest of the file is skipped")
+        for _, element in ET.iterparse(f, events=("end",)):
+            if not element.tag.endswith("}page") and element.tag != "page":
+                continue
+            title = element.findtext("{*}title") or element.findtext("title")
+            page_id = element.findtext("{*}id") or element.findtext("id")
+            namespace = element.findtext("{*}ns") or element.findtext("ns")
+            redirect = element.find("{*}redirect") is not None or element.find("redirect") is not None
+            wikitext = element.findtext("{*}revision/{*}text") or element.findtext("revision/text") or ""
+            element.clear()  # stream: keep memory flat
+            if not redirect and namespace in (None, "0"):
+                yield page_id, title, wikitext
+
+
+def read_wikixml(path: Path, words: int = 100) -> Iterator[Passage | Reject]:
+    try:
+        for page_id, title, wikitext in wiki_articles(path):
+            where = f"page {page_id} ({title!r})"
+            chunks = split_words(strip_markup(wikitext), words)
+            if not chunks:
+                yield Reject(where, "no text after markup removal")
+            for n, chunk in enumerate(chunks):
+                yield check(f"{page_id}-{n}", title, chunk, where)
+    except ET.ParseError as error:
+        yield Reject(f"{path.name}", f"XML stops parsing here ({error}); the rest of the file is skipped")
 
 
 def read_corpus(path: Path | str | None, fmt: str) -> Iterator[Passage | Reject]:

@@ -1,6 +1,6 @@
 """Indexing efficiency: the whole shard pipeline against the bare lower-layer forward pass.
 
-    python -m workers.bench --json
+    python -m bench.workers --json
 
 Same passages, same batches, one run: (1) the bare forward of layers 1..k over pre-tokenized
 batches; (2) the pipeline a worker runs per shard: read rows from the normalized corpus, tokenize,
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from flows.corpus import normalize, read_rows
 from reader.inputs import pad
 from reader.load import ReaderSpec, load_reader
-from storage.build import encode_corpus
 from storage.codec import Codec
 from storage.index import IndexWriter
+from workers.build import encode_corpus
+from workers.corpus import normalize, read_rows
 
 
 def bare_forward(reader, passages, batch_size: int) -> tuple[float, int]:
@@ -49,7 +49,7 @@ def pipeline(reader, corpus: str, rows: int, root: Path, batch_size: int) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--passages", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)

@@ -1,6 +1,6 @@
 """Index size and fetch speed on real representations.
 
-    python -m storage.bench --json
+    python -m bench.storage --json
 
 Runs the default reader's lower layers (``reader/checkpoint``: trained MiniLM, k = 3 of 6;
 ``--reader`` for another) over the bundled Wikipedia sample, writes an index through the product's
@@ -23,14 +23,14 @@ import numpy as np
 import zstandard as zstd
 
 from reader.assets import wikipedia_sample
-from reader.binary import BinaryTokens
+from reader.inputs import stopword_ids
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
-
-from .build import encode_corpus, write_index
-from .codec import CodecSettings, PrototypeCounter
-from .index import Index
-from .offline import OfflineMerge, merge_index, stopword_ids
-from .record import section_sizes
+from storage.bits import BinaryTokens
+from storage.codec import CodecSettings, PrototypeCounter
+from storage.index import Index
+from storage.offline import OfflineMerge, merge_index
+from storage.record import section_sizes
+from workers.build import encode_corpus, write_index
 
 
 def count_bits(records: list[BinaryTokens], vocab_size: int, hidden_size: int) -> PrototypeCounter:
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m storage.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--reader", help="checkpoint whose lower layers make the bits (default: the default reader)")
     parser.add_argument("--passages", type=int, default=2000, help="sample articles to index")

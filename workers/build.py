@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from reader.binary import BinaryTokens
-from reader.inputs import Passage
 from reader.split import SplitReader
-
-from .codec import Codec, CodecSettings
-from .index import IndexWriter, Manifest
+from storage.bits import BinaryTokens
+from storage.codec import Codec, CodecSettings
+from storage.index import IndexWriter, Manifest
+from storage.record import Passage
 
 
 def encode_corpus(

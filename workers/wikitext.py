@@ -40,12 +40,15 @@ def _remove_nested(pattern: re.Pattern, text: str) -> str:
             return text
 
 
+def article_body(wikitext: str) -> str:
+    """The article's wikitext before its trailing reference sections (References, External links, ...)."""
+    trailing = _TRAILING_SECTIONS.search(wikitext)
+    return wikitext[: trailing.start()] if trailing else wikitext
+
+
 def strip_markup(wikitext: str) -> str:
     """Plain text of an article's wikitext."""
-    trailing = _TRAILING_SECTIONS.search(wikitext)
-    if trailing:
-        wikitext = wikitext[: trailing.start()]
-    text = _COMMENT.sub(" ", wikitext)
+    text = _COMMENT.sub(" ", article_body(wikitext))
     text = _REF.sub(" ", text)
     text = _DROP_TAGS.sub(" ", text)
     text = _remove_nested(_TEMPLATE, text)

@@ -6,7 +6,7 @@ Bits: every vocabulary token gets a prototype (bit d set with a rate drawn per d
 flip probability per (token, dimension); an occurrence is its prototype with each bit flipped at
 that probability, independently. Scales are drawn from the real scales' distribution. The three
 distributions are quantiles measured on the default reader's real bits (``measure_bit_model``,
-``python -m storage.synthetic``), so the codec meets the same skew as on real bits;
+``python -m bench.synthetic``), so the codec meets the same skew as on real bits;
 what independent flips lack is context (occurrences of a word in similar contexts sharing flips),
 which the offline merge would exploit.
 """
@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from reader.assets import wikipedia_sample
-from reader.binary import BinaryTokens
-from reader.inputs import Passage, TokenLayout, encode_passage
+from reader.inputs import TokenLayout, encode_passage
+from storage.bits import BinaryTokens
+from storage.record import Passage
 
 _LEVELS = 33  # quantiles at 0, 1/32, ..., 1
 
-# Measured by `python -m storage.synthetic --passages 2000` (see BitModel).
+# Measured by `python -m bench.synthetic --passages 2000` (see BitModel).
 _PROTOTYPE_RATE = (
     0.0, 0.01439, 0.04279, 0.07413, 0.12371, 0.1576, 0.18322, 0.20985, 0.24257, 0.28623, 0.32145,
     0.34684, 0.36566, 0.40411, 0.44957, 0.50124, 0.54305, 0.57318, 0.61829, 0.63552, 0.65611,
@@ -72,9 +73,9 @@ def _draw(quantiles: tuple[float, ...], u: np.ndarray) -> np.ndarray:
 class BitModel:
     """Distributions of real bits: prototype bit rate per dimension, flip rate per (token, dimension), scale.
 
-    The defaults are ``python -m storage.synthetic --passages 2000``: the default reader
+    The defaults are ``python -m bench.synthetic --passages 2000``: the default reader
     (reader/checkpoint: trained all-MiniLM-L6-v2, k = 3, d = 384) over the first 2,000 articles
-    of the bundled sample (the corpus of ``storage.bench``), tokens seen at least 20 times, flip
+    of the bundled sample (the corpus of ``bench.storage``), tokens seen at least 20 times, flip
     rates weighted by occurrences (their mean, 0.23, is the share of ones in the XOR residual).
     """
 
@@ -90,9 +91,8 @@ class BitModel:
 def measure_bit_model(passages: int = 2000, min_count: int = 20) -> BitModel:
     """The three distributions on the default reader's real bits over the first ``passages`` sample articles."""
     from reader.load import ReaderSpec, load_reader, quiet_library_logs
-
-    from .build import encode_corpus
-    from .codec import PrototypeCounter
+    from storage.codec import PrototypeCounter
+    from workers.build import encode_corpus
 
     quiet_library_logs()
     reader = load_reader(ReaderSpec())
@@ -173,7 +173,7 @@ class SyntheticCorpus:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m storage.synthetic", description=measure_bit_model.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench.synthetic", description=measure_bit_model.__doc__)
     parser.add_argument("--passages", type=int, default=2000, help="sample articles to run the default reader over")
     parser.add_argument("--min-count", type=int, default=20, help="tokens seen fewer times are left out of flip rates")
     args = parser.parse_args(argv)
