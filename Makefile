@@ -24,7 +24,7 @@ bench: install
 	$(BIN)/python -m reader.bench --json
 	$(BIN)/python -m storage.bench --json
 	$(BIN)/python -m workers.bench --json
-	$(BIN)/python -m pytest -m bench tests/test_cluster.py tests/test_scale.py
+	$(BIN)/python -m pytest -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
