@@ -217,6 +217,32 @@ def test_an_interrupted_stage_resumes_to_bit_identical_weights_with_dropout_on(k
     assert resumed_curve == (tmp_path / "straight" / "loss.jsonl").read_text().splitlines()
 
 
+def test_a_resume_file_saved_without_random_state_still_resumes_and_says_so(make_extractive, tmp_path, monkeypatch):
+    config = BTRConfig(split_layer=2, max_passage_tokens=64)
+    reader = make_extractive(config, hidden_size=64, dropout=0.1).train()
+    data, _ = targets(reader, examples(), 2)
+    stage = Stage("plain", steps=6, batch_size=4, learning_rate=1e-3)
+    calls = []
+
+    def failing_losses(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return stage_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "stage_losses", failing_losses)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(reader, stage, data, tmp_path, save_every=3, log=lambda _: None)
+    monkeypatch.setattr(train_module, "stage_losses", stage_losses)
+    state = torch.load(tmp_path / "resume.pt", weights_only=False)
+    del state["random"]  # as resume.pt was saved before it kept the random state
+    torch.save(state, tmp_path / "resume.pt")
+    messages = []
+    train_stage(make_extractive(config, hidden_size=64, dropout=0.1).train(), stage, data, tmp_path, log=messages.append)
+    assert messages[0].endswith("holds no random state; the resumed steps draw other dropout masks")
+    assert messages[1] == "plain: resuming at step 3 of 6" and (tmp_path / "btr.json").exists()
+
+
 def test_train_reader_flow_runs_resumes_and_exports(tmp_path, make_extractive):
     from prefect.testing.utilities import prefect_test_harness
 
