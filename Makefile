@@ -27,7 +27,7 @@ bench: install
 	$(BIN)/python -m bench.reader --json
 	$(BIN)/python -m bench.storage --json
 	$(BIN)/python -m bench.workers --json
-	$(BIN)/python -m pytest -m bench tests/test_cluster.py tests/test_scale.py
+	$(BIN)/python -m pytest -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -197,11 +197,18 @@ def convert(wheel: Path, out: Path, finder: AnswerFinder, holdout: float = 0.1) 
     ``<name>-train`` / ``<name>-heldout`` (a hashed share kept for tuning). Returns the counts."""
     out.mkdir(parents=True, exist_ok=True)
     counts: dict[str, dict] = {}
-    for name, (records, skipped) in read_sets(wheel).items():
-        role = next(s.role for s in SETS if s.name == name)
+    sets = read_sets(wheel)
+    roles = {s.name: s.role for s in SETS}
+    # Never train or tune on test: a test question (normalized) found in a train set is dropped from it.
+    tests = {normalize_answer(r["question"]) for name, (records, _) in sets.items() if roles[name] == "test" for r in records}
+    for name, (records, skipped) in sets.items():
+        kept = records if roles[name] == "test" else [r for r in records if normalize_answer(r["question"]) not in tests]
+        records, dropped = kept, len(records) - len(kept)
         inside = [r for r in records if finder.contains(r["answers"])]
         entry = {"questions": write_jsonl(out / f"{name}.jsonl", records), "skipped_lines": skipped,
-                 "in_sample": write_jsonl(out / f"{name}-in-sample.jsonl", inside), "role": role}
+                 "in_sample": write_jsonl(out / f"{name}-in-sample.jsonl", inside), "role": roles[name]}
+        if roles[name] == "train":
+            entry["test_questions_dropped"] = dropped
         if name.endswith("-dev"):
             entry["heldout_in_sample"] = write_jsonl(
                 out / f"{name}-heldout-in-sample.jsonl", (r for r in inside if held_out(r["question"], holdout))
@@ -237,7 +244,8 @@ def data_card(counts: dict, passages: int, holdout: float, supervised: dict) -> 
         "as unknown, so treat its questions as research data; the evidence documents are not used here.",
         "",
         "**Rules.** Training and tuning use the `train` sets only (NQ and TriviaQA dev, SQuAD). The test",
-        "sets are the benchmark: never trained, tuned or chosen on. The dev sets are further split by a",
+        "sets are the benchmark: never trained, tuned or chosen on (a test question found in a train set,",
+        "normalized, is dropped from it: `test_questions_dropped` in `sets.json`). The dev sets are further split by a",
         f"hash of the question: {holdout:.0%} held out (`*-heldout-in-sample.jsonl`) to choose settings",
         "and checkpoints, the rest (`*-train.jsonl`) to train on.",
         "",

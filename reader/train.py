@@ -23,11 +23,13 @@ import copy
 import json
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .extractive import ExtractiveReader
@@ -147,6 +149,22 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _random_state(device: torch.device) -> dict:
+    """Every generator a step may draw from (dropout, stage code), so a resumed stage draws the same."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _restore_random_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
 def stage_done(folder: Path, stage: Stage) -> bool:
     """Whether a stage folder holds this stage's finished checkpoint (another stage's is an error)."""
     path = folder / SETTINGS_FILE
@@ -182,6 +200,8 @@ def train_stage(
         raise TrainingDataError("no usable training examples (every answer cut off by truncation, or too few passages)")
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(stage.seed)
+    np.random.seed(stage.seed)
+    random.seed(stage.seed)
     if stage.heads and reader.heads is None:
         reader.attach_heads(ReaderHeads(reader.hidden_size))
     projection = None
@@ -209,6 +229,10 @@ def train_stage(
         if projection is not None:
             projection.load_state_dict(state["projection"])
         first = state["step"]
+        if "random" in state:
+            _restore_random_state(state["random"], reader.device)
+        else:  # saved before resume.pt kept it: hours of steps are worth more than bit-identical dropout masks
+            log(f"{stage.name}: {resume} holds no random state; the resumed steps draw other dropout masks")
         log(f"{stage.name}: resuming at step {first} of {stage.steps}")
     curve = out / "loss.jsonl"
     kept = [line for line in curve.read_text().splitlines() if json.loads(line)["step"] <= first] if curve.exists() else []
@@ -240,7 +264,7 @@ def train_stage(
             recent = []
         if (step + 1) % save_every == 0 and step + 1 < stage.steps:
             state = {"model": reader.model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "schedule": schedule.state_dict(), "step": step + 1}
+                     "schedule": schedule.state_dict(), "step": step + 1, "random": _random_state(reader.device)}
             if projection is not None:
                 state["projection"] = projection.state_dict()
             if reader.heads is not None:

@@ -51,11 +51,12 @@ def make_fid(tokenizer):
 
 def _extractive_builder(tokenizer):
 
-    def build(config: BTRConfig | None = None, hidden_size: int = 32, seed: int = 0) -> ExtractiveReader:
+    def build(config: BTRConfig | None = None, hidden_size: int = 32, seed: int = 0, dropout: float = 0.0) -> ExtractiveReader:
         torch.manual_seed(seed)
         bert = BertConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, intermediate_size=64, num_attention_heads=4,
-            num_hidden_layers=4, max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+            num_hidden_layers=4, max_position_embeddings=512, hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
         )
         return ExtractiveReader(BertForQuestionAnswering(bert).eval(), tokenizer, config)
 

@@ -37,6 +37,59 @@ def test_nearest_occurrences_merge_into_sign_of_sum_with_prototype_ties():
     assert np.array_equal(out[2:], np.unpackbits(packed(rows[2:]), axis=1, bitorder="little"))  # untouched
 
 
+def brute_force_merge(signs: list[list[int]], prototype: list[int], ratio: float) -> tuple[list[list[int]], dict]:
+    """The merge of one token's occurrences as BTR.md and storage.token_merge's docstring describe it,
+    one pair at a time in plain Python: even-numbered occurrences form A, odd ones B; each A links
+    to its nearest B by Hamming distance (the first such B on a tie); the r best links merge
+    (r = round(ratio * n), at most n // 2, the bipartite limit; the earlier A on a tie); each B with
+    the A tokens linked to it becomes sign(sum), a zero sum taking the prototype's bit.
+    Also returns what the case exercised: ties in distance and in sign, the largest group."""
+    n = len(signs)
+    r = min(round(ratio * n), n // 2)
+    a_rows, b_rows = list(range(0, n, 2)), list(range(1, n, 2))
+    hamming = lambda i, j: sum(x != y for x, y in zip(signs[i], signs[j]))  # noqa: E731
+    links, seen = [], {"nearest_ties": 0, "sign_ties": 0, "largest_group": 1, "capped": round(ratio * n) > n // 2}
+    if r == 0:
+        return [list(row) for row in signs], seen
+    for i in a_rows:
+        nearest = b_rows[0]
+        for j in b_rows[1:]:
+            if hamming(i, j) < hamming(i, nearest):
+                nearest = j
+        seen["nearest_ties"] += sum(hamming(i, j) == hamming(i, nearest) for j in b_rows) > 1
+        links.append((hamming(i, nearest), i, nearest))
+    chosen = sorted(links)[:r]
+    out = [list(row) for row in signs]
+    for j in sorted({b for _, _, b in chosen}):
+        members = [j] + [i for _, i, b in chosen if b == j]
+        seen["largest_group"] = max(seen["largest_group"], len(members))
+        sums = [sum(signs[m][bit] for m in members) for bit in range(len(prototype))]
+        seen["sign_ties"] += sums.count(0)
+        vector = [prototype[bit] if total == 0 else (1 if total > 0 else -1) for bit, total in enumerate(sums)]
+        for m in members:
+            out[m] = vector
+    return out, seen
+
+
+def test_bucketed_merge_equals_a_brute_force_hamming_merge_on_random_occurrences():
+    rng = np.random.default_rng(7)
+    cases = []
+    for case in range(600):
+        n, width = int(rng.integers(2, 24)), int(rng.choice([8, 16, 24]))
+        ratio = float(rng.choice([0.1, 0.2, 1 / 3, 0.45, 0.5]))
+        # Few distinct vectors with a few bits flipped: distances tie and several A share a nearest B.
+        pool = rng.choice([-1, 1], size=(int(rng.integers(1, 5)), width))
+        signs = pool[rng.integers(0, len(pool), n)] * np.where(rng.random((n, width)) < 0.1, -1, 1)
+        prototype = rng.choice([-1, 1], size=width)
+        got = np.unpackbits(merge_occurrences(packed(signs), packed(prototype[None])[0], ratio), axis=1, bitorder="little")
+        expected, seen = brute_force_merge(signs.tolist(), prototype.tolist(), ratio)
+        assert np.array_equal(got, np.array(expected) > 0), (case, n, width, ratio)
+        cases.append(seen | {"odd": n % 2})
+    count = lambda key: sum(bool(c[key]) for c in cases)  # noqa: E731
+    assert min(count("odd"), count("capped"), count("nearest_ties"), count("sign_ties")) > 20
+    assert sum(c["largest_group"] >= 3 for c in cases) > 50  # several A tokens merged into one B
+
+
 def test_ratio_zero_and_tiny_groups_are_left_alone():
     bits = np.arange(12, dtype=np.uint8).reshape(6, 2)
     assert merge_occurrences(bits, np.zeros(2, np.uint8), 0.0) is bits
@@ -78,7 +131,7 @@ def test_merged_index_is_smaller_verified_and_keeps_everything_else(indexes, tmp
     assert reader.extract(["what?"], [[p.tokens for p in merged.fetch([0, 1])]], "btr")[0].text
 
 
-def test_stopwords_collapse_and_about_a_fifth_of_the_rest_merge(indexes):
+def test_stopwords_collapse_and_the_rest_merge_exactly_as_the_brute_force_reference(indexes):
     _, stopwords, lossless, merged = indexes
     rows = list(range(len(lossless)))
     ids = np.concatenate([p.tokens.token_ids.numpy() for p in lossless.fetch(rows)])
@@ -89,7 +142,12 @@ def test_stopwords_collapse_and_about_a_fifth_of_the_rest_merge(indexes):
     assert is_stop.mean() > 0.3
     assert np.array_equal(after[is_stop], prototypes[ids[is_stop]])
     changed = (after != before).any(1) & ~is_stop
-    assert 0.1 < changed.sum() / (~is_stop).sum() < 0.45  # merged A tokens and the B tokens they joined
+    expected = np.concatenate(reference_merge(lossless, stopwords, OfflineMerge(0.2, chunk=64)))
+    assert np.array_equal(after, expected)
+    # Exactly the occurrences the reference changes: merged A tokens and the B tokens they joined.
+    assert changed.sum() == ((expected != before).any(1) & ~is_stop).sum() > 0
+    stop_changed = ((before != after).any(1) & is_stop).sum()
+    assert merged.manifest.extra["offline_merge"]["changed_tokens"] == changed.sum() + stop_changed
     # Identical vectors now stand for each merged group: fewer distinct vectors per token.
     distinct = lambda bits: len({(t, v.tobytes()) for t, v in zip(ids[~is_stop], bits[~is_stop])})  # noqa: E731
     assert distinct(after) < distinct(before)
@@ -100,9 +158,16 @@ def test_settings_are_validated():
         OfflineMerge(ratio=0.7)
 
 
+def brute_force_packed(bits: np.ndarray, prototype: np.ndarray, ratio: float) -> np.ndarray:
+    """``brute_force_merge`` on packed bits, the stored form."""
+    signs = np.unpackbits(bits, axis=1, bitorder="little").astype(int) * 2 - 1
+    proto = np.unpackbits(prototype, bitorder="little").astype(int) * 2 - 1
+    return packed(np.array(brute_force_merge(signs.tolist(), proto.tolist(), ratio)[0]).reshape(signs.shape))
+
+
 def reference_merge(index: Index, stopwords: set[int], settings: OfflineMerge, rows: range | None = None) -> list[np.ndarray]:
     """The offline merge of ``rows`` (all) alone, in memory, as specified: each token's occurrences in (row, position)
-    order, chunk by chunk."""
+    order, chunk by chunk, through the brute-force merge (not the code under test)."""
     stored = index.fetch(rows if rows is not None else range(len(index)))
     ids = np.concatenate([p.tokens.token_ids.numpy() for p in stored])
     bits = np.concatenate([p.tokens.bits.numpy() for p in stored])  # (row, position) order already
@@ -114,7 +179,7 @@ def reference_merge(index: Index, stopwords: set[int], settings: OfflineMerge, r
             continue
         for lo in range(0, len(where), settings.chunk):
             part = where[lo : lo + settings.chunk]
-            bits[part] = merge_occurrences(bits[part], prototypes[token], settings.ratio)
+            bits[part] = brute_force_packed(bits[part], prototypes[token], settings.ratio)
     return np.split(bits, np.cumsum([len(p.tokens) for p in stored])[:-1])
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
@@ -158,7 +161,7 @@ def test_length_bucketed_batches_cover_each_epoch_once_and_pad_less():
     assert all(sorted(b) == [0, 1, 2] for b in batch_order(3, 2, 8, seed=0))
 
 
-def test_training_lowers_the_task_loss_and_resumes_to_the_same_weights(reader, make_extractive, tmp_path, monkeypatch):
+def test_training_lowers_the_task_loss_and_logs_every_step(reader, tmp_path):
     data, _ = targets(reader, examples(), 2)
     stage = Stage("plain", steps=12, batch_size=4, learning_rate=1e-3)
     before = stage_losses(reader.eval(), stage, data)["task"].item()
@@ -168,29 +171,76 @@ def test_training_lowers_the_task_loss_and_resumes_to_the_same_weights(reader, m
     curve = [json.loads(line) for line in (tmp_path / "straight" / "loss.jsonl").read_text().splitlines()]
     assert [row["step"] for row in curve] == list(range(1, 13))
 
-    # Killed during step 8 (last save after step 6), then resumed: the same weights as straight through.
-    resumed = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64).train()
+
+@pytest.mark.parametrize("kind", ["plain", "split", "bits"])
+def test_an_interrupted_stage_resumes_to_bit_identical_weights_with_dropout_on(kind, make_extractive, tmp_path, monkeypatch):
+    """Dropout 0.1 as the committed reader trains: resume.pt must carry the torch, numpy and Python
+    random state, or the resumed steps draw other dropout masks (and other draws of any stage code)."""
+    config = BTRConfig(split_layer=2, max_passage_tokens=64)
+    build = lambda seed=0: make_extractive(config, hidden_size=64, seed=seed, dropout=0.1).train()  # noqa: E731
+    data, _ = targets(build(), examples(), 2)
+    stage = Stage(kind, steps=12, batch_size=4, learning_rate=1e-3, heads=kind == "plain")
+    teacher = (lambda: build(seed=1)) if kind == "split" else (lambda: None)
+    draws: list[tuple[float, float]] = []  # what stage code drawing from Python's and numpy's generators sees
+
+    def drawing_losses(*args, **kwargs):
+        draws.append((random.random(), float(np.random.rand())))
+        if len(draws) == stop:
+            raise KeyboardInterrupt
+        return stage_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "stage_losses", drawing_losses)
+    stop = None
+    straight = build()
+    train_stage(straight, stage, data, tmp_path / "straight", teacher(), save_every=3, log=lambda _: None)
+    straight_draws, draws = draws, []
+
+    stop = 8  # killed during step 8; the last save was after step 6
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(build(), stage, data, tmp_path / "resumed", teacher(), save_every=3, log=lambda _: None)
+    assert torch.load(tmp_path / "resumed" / "resume.pt", weights_only=False)["step"] == 6
+    stop, draws = None, []
+    torch.manual_seed(123), random.seed(123), np.random.seed(123)  # a new process: other generator states
+    again, messages = build(seed=5), []
+    train_stage(again, stage, data, tmp_path / "resumed", teacher(), save_every=3, log=messages.append)
+    assert messages[0] == f"{stage.name}: resuming at step 6 of 12"
+    assert draws == straight_draws[6:]
+    weights = lambda r: r.model.state_dict() | ({} if r.heads is None else r.heads.state_dict())  # noqa: E731
+    expected, got = weights(straight), weights(again)
+    assert expected.keys() == got.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, got[name]), name
+    if kind == "bits":
+        recovered = [torch.load(tmp_path / run / "recovery.pt") for run in ("straight", "resumed")]
+        assert all(torch.equal(recovered[0][k], recovered[1][k]) for k in recovered[0])
+    resumed_curve = (tmp_path / "resumed" / "loss.jsonl").read_text().splitlines()
+    assert resumed_curve == (tmp_path / "straight" / "loss.jsonl").read_text().splitlines()
+
+
+def test_a_resume_file_saved_without_random_state_still_resumes_and_says_so(make_extractive, tmp_path, monkeypatch):
+    config = BTRConfig(split_layer=2, max_passage_tokens=64)
+    reader = make_extractive(config, hidden_size=64, dropout=0.1).train()
+    data, _ = targets(reader, examples(), 2)
+    stage = Stage("plain", steps=6, batch_size=4, learning_rate=1e-3)
     calls = []
 
     def failing_losses(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 8:
+        if len(calls) == 5:
             raise KeyboardInterrupt
         return stage_losses(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "stage_losses", failing_losses)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(resumed, stage, data, tmp_path / "resumed", save_every=3, log=lambda _: None)
-    assert torch.load(tmp_path / "resumed" / "resume.pt", weights_only=False)["step"] == 6
+        train_stage(reader, stage, data, tmp_path, save_every=3, log=lambda _: None)
     monkeypatch.setattr(train_module, "stage_losses", stage_losses)
-    again = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64, seed=5).train()
+    state = torch.load(tmp_path / "resume.pt", weights_only=False)
+    del state["random"]  # as resume.pt was saved before it kept the random state
+    torch.save(state, tmp_path / "resume.pt")
     messages = []
-    train_stage(again, stage, data, tmp_path / "resumed", save_every=3, log=messages.append)
-    assert messages[0] == "plain: resuming at step 6 of 12"
-    for name, value in reader.model.state_dict().items():
-        assert torch.allclose(value, again.model.state_dict()[name], atol=1e-6), name
-    resumed_curve = (tmp_path / "resumed" / "loss.jsonl").read_text().splitlines()
-    assert [json.loads(line)["step"] for line in resumed_curve] == list(range(1, 13))
+    train_stage(make_extractive(config, hidden_size=64, dropout=0.1).train(), stage, data, tmp_path, log=messages.append)
+    assert messages[0].endswith("holds no random state; the resumed steps draw other dropout masks")
+    assert messages[1] == "plain: resuming at step 3 of 6" and (tmp_path / "btr.json").exists()
 
 
 def test_train_reader_flow_runs_resumes_and_exports(tmp_path, make_extractive):
