@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 from storage.shard import default_shard_size
+from storage.token_merge import OfflineMerge
 
 from . import scale_steps
 from .scale_steps import STEPS
@@ -150,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=320, help="passage token limit (the flow's default)")
     parser.add_argument("--codec-sample", type=int, default=2000, help="passages the codec is fitted on (the flow's)")
     parser.add_argument("--offline-ratio", type=float, default=0.2, help="r_o of the offline merge")
+    parser.add_argument("--merge-window", type=int, default=OfflineMerge().window,
+                        help="passages merged together (the flow's default); smaller shows the disk a window frees")
     parser.add_argument("--fetch", type=int, default=40, help="passages per timed fetch (a query's worth)")
     parser.add_argument("--draws", type=int, default=200, help="timed fetches")
     parser.add_argument("--seed", type=int, default=0)
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--passages must be positive")
     if args.out is not None and args.out.exists() and any(args.out.iterdir()):
         parser.error(f"{args.out} is not empty: give a new folder")
-    names = ("passages", "workers", "words", "max_tokens", "codec_sample", "offline_ratio", "fetch", "draws", "seed")
+    names = ("passages", "workers", "words", "max_tokens", "codec_sample", "offline_ratio", "merge_window", "fetch", "draws", "seed")
     cfg = {name: getattr(args, name) for name in names} | {"shard_size": args.shard_size or default_shard_size(args.passages)}
     out = args.out or Path(tempfile.mkdtemp(prefix="btr-scale-"))
     try:
