@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from .binary import IncompatibleRepresentation
 from .config import MODES, check_mode
@@ -84,7 +85,14 @@ class Answerer:
         spec = manifest.extra.get("reader_spec")
         if spec is None:
             raise IncompatibleIndex(f"{index}: the manifest does not say which reader built it (no reader_spec)")
-        spec = ReaderSpec(**spec)
+        try:
+            spec = TypeAdapter(ReaderSpec).validate_python(spec)
+        except ValidationError as error:
+            raise DamagedIndex(
+                f"{Path(index) / 'manifest.json'} is damaged (extra.reader_spec"
+                f"{''.join(f'.{part}' for part in error.errors()[0]['loc'])}: {error.errors()[0]['msg']}); "
+                f"the shards may be intact: rerun the index flow on {index}"
+            ) from None
         self.text_only = text_reader is not None
         if self.text_only:
             spec = ReaderSpec(spec.family, text_reader, None, spec.max_passage_tokens)
@@ -96,7 +104,7 @@ class Answerer:
         self.index = Index.open(index, expect=None if self.text_only else self.reader.identity())
         try:
             self.retriever = Retriever(index)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:  # faiss raises RuntimeError
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
             raise DamagedIndex(
                 f"the retriever in {index} is missing or damaged ({str(error).splitlines()[0]}). {repair_hint(index)}"
             ) from None

@@ -22,6 +22,9 @@ import torch
 from faiss.contrib.ondisk import merge_ondisk
 from transformers import AutoModel, AutoTokenizer
 
+from storage.codec import file_digest
+from storage.index import Manifest
+from storage.shard import DamagedIndex, repair_hint
 from storage.tasks import Runner, serial
 
 from .assets import minilm_path
@@ -110,9 +113,24 @@ def _training_sample(parts: Sequence[np.ndarray], train_size: int) -> np.ndarray
     return np.ascontiguousarray(np.concatenate(sample))
 
 
+def retriever_digests(folder: Path) -> dict[str, str]:
+    """sha256 of the retriever's index file and, when merged on disk, its lists (streamed: bounded memory)."""
+    return {name: file_digest(folder / name) for name in (FAISS_FILE, IVF_DATA) if (folder / name).exists()}
+
+
 def _write_info(folder: Path, factory: str, count: int, dimension: int, encoder_identity: dict) -> dict:
+    """retriever.json; what it returns (digests included) is what the manifest records as ``extra.retriever``."""
     info = {"factory": factory, "count": count, "dimension": dimension, "encoder": encoder_identity}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return info | {"digests": retriever_digests(folder)}
+
+
+def record_retriever(folder: Path) -> dict:
+    """Record the retriever in ``folder`` (its info and digests) in the manifest there: for one built after publishing."""
+    info = json.loads((folder / INFO_FILE).read_text()) | {"digests": retriever_digests(folder)}
+    manifest = Manifest.load(folder)
+    manifest.extra["retriever"] = info
+    manifest.save(folder)
     return info
 
 
@@ -208,6 +226,56 @@ def read_faiss(folder: Path) -> faiss.Index:
     return faiss.read_index(str(path), flags | faiss.IO_FLAG_READ_ONLY)
 
 
+UNIT = 1e-3  # how far a stored unit vector's norm, or a score between unit vectors, may stray from 1 in float32
+
+
+def exact_vectors(index: faiss.Index) -> bool:
+    """Whether the index stores its vectors whole (Flat, IVF-Flat), so that norms and scores are exact; PQ stores codes."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf.code_size == 4 * ivf.d if ivf is not None else isinstance(index, faiss.IndexFlat)
+
+
+def check_vectors(index: faiss.Index, sample: int = 256) -> None:
+    """Raise ValueError unless the index holds what ``Encoder.embed`` stores: lists adding up, a sample of unit vectors.
+
+    Cheap (a few hundred vectors, read from the map), so every load runs it; a damaged stretch of
+    the file the sample misses is caught by the score check of every search, and by the digest
+    ``storage.verify`` compares.
+    """
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        lists = ivf.invlists
+        sizes = [lists.list_size(i) for i in range(lists.nlist)]
+        if sum(sizes) != index.ntotal:
+            raise ValueError(f"its inverted lists hold {sum(sizes)} vectors, its header says {index.ntotal}")
+    if index.ntotal == 0 or not exact_vectors(index):
+        return
+    if ivf is None:
+        rows = np.unique(np.linspace(0, index.ntotal - 1, min(index.ntotal, sample)).astype(np.int64))
+        vectors = index.reconstruct_batch(rows)
+    else:  # a few whole lists, spread over the file
+        chosen = [i for i in np.unique(np.linspace(0, len(sizes) - 1, min(len(sizes), 8)).astype(int)) if sizes[i]]
+        vectors = np.concatenate([_list_vectors(ivf, int(i), sizes[i], sample // 8 or 1) for i in chosen] or [np.zeros((0, ivf.d), np.float32)])
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    bad = ~(np.abs(norms - 1) <= UNIT)  # NaN too
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} of {len(norms)} stored vectors checked are not unit vectors (one has norm "
+            f"{norms[bad][0]:.4g}): the file was changed after it was built"
+        )
+
+
+def _list_vectors(ivf: faiss.IndexIVF, number: int, size: int, most: int) -> np.ndarray:
+    """The first ``most`` vectors of an IVF-Flat inverted list (copied out of the map)."""
+    codes = ivf.invlists.get_codes(number)
+    try:
+        taken = min(size, most)
+        raw = faiss.rev_swig_ptr(codes, taken * ivf.code_size)
+        return np.frombuffer(raw, dtype=np.float32).reshape(taken, ivf.d).copy()
+    finally:
+        ivf.invlists.release_codes(number, codes)
+
+
 @dataclass(frozen=True)
 class Hit:
     row: int
@@ -221,13 +289,22 @@ class Retriever:
         folder = Path(folder)
         if not (folder / FAISS_FILE).exists():
             raise FileNotFoundError(f"no retriever index at {folder / FAISS_FILE}")
+        self.folder = folder
         self.info = json.loads((folder / INFO_FILE).read_text())
         self.index = read_faiss(folder)
+        check_vectors(self.index)  # a damaged file is refused at start, not answered from
+        self.exact = exact_vectors(self.index)
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = probes
         self.encoder = encoder or Encoder(self.info["encoder"]["name"], self.info["encoder"]["max_tokens"])
 
     def search(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
-        """The ``k`` best rows per question, best first."""
+        """The ``k`` best rows per question, best first; DamagedIndex for a score no pair of unit vectors gives."""
         scores, rows = self.index.search(self.encoder.embed(list(questions)), k)
+        if self.exact and not (np.abs(scores[rows >= 0]) <= 1 + UNIT).all():  # NaN too
+            row = int(rows[~(np.abs(scores) <= 1 + UNIT) & (rows >= 0)][0])
+            raise DamagedIndex(
+                f"the retriever in {self.folder} scored a passage {scores.max():.4g} (row {row}; unit vectors score "
+                f"at most 1): its file is damaged. {repair_hint(self.folder)}"
+            )
         return [[Hit(int(r), float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]

@@ -290,7 +290,8 @@ def _write_all(index: Path, source: Index, stored: list) -> list[str]:
         rows = stored[shard.first_row : shard.first_row + shard.rows]
         passages = ((p.pid, p.title, p.text, p.tokens) for p in rows)
         infos.append(writer.sealed(i) or writer.write_shard(i, shard.first_row, passages))
-    return [info.digest for info in writer.publish(infos, source.manifest.extra).shards]
+    extra = {key: value for key, value in source.manifest.extra.items() if key != "retriever"}  # shards only, no retriever
+    return [info.digest for info in writer.publish(infos, extra).shards]
 
 
 def test_disk_full_while_writing_a_shard_fails_clearly_and_a_rerun_with_space_resumes_to_the_same_digests(
