@@ -28,12 +28,13 @@ from pydantic import TypeAdapter, ValidationError
 from .binary import IncompatibleRepresentation
 from .config import MODES, check_mode
 from .identity import IncompatibleIndex
-from .inputs import ReaderInputError, passage_string
+from .inputs import ReaderInputError, is_blank, passage_string
 from .load import ReaderSpec, load_reader, quiet_library_logs
 from .retriever import Hit, Retriever
 
 DEFAULT_INDEX = "indexes/wikipedia-sample"
 DEFAULT_K = 5
+DEFAULT_MAX_K = 100  # the most passages one question may read, here and in reader.serve (memory grows with k)
 DAMAGED_INDEX = 3  # exit status: the index is damaged (2 is the user's bad input)
 
 
@@ -114,10 +115,11 @@ class Answerer:
                 f"{len(self.index)} (a rebuild stopped half-way?). {repair_hint(index)}"
             )
 
-    def check(self, question: str, k: int, mode: str, max_k: int | None = None) -> None:
+    def check(self, question: str, k: int, mode: str, max_k: int | None = None, flag: str = "the service's --max-k") -> None:
         """Raise ReaderInputError / ValueError for a question, k or mode this answerer cannot take.
 
-        ``max_k``: a caller's own bound on k (a service's), below the index's passages.
+        ``max_k``: a caller's own bound on k (a service's, the command line's), below the index's
+        passages; ``flag`` names it in the refusal.
         """
         if not isinstance(question, str):
             raise ReaderInputError("the question must be a string")
@@ -128,7 +130,7 @@ class Answerer:
         self.reader.question_ids(question)  # an empty question fails here, before any work
         top, why = len(self.index), "the index's passages"
         if max_k is not None and max_k < top:
-            top, why = max_k, "the service's --max-k"
+            top, why = max_k, flag
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
             raise ValueError(f"k must be a whole number from 1 to {top} ({why}), got {k!r}")
         check_mode(mode)
@@ -194,9 +196,9 @@ class Answerer:
             )
         return results
 
-    def answer(self, question: str, k: int = DEFAULT_K, mode: str = "btr") -> dict:
-        """One question: checked, looked up and read."""
-        self.check(question, k, mode)
+    def answer(self, question: str, k: int = DEFAULT_K, mode: str = "btr", max_k: int | None = None) -> dict:
+        """One question: checked (k within ``max_k``, reader.answer's flag), looked up and read."""
+        self.check(question, k, mode, max_k, "reader.answer's --max-k")
         return self.read([self.lookup(question, k)], mode)[0]
 
 
@@ -245,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", help='JSONL file of {"question": ...} lines (- for stdin); one JSON answer per line')
     parser.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default {DEFAULT_INDEX})")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages to read (default {DEFAULT_K})")
+    parser.add_argument(
+        "--max-k", type=int, default=DEFAULT_MAX_K,
+        help=f"the most --k may ask for (default {DEFAULT_MAX_K}; memory grows with k: 10,033 passages took over 10 GB)",
+    )
     parser.add_argument("--mode", choices=MODES, default="btr")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -255,13 +261,13 @@ def main(argv: list[str] | None = None) -> int:
 
     errors = bad_input_errors()
     try:
-        if args.question is not None and not args.question.strip():
+        if args.question is not None and is_blank(args.question):
             raise ReaderInputError("the question is empty")
         if args.questions not in (None, "-") and not Path(args.questions).is_file():
             raise FileNotFoundError(f"questions file {args.questions} does not exist")
         answerer = Answerer(args.index)
         if args.question is not None:
-            result = answerer.answer(args.question, args.k, args.mode)
+            result = answerer.answer(args.question, args.k, args.mode, args.max_k)
             if args.json:
                 print(json.dumps(result, ensure_ascii=False))
             else:
@@ -278,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if problem:
                 raise ReaderInputError(problem)
-            result = answerer.answer(question, args.k, args.mode)
+            result = answerer.answer(question, args.k, args.mode, args.max_k)
         except (DamagedIndex, *errors) as error:
             failed, damaged = failed + 1, damaged + isinstance(error, DamagedIndex)
             result = {"line": number, "error": str(error)}

@@ -46,7 +46,7 @@ from starlette.staticfiles import StaticFiles
 
 from storage.shard import DamagedIndex
 
-from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, Answerer, Lookup, bad_input_errors
+from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, DEFAULT_MAX_K, Answerer, Lookup, bad_input_errors
 from .load import quiet_library_logs
 
 STATIC = Path(__file__).parent / "static"
@@ -56,7 +56,7 @@ STATIC = Path(__file__).parent / "static"
 class Limits:
     """What one request may ask of the service (each a flag of ``reader.serve``)."""
 
-    max_k: int = 100
+    max_k: int = DEFAULT_MAX_K
     max_body_bytes: int = 64 * 1024
     timeout_s: float = 30.0
     max_question_chars: int = 2000

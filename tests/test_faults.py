@@ -138,6 +138,11 @@ REFUSED_AT_OPEN = [
 def test_a_damaged_index_is_refused_with_its_own_status_and_verify_names_the_damage(
     index, capsys, fault, damage, said, verified
 ):
+    refused_everywhere(index, capsys, damage, said, verified)
+
+
+def refused_everywhere(index: Path, capsys, damage, said: str, verified: str) -> None:
+    """``damage`` makes answer, serve and evaluate exit 3 with one line saying ``said``, and verify exit 1 saying ``verified``."""
     status, out, _ = answer(capsys, index)
     assert status == 0 and json.loads(out)["answer"]
     damage(index)
