@@ -2,19 +2,24 @@
 
     python -m reader.serve [--index indexes/wikipedia-sample] [--port 8000] [--max-batch 16] [--window-ms 5]
                            [--max-k 100] [--max-body-bytes 65536] [--timeout-s 30] [--max-question-chars 2000]
+                           [--body-timeout-s 10] [--max-batch-passages 400] [--allow-host NAME]
 
     GET  /        -> a page to ask questions from a browser (reader/static/, no build step, offline)
     POST /answer  {"question": "...", "k": 5, "mode": "btr"}  -> the same JSON as `reader.answer --json`
-    GET  /health  -> {"status": "ok", "passages": ..., "reader": ..., "split_layer": ...}
+    GET  /health  -> {"status": "ok", "passages": ..., "reader": ..., "split_layer": ...}  (computed at start)
+    GET  /health/deep -> the same after a stat of every shard
 
 Each request retrieves and reads its LMDB records in a worker thread (the index's environments are
 opened once per process and read from every thread); the model part is batched: one thread takes
 the questions waiting, up to ``--max-batch``, waiting at most ``--window-ms`` for company when it
-is idle, and runs the upper layers over all of them at once. Every refusal is one line of JSON,
-``{"error": ...}``: bad input 400 (a question over ``--max-question-chars``, counted before any
-tokenization, and a k over ``--max-k`` included), a body over ``--max-body-bytes`` 413, a request
-not answered within ``--timeout-s`` 504 (the batcher then skips it if it has not started it), an
-unknown path 404. A request that meets a damaged index (a shard truncated, missing or replaced
+is idle, and runs the upper layers over all of them at once, in passes of at most
+``--max-batch-passages``. Every refusal is one line of JSON, ``{"error": ...}``: bad input 400 (a
+question over ``--max-question-chars``, counted before any tokenization, a k over ``--max-k``, JSON
+nested too deeply included), a Host header other than the bound address or ``--allow-host`` 400, a
+body that is not JSON by its Content-Type 415, a body over ``--max-body-bytes`` 413, one not arrived
+within ``--body-timeout-s`` 408, a request not answered within ``--timeout-s`` 504 (the batcher then
+skips it if its pass has not started), an unknown path 404, an internal error 500, and uvicorn's own
+400 for a request it cannot parse. A request that meets a damaged index (a shard truncated, missing or replaced
 since the service started, a corrupt record) is HTTP 503 with ``{"error": ...}``; from then on
 ``/health`` is 503 ``{"status": "unhealthy", "error": ...}`` and the service goes on answering
 what the rest of the index can answer.

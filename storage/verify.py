@@ -2,8 +2,10 @@
 
     python -m storage.verify INDEX
 
-Exit 0 when intact; 1, naming each bad shard and passage (or a damaged manifest), when not; 2 when
-there is no index. A shard of the wrong size is reported without being mapped (LMDB would fault).
+Exit 0 when intact; 1, naming each bad shard and passage (or a damaged manifest or retriever), when
+not; 2 when there is no index. A shard of the wrong size is reported without being mapped (LMDB
+would fault). The retriever's files are checked against the digests the manifest records (read in
+1 MB blocks); an index published before they were recorded gets a ``note:`` line instead.
 """
 
 from __future__ import annotations
