@@ -12,7 +12,7 @@ seconds pass. Prints QPS, p50/p95 latency and errors per phase, and batched/unba
 Without ``--questions``, questions are made from the index's passage titles.
 
 ``--health-pollers N`` measures what health probes cost instead: one client's /answer latency
-alone, then while N threads poll ``GET /health`` (back to back, or every ``--poll-interval``
+alone, then while N processes poll ``GET /health`` (back to back, or every ``--poll-interval``
 seconds), alternating ``--rounds`` times on one batched service; prints the median p50 of each and
 the slowdown.
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import socket
 import subprocess
 import sys
@@ -126,31 +127,36 @@ def phase(port: int, questions: list[str], clients: int, requests: int, time_lim
     }
 
 
+def _poll_health(port: int, interval: float, stop, count) -> None:
+    """One poller (a process of its own, as a load balancer is): GET /health until ``stop`` is set."""
+    while not stop.is_set():
+        if request(port, "GET", "/health", timeout=60)[0] == 200:
+            with count.get_lock():
+                count.value += 1
+        stop.wait(interval)
+
+
 def health_cost(port: int, questions: list[str], pollers: int, interval: float, requests: int, time_limit: float,
                 k: int, rounds: int) -> dict:
-    """/answer latency of one client alone and while ``pollers`` threads poll /health, alternating ``rounds`` times."""
+    """/answer latency of one client alone and while ``pollers`` processes poll /health, alternating ``rounds`` times."""
+    context = multiprocessing.get_context("spawn")
     alone, polled, polls = [], [], []
     for _ in range(rounds):
         alone.append(phase(port, questions, 1, requests, time_limit, k))
-        stop, counts = threading.Event(), [0] * pollers
-
-        def poll(slot: int) -> None:
-            while not stop.is_set():
-                if request(port, "GET", "/health", timeout=60)[0] == 200:
-                    counts[slot] += 1
-                stop.wait(interval)
-
-        threads = [threading.Thread(target=poll, args=(i,), daemon=True) for i in range(pollers)]
-        for thread in threads:
-            thread.start()
-        began = time.perf_counter()
+        stop, count = context.Event(), context.Value("l", 0)
+        processes = [context.Process(target=_poll_health, args=(port, interval, stop, count)) for _ in range(pollers)]
+        for process in processes:
+            process.start()
+        while count.value < pollers:  # every poller is up before the clock starts
+            time.sleep(0.05)
+        began, start_count = time.perf_counter(), count.value
         try:
             polled.append(phase(port, questions, 1, requests, time_limit, k))
         finally:
+            polls.append((count.value - start_count) / (time.perf_counter() - began))
             stop.set()
-            for thread in threads:
-                thread.join()
-        polls.append(sum(counts) / (time.perf_counter() - began))
+            for process in processes:
+                process.join()
     p50_alone = float(np.median([r["latency_p50_ms"] for r in alone]))
     p50_polled = float(np.median([r["latency_p50_ms"] for r in polled]))
     return {
