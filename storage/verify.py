@@ -108,9 +108,12 @@ def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
         vectors = index.ntotal
         if lists and faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).totsize > (root / IVF_DATA).stat().st_size:
             return problems + [f"retriever: {IVF_DATA} is truncated"]
-        check_vectors(index)  # what every load checks (and all an index published before digests has)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
         return problems + [f"retriever: unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
+    try:
+        check_vectors(index)  # what every load checks (and all an index published before digests has)
+    except (ValueError, RuntimeError) as error:
+        problems.append(f"retriever: damaged ({error})")
     if count != manifest.passages or vectors != manifest.passages:
         listed = manifest.passages
         return problems + [f"retriever: {vectors} vectors (retriever.json says {count}), the manifest lists {listed} passages"]
