@@ -4,10 +4,12 @@
     Index.open(root, expect=reader.identity()).fetch(rows)
 
 The manifest is the commit point: written atomically after every shard it lists is sealed, so a
-reader either sees a complete index or none. Shards open lazily and are shared by every thread of
-the process, a bounded number at a time (see ``storage.open_shards``). Opening, and every read, first checks
-the shard's file against the manifest's size (LMDB would fault on a shorter one) and the file it
-was opened on: a damaged or replaced shard is a ``DamagedIndex``, never a signal or a mix.
+reader either sees a complete index or none, and reads it only after checking it against a schema
+(pydantic: field types, digests, shard names confined to ``shards/``). Shards open lazily and are
+shared by every thread of the process, a bounded number at a time (see ``storage.open_shards``).
+Opening, and every read, first checks the shard's file against the manifest's size (LMDB would
+fault on a shorter one) and the file it was opened on: a damaged or replaced shard is a
+``DamagedIndex``, never a signal or a mix; any error the system gives opening an index file is one too.
 """
 
 from __future__ import annotations
