@@ -19,8 +19,8 @@ nested too deeply included), a Host header other than the bound address or ``--a
 body that is not JSON by its Content-Type 415, a body over ``--max-body-bytes`` 413, one not arrived
 within ``--body-timeout-s`` 408, a request not answered within ``--timeout-s`` 504 (the batcher then
 skips it if its pass has not started), an unknown path 404, an internal error 500, and uvicorn's own
-400 for a request it cannot parse. A request that meets a damaged index (a shard truncated, missing or replaced
-since the service started, a corrupt record) is HTTP 503 with ``{"error": ...}``; from then on
+400 for a request it cannot parse. A request that meets a damaged index (a shard truncated, missing
+or replaced since the service started, a corrupt record) is HTTP 503 with ``{"error": ...}``; from then on
 ``/health`` is 503 ``{"status": "unhealthy", "error": ...}`` and the service goes on answering
 what the rest of the index can answer.
 """
@@ -92,7 +92,9 @@ class Batcher:
         """``max_passages``: passages per model pass; a batch of more is read in several, so a request that
         times out while an earlier pass runs is dropped unread (16 questions at k = 100 held 4 GB for 80 s)."""
         if max_batch < 1 or window_ms < 0 or max_passages < 1:
-            raise ValueError(f"max_batch and max_passages must be >= 1 and window_ms >= 0, got {max_batch}, {max_passages}, {window_ms}")
+            raise ValueError(
+                f"max_batch and max_passages must be >= 1 and window_ms >= 0, got {max_batch}, {max_passages}, {window_ms}"
+            )
         self.answerer, self.max_batch, self.window = answerer, max_batch, window_ms / 1000
         self.max_passages = max_passages
         self.queue: queue.Queue[tuple[Lookup, str, Future] | None] = queue.Queue()
