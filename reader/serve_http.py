@@ -60,8 +60,8 @@ class HostCheck:
             header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
             if host_name(header) not in self.hosts:
                 message = (
-                    f"Host {header!r} is not one this service answers to ({', '.join(sorted(self.hosts))}); "
-                    "a name that is, or the service's --allow-host"
+                    f"Host {header!r} is not one this service answers to ({', '.join(sorted(self.hosts))}): "
+                    "ask by one of those, or start it with --allow-host NAME"
                 )
                 await JSONResponse({"error": message}, status_code=400)(scope, receive, send)
                 return
