@@ -39,7 +39,7 @@ from reader.evaluate import evaluate, load_questions, paired_ratio_interval
 from reader.extractive import ANSWER_POOL
 from reader.inputs import stopword_ids
 from reader.load import DEFAULT_CHECKPOINT, ReaderSpec, load_reader, quiet_library_logs
-from reader.retriever import Encoder, build_faiss, passage_text
+from reader.retriever import Encoder, build_faiss, passage_text, record_retriever
 from storage.codec import file_digest
 from storage.index import FAISS_FILE, INFO_FILE, Index
 from storage.offline import OfflineMerge, merge_index
@@ -71,9 +71,10 @@ def add_retriever(folder: Path, passages: list[Passage], cached: Path | None) ->
     if cached is not None and (cached / FAISS_FILE).exists():
         for name in (FAISS_FILE, INFO_FILE):
             shutil.copy(cached / name, folder / name)
-        return
-    encoder = Encoder()
-    build_faiss([encoder.embed([passage_text(p) for p in passages])], folder, encoder.identity())
+    else:
+        encoder = Encoder()
+        build_faiss([encoder.embed([passage_text(p) for p in passages])], folder, encoder.identity())
+    record_retriever(folder)  # its digest in the manifest, for storage.verify
 
 
 def eval_index(checkpoint: Path, passages: list[Passage], root: Path, cached: Path | None, corpus: str | None) -> Path:

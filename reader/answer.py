@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import TypeAdapter, ValidationError
 
 from storage.bits import IncompatibleRepresentation
 from storage.identity import IncompatibleIndex
@@ -31,12 +32,13 @@ from storage.record import CorruptRecord
 from storage.shard import DamagedIndex, repair_hint
 
 from .config import MODES, check_mode
-from .inputs import ReaderInputError, passage_string
+from .inputs import ReaderInputError, is_blank, passage_string
 from .load import ReaderSpec, load_reader, quiet_library_logs
 from .retriever import Hit, Retriever
 
 DEFAULT_INDEX = "indexes/wikipedia-sample"
 DEFAULT_K = 5
+DEFAULT_MAX_K = 100  # the most passages one question may read, here and in reader.serve (memory grows with k)
 DAMAGED_INDEX = 3  # exit status: the index is damaged (2 is the user's bad input)
 
 
@@ -83,7 +85,14 @@ class Answerer:
         spec = manifest.extra.get("reader_spec")
         if spec is None:
             raise IncompatibleIndex(f"{index}: the manifest does not say which reader built it (no reader_spec)")
-        spec = ReaderSpec(**spec)
+        try:
+            spec = TypeAdapter(ReaderSpec).validate_python(spec)
+        except ValidationError as error:
+            raise DamagedIndex(
+                f"{Path(index) / 'manifest.json'} is damaged (extra.reader_spec"
+                f"{''.join(f'.{part}' for part in error.errors()[0]['loc'])}: {error.errors()[0]['msg']}); "
+                f"the shards may be intact: rerun the index flow on {index}"
+            ) from None
         self.text_only = text_reader is not None
         if self.text_only:
             spec = ReaderSpec(spec.family, text_reader, None, spec.max_passage_tokens)
@@ -95,7 +104,7 @@ class Answerer:
         self.index = Index.open(index, expect=None if self.text_only else self.reader.identity())
         try:
             self.retriever = Retriever(index)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as error:  # faiss raises RuntimeError
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
             raise DamagedIndex(
                 f"the retriever in {index} is missing or damaged ({str(error).splitlines()[0]}). {repair_hint(index)}"
             ) from None
@@ -105,10 +114,11 @@ class Answerer:
                 f"{len(self.index)} (a rebuild stopped half-way?). {repair_hint(index)}"
             )
 
-    def check(self, question: str, k: int, mode: str, max_k: int | None = None) -> None:
+    def check(self, question: str, k: int, mode: str, max_k: int | None = None, flag: str = "the service's --max-k") -> None:
         """Raise ReaderInputError / ValueError for a question, k or mode this answerer cannot take.
 
-        ``max_k``: a caller's own bound on k (a service's), below the index's passages.
+        ``max_k``: a caller's own bound on k (a service's, the command line's), below the index's
+        passages; ``flag`` names it in the refusal.
         """
         if not isinstance(question, str):
             raise ReaderInputError("the question must be a string")
@@ -119,7 +129,7 @@ class Answerer:
         self.reader.question_ids(question)  # an empty question fails here, before any work
         top, why = len(self.index), "the index's passages"
         if max_k is not None and max_k < top:
-            top, why = max_k, "the service's --max-k"
+            top, why = max_k, flag
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
             raise ValueError(f"k must be a whole number from 1 to {top} ({why}), got {k!r}")
         check_mode(mode)
@@ -185,9 +195,9 @@ class Answerer:
             )
         return results
 
-    def answer(self, question: str, k: int = DEFAULT_K, mode: str = "btr") -> dict:
-        """One question: checked, looked up and read."""
-        self.check(question, k, mode)
+    def answer(self, question: str, k: int = DEFAULT_K, mode: str = "btr", max_k: int | None = None) -> dict:
+        """One question: checked (k within ``max_k``, reader.answer's flag), looked up and read."""
+        self.check(question, k, mode, max_k, "reader.answer's --max-k")
         return self.read([self.lookup(question, k)], mode)[0]
 
 
@@ -236,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", help='JSONL file of {"question": ...} lines (- for stdin); one JSON answer per line')
     parser.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default {DEFAULT_INDEX})")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages to read (default {DEFAULT_K})")
+    parser.add_argument(
+        "--max-k", type=int, default=DEFAULT_MAX_K,
+        help=f"the most --k may ask for (default {DEFAULT_MAX_K}; memory grows with k: 10,033 passages took over 10 GB)",
+    )
     parser.add_argument("--mode", choices=MODES, default="btr")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -244,13 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give a question or --questions FILE, not both")
     errors = bad_input_errors()
     try:
-        if args.question is not None and not args.question.strip():
+        if args.question is not None and is_blank(args.question):
             raise ReaderInputError("the question is empty")
         if args.questions not in (None, "-") and not Path(args.questions).is_file():
             raise FileNotFoundError(f"questions file {args.questions} does not exist")
         answerer = Answerer(args.index)
         if args.question is not None:
-            result = answerer.answer(args.question, args.k, args.mode)
+            result = answerer.answer(args.question, args.k, args.mode, args.max_k)
             if args.json:
                 print(json.dumps(result, ensure_ascii=False))
             else:
@@ -267,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if problem:
                 raise ReaderInputError(problem)
-            result = answerer.answer(question, args.k, args.mode)
+            result = answerer.answer(question, args.k, args.mode, args.max_k)
         except (DamagedIndex, *errors) as error:
             failed, damaged = failed + 1, damaged + isinstance(error, DamagedIndex)
             result = {"line": number, "error": str(error)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,9 +65,14 @@ def passage_string(passage: Passage) -> str:
     return PASSAGE_TEMPLATE.format(title=passage.title.strip(), text=passage.text.strip())
 
 
+def is_blank(text: str) -> bool:
+    """Whether ``text`` holds nothing to read: only whitespace, control and format characters (NUL, zero-width space)."""
+    return all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zs", "Zl", "Zp") for char in text)
+
+
 def encode_question(tokenizer, layout: TokenLayout, question: str, max_tokens: int) -> list[int]:
     """Token ids of a question, its tail cut so that it fits ``max_tokens`` (see ``question_overflow``)."""
-    if not isinstance(question, str) or not question.strip():
+    if not isinstance(question, str) or is_blank(question):
         raise ReaderInputError("the question is empty")
     body = tokenizer(QUERY_TEMPLATE.format(question=question.strip()), add_special_tokens=False)["input_ids"]
     room = max_tokens - len(layout.query_prefix) - len(layout.query_suffix)

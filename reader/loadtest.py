@@ -2,12 +2,19 @@
 
     python -m reader.loadtest [--index indexes/wikipedia-sample] [--questions data/qa/dev.jsonl]
                               [--clients 1 4 16] [--requests 48] [--time-limit 120] [--json]
+    python -m reader.loadtest --health-pollers 4 [--poll-interval 0] [--rounds 3] ...
+
 
 Starts the service itself on a free 127.0.0.1 port, twice: with dynamic batching (``--max-batch``,
 default 16) and one question at a time (max batch 1), and for each runs every client count: that
 many threads post questions back to back until ``--requests`` are answered or ``--time-limit``
 seconds pass. Prints QPS, p50/p95 latency and errors per phase, and batched/unbatched QPS ratios.
 Without ``--questions``, questions are made from the index's passage titles.
+
+``--health-pollers N`` measures what health probes cost instead: one client's /answer latency
+alone, then while N processes poll ``GET /health`` (back to back, or every ``--poll-interval``
+seconds), alternating ``--rounds`` times on one batched service; prints the median p50 of each and
+the slowdown.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import socket
 import subprocess
 import sys
@@ -121,6 +129,47 @@ def phase(port: int, questions: list[str], clients: int, requests: int, time_lim
     }
 
 
+def _poll_health(port: int, interval: float, stop, count) -> None:
+    """One poller (a process of its own, as a load balancer is): GET /health until ``stop`` is set."""
+    while not stop.is_set():
+        if request(port, "GET", "/health", timeout=60)[0] == 200:
+            with count.get_lock():
+                count.value += 1
+        stop.wait(interval)
+
+
+def health_cost(port: int, questions: list[str], pollers: int, interval: float, requests: int, time_limit: float,
+                k: int, rounds: int) -> dict:
+    """/answer latency of one client alone and while ``pollers`` processes poll /health, alternating ``rounds`` times."""
+    context = multiprocessing.get_context("spawn")
+    alone, polled, polls = [], [], []
+    for _ in range(rounds):
+        alone.append(phase(port, questions, 1, requests, time_limit, k))
+        stop, count = context.Event(), context.Value("l", 0)
+        processes = [context.Process(target=_poll_health, args=(port, interval, stop, count)) for _ in range(pollers)]
+        for process in processes:
+            process.start()
+        while count.value < pollers:  # every poller is up before the clock starts
+            time.sleep(0.05)
+        began, start_count = time.perf_counter(), count.value
+        try:
+            polled.append(phase(port, questions, 1, requests, time_limit, k))
+        finally:
+            polls.append((count.value - start_count) / (time.perf_counter() - began))
+            stop.set()
+            for process in processes:
+                process.join()
+    p50_alone = float(np.median([r["latency_p50_ms"] for r in alone]))
+    p50_polled = float(np.median([r["latency_p50_ms"] for r in polled]))
+    return {
+        "pollers": pollers, "poll_interval_s": interval, "rounds": rounds, "requests_per_phase": requests,
+        "health_polls_per_s": round(float(np.median(polls)), 1),
+        "answer_p50_ms_alone": round(p50_alone, 1), "answer_p50_ms_polled": round(p50_polled, 1),
+        "slowdown_pct": round(100 * (p50_polled / p50_alone - 1), 1),
+        "errors": sum(r["errors"] for r in alone + polled),
+    }
+
+
 def default_questions(index: str, count: int = 64) -> list[str]:
     """Questions from the index's first passage titles, when no questions file is given."""
     opened = Index.open(index)
@@ -171,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--health-pollers", type=int, default=0, help="measure /answer with N /health pollers instead")
+    parser.add_argument("--poll-interval", type=float, default=0.0, help="seconds between one poller's polls (0: back to back)")
+    parser.add_argument("--rounds", type=int, default=3, help="alone/polled alternations of --health-pollers")
     args = parser.parse_args(argv)
     if not Path(args.index, "manifest.json").exists():
         print(f"error: no index at {args.index}; run `make demo` or pass --index", file=sys.stderr)
@@ -181,6 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         questions = default_questions(args.index)
     questions = accepted(args.index, questions)
+    if args.health_pollers:
+        with running_service(args.index, args.max_batch) as port:
+            request(port, "POST", "/answer", {"question": questions[0], "k": args.k})  # warm up
+            cost = health_cost(port, questions, args.health_pollers, args.poll_interval, args.requests,
+                               args.time_limit, args.k, args.rounds)
+        print(json.dumps(cost))
+        return 1 if cost["errors"] else 0
     results = run(args.index, questions, args.clients, args.requests, args.time_limit, args.k, args.max_batch)
     if args.json:
         print(json.dumps(results))

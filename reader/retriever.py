@@ -25,8 +25,10 @@ from faiss.contrib.ondisk import merge_ondisk
 from transformers import AutoModel, AutoTokenizer
 
 from storage.identity import weights_digest
-from storage.index import FAISS_FILE, INFO_FILE, IVF_DATA
+from storage.index import FAISS_FILE, INFO_FILE, IVF_DATA, Manifest
 from storage.record import Passage
+from storage.retriever_file import UNIT, check_vectors, exact_vectors, retriever_digests
+from storage.shard import DamagedIndex, repair_hint
 from storage.tasks import Runner, serial
 
 from .assets import minilm_path
@@ -125,8 +127,18 @@ def _training_sample(parts: Sequence[np.ndarray], train_size: int) -> np.ndarray
 
 
 def _write_info(folder: Path, factory: str, count: int, dimension: int, encoder_identity: dict) -> dict:
+    """retriever.json; what it returns (digests included) is what the manifest records as ``extra.retriever``."""
     info = {"factory": factory, "count": count, "dimension": dimension, "encoder": encoder_identity}
     (folder / INFO_FILE).write_text(json.dumps(info, indent=1))
+    return info | {"digests": retriever_digests(folder)}
+
+
+def record_retriever(folder: Path) -> dict:
+    """Record the retriever in ``folder`` (its info and digests) in the manifest there: for one built after publishing."""
+    info = json.loads((folder / INFO_FILE).read_text()) | {"digests": retriever_digests(folder)}
+    manifest = Manifest.load(folder)
+    manifest.extra["retriever"] = info
+    manifest.save(folder)
     return info
 
 
@@ -224,6 +236,8 @@ def read_faiss(folder: Path) -> faiss.Index:
         return faiss.read_index(str(path), flags | faiss.IO_FLAG_READ_ONLY)
 
 
+
+
 @dataclass(frozen=True)
 class Hit:
     row: int
@@ -237,13 +251,22 @@ class Retriever:
         folder = Path(folder)
         if not (folder / FAISS_FILE).exists():
             raise FileNotFoundError(f"no retriever index at {folder / FAISS_FILE}")
+        self.folder = folder
         self.info = json.loads((folder / INFO_FILE).read_text())
         self.index = read_faiss(folder)
+        check_vectors(self.index)  # a damaged file is refused at start, not answered from
+        self.exact = exact_vectors(self.index)
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = probes
         self.encoder = encoder or Encoder(self.info["encoder"]["name"], self.info["encoder"]["max_tokens"])
 
     def search(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
-        """The ``k`` best rows per question, best first."""
+        """The ``k`` best rows per question, best first; DamagedIndex for a score no pair of unit vectors gives."""
         scores, rows = self.index.search(self.encoder.embed(list(questions)), k)
+        if self.exact and not (np.abs(scores[rows >= 0]) <= 1 + UNIT).all():  # NaN too
+            row = int(rows[~(np.abs(scores) <= 1 + UNIT) & (rows >= 0)][0])
+            raise DamagedIndex(
+                f"the retriever in {self.folder} scored a passage {scores.max():.4g} (row {row}; unit vectors score "
+                f"at most 1): its file is damaged. {repair_hint(self.folder)}"
+            )
         return [[Hit(int(r), float(s)) for r, s in zip(rr, ss) if r >= 0] for rr, ss in zip(rows, scores)]

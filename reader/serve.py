@@ -2,20 +2,25 @@
 
     python -m reader.serve [--index indexes/wikipedia-sample] [--port 8000] [--max-batch 16] [--window-ms 5]
                            [--max-k 100] [--max-body-bytes 65536] [--timeout-s 30] [--max-question-chars 2000]
+                           [--body-timeout-s 10] [--max-batch-passages 400] [--allow-host NAME]
 
     GET  /        -> a page to ask questions from a browser (reader/static/, no build step, offline)
     POST /answer  {"question": "...", "k": 5, "mode": "btr"}  -> the same JSON as `reader.answer --json`
-    GET  /health  -> {"status": "ok", "passages": ..., "reader": ..., "split_layer": ...}
+    GET  /health  -> {"status": "ok", "passages": ..., "reader": ..., "split_layer": ...}  (computed at start)
+    GET  /health/deep -> the same after a stat of every shard
 
 Each request retrieves and reads its LMDB records in a worker thread (the index's environments are
 opened once per process and read from every thread); the model part is batched: one thread takes
 the questions waiting, up to ``--max-batch``, waiting at most ``--window-ms`` for company when it
-is idle, and runs the upper layers over all of them at once. Every refusal is one line of JSON,
-``{"error": ...}``: bad input 400 (a question over ``--max-question-chars``, counted before any
-tokenization, and a k over ``--max-k`` included), a body over ``--max-body-bytes`` 413, a request
-not answered within ``--timeout-s`` 504 (the batcher then skips it if it has not started it), an
-unknown path 404. A request that meets a damaged index (a shard truncated, missing or replaced
-since the service started, a corrupt record) is HTTP 503 with ``{"error": ...}``; from then on
+is idle, and runs the upper layers over all of them at once, in passes of at most
+``--max-batch-passages``. Every refusal is one line of JSON, ``{"error": ...}``: bad input 400 (a
+question over ``--max-question-chars``, counted before any tokenization, a k over ``--max-k``, JSON
+nested too deeply included), a Host header other than the bound address or ``--allow-host`` 400, a
+body that is not JSON by its Content-Type 415, a body over ``--max-body-bytes`` 413, one not arrived
+within ``--body-timeout-s`` 408, a request not answered within ``--timeout-s`` 504 (the batcher then
+skips it if its pass has not started), an unknown path 404, an internal error 500, and uvicorn's own
+400 for a request it cannot parse. A request that meets a damaged index (a shard truncated, missing
+or replaced since the service started, a corrupt record) is HTTP 503 with ``{"error": ...}``; from then on
 ``/health`` is 503 ``{"status": "unhealthy", "error": ...}`` and the service goes on answering
 what the rest of the index can answer.
 """
@@ -26,6 +31,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import logging
 import queue
 import sys
 import threading
@@ -39,48 +45,58 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from storage.shard import DamagedIndex
 
-from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, Answerer, Lookup, bad_input_errors
+from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, DEFAULT_MAX_K, Answerer, Lookup, bad_input_errors
 from .load import quiet_library_logs
+from .serve_http import HostCheck, allowed_hosts, uvicorn_config
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask of the service (each a flag of ``reader.serve``)."""
 
-    max_k: int = 100
+    max_k: int = DEFAULT_MAX_K
     max_body_bytes: int = 64 * 1024
     timeout_s: float = 30.0
     max_question_chars: int = 2000
+    body_timeout_s: float = 10.0  # for the body to arrive: a slow sender holds no worker past it
 
     def __post_init__(self) -> None:
-        if min(self.max_k, self.max_body_bytes, self.timeout_s, self.max_question_chars) <= 0:
+        if min(self.max_k, self.max_body_bytes, self.timeout_s, self.max_question_chars, self.body_timeout_s) <= 0:
             raise ValueError(f"every limit must be positive, got {self}")
 
 
 class Refused(Exception):
     """A request the service will not answer: its HTTP status and one line saying why."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, close: bool = False) -> None:
+        """``close``: end the connection after the reply (a body left unread, a client too slow to keep)."""
         super().__init__(message)
-        self.status = status
+        self.status, self.close = status, close
 
 
 class Batcher:
     """Runs the model over concurrent questions in batches, on one thread of its own."""
 
-    def __init__(self, answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0) -> None:
-        if max_batch < 1 or window_ms < 0:
-            raise ValueError(f"max_batch must be >= 1 and window_ms >= 0, got {max_batch}, {window_ms}")
+    def __init__(self, answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0, max_passages: int = 400) -> None:
+        """``max_passages``: passages per model pass; a batch of more is read in several, so a request that
+        times out while an earlier pass runs is dropped unread (16 questions at k = 100 held 4 GB for 80 s)."""
+        if max_batch < 1 or window_ms < 0 or max_passages < 1:
+            raise ValueError(
+                f"max_batch and max_passages must be >= 1 and window_ms >= 0, got {max_batch}, {max_passages}, {window_ms}"
+            )
         self.answerer, self.max_batch, self.window = answerer, max_batch, window_ms / 1000
+        self.max_passages = max_passages
         self.queue: queue.Queue[tuple[Lookup, str, Future] | None] = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run (for the health endpoint and tests)
         self.thread = threading.Thread(target=self._run, name="btr-batcher", daemon=True)
@@ -116,50 +132,87 @@ class Batcher:
 
     def _run(self) -> None:
         while (items := self._take()) is not None:
-            # A request that timed out has cancelled its future: skip it; the rest can no longer be cancelled.
-            items = [item for item in items if item[2].set_running_or_notify_cancel()]
             # One model pass per (mode, k): a batch needs the same number of passages per question.
-            for (mode, _), group in itertools.groupby(sorted(items, key=_batch_key), key=_batch_key):
-                group = list(group)
-                self.batches.append(len(group))
-                try:
-                    results = self.answerer.read([lookup for lookup, _, _ in group], mode)
-                except Exception as error:  # the reader's failure belongs to these requests only
-                    for _, _, future in group:
-                        future.set_exception(error)
-                    continue
-                for (_, _, future), result in zip(group, results):
-                    future.set_result(result)
+            for (mode, k), group in itertools.groupby(sorted(items, key=_batch_key), key=_batch_key):
+                waiting, per_pass = list(group), max(1, self.max_passages // max(k, 1))
+                while waiting:
+                    # A request that timed out has cancelled its future: skip it. The others are marked
+                    # running only as their pass starts, so one that times out meanwhile is skipped too.
+                    chunk = []
+                    while waiting and len(chunk) < per_pass:
+                        item = waiting.pop(0)
+                        if item[2].set_running_or_notify_cancel():
+                            chunk.append(item)
+                    if chunk:
+                        self._read(chunk, mode)
+
+    def _read(self, chunk: list[tuple[Lookup, str, Future]], mode: str) -> None:
+        self.batches.append(len(chunk))
+        try:
+            results = self.answerer.read([lookup for lookup, _, _ in chunk], mode)
+        except Exception as error:  # the reader's failure belongs to these requests only
+            for _, _, future in chunk:
+                future.set_exception(error)
+            return
+        for (_, _, future), result in zip(chunk, results):
+            future.set_result(result)
 
 
 def _batch_key(item: tuple[Lookup, str, Future]) -> tuple[str, int]:
     return item[1], len(item[0].hits)
 
 
-def refusal(status: int, message: str) -> JSONResponse:
+def refusal(status: int, message: str, close: bool = False) -> JSONResponse:
     """A refused request's reply: its status and one line of JSON saying why."""
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
-    too_large = Refused(413, f"the request body is over {limit} bytes (the service's --max-body-bytes)")
+async def read_body(request: Request, limits: Limits) -> bytes:
+    """The request body: 413 as soon as it is known to exceed the limit, 408 when it has not arrived in time."""
+    limit = limits.max_body_bytes
+    too_large = Refused(413, f"the request body is over {limit} bytes (the service's --max-body-bytes)", close=True)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
+    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if media != "application/json":  # a page elsewhere may post text/plain without asking: refused before any work
+        raise Refused(415, f"the body must be sent as Content-Type: application/json, not {media}")
     body = bytearray()
-    async for chunk in request.stream():  # a chunked body declares no length: count what arrives
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+
+    async def receive() -> None:
+        nonlocal body
+        async for chunk in request.stream():  # a chunked body declares no length: count what arrives
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+
+    try:
+        await asyncio.wait_for(receive(), limits.body_timeout_s)
+    except TimeoutError:
+        raise Refused(
+            408, f"the request body did not arrive within {limits.body_timeout_s:g} s (the service's --body-timeout-s)", close=True
+        ) from None
+    except ClientDisconnect:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.warning("%s disconnected after sending %d bytes of its request body", client, len(body))
+        raise Refused(400, "the client disconnected before its body was complete", close=True) from None
     return bytes(body)
 
 
-def create_app(answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0, limits: Limits = Limits()) -> Starlette:
-    """The ASGI app: the page, POST /answer and GET /health over one Answerer and one Batcher."""
-    batcher = Batcher(answerer, max_batch, window_ms)
+def create_app(
+    answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0, limits: Limits = Limits(),
+    hosts: frozenset[str] | None = None, max_batch_passages: int = 400,
+) -> Starlette:
+    """The ASGI app: the page, POST /answer and GET /health over one Answerer and one Batcher.
+
+    ``hosts``: the Host names it answers (``serve_http.allowed_hosts``); None, any.
+    """
+    batcher = Batcher(answerer, max_batch, window_ms, max_batch_passages)
     errors = bad_input_errors()
     damage: list[str] = []  # what damage requests met (the first is kept); health reports it
+    # What /health reports, computed once: the reader's name comes with a digest of all its weights.
+    facts = {"passages": len(answerer.index), "reader": answerer.reader.identity().name,
+             "split_layer": answerer.reader.split_layer}
 
     def damaged(error: DamagedIndex) -> JSONResponse:
         if not damage:
@@ -169,9 +222,11 @@ def create_app(answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0, 
     async def question_of(request: Request) -> tuple[str, int, str]:
         """The question, k and mode of a request, refused (4xx) when they break a limit."""
         try:
-            body = json.loads(await read_body(request, limits.max_body_bytes))
+            body = json.loads(await read_body(request, limits))
         except ValueError:
             raise Refused(400, "the request body is not JSON (or not UTF-8)") from None
+        except RecursionError:
+            raise Refused(400, "the request body is JSON nested too deeply to parse") from None
         if not isinstance(body, dict):
             raise Refused(400, 'the body must be a JSON object with a "question"')
         question = body.get("question")
@@ -192,7 +247,7 @@ def create_app(answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0, 
             answerer.check(question, k, mode, limits.max_k)
             result = await asyncio.wait_for(answered(question, k, mode), limits.timeout_s)
         except Refused as error:
-            return refusal(error.status, str(error))
+            return refusal(error.status, str(error), error.close)
         except DamagedIndex as error:  # before ``errors``: a corrupt record is also a ValueError
             return damaged(error)
         except errors as error:
@@ -202,34 +257,37 @@ def create_app(answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0, 
         return JSONResponse(result)
 
     async def health(request: Request) -> JSONResponse:
-        reader = answerer.reader
-        try:
-            answerer.index.check()  # a stat per shard: damage found before a question meets it
-        except DamagedIndex as error:
-            damaged(error)
+        """What a probe polls: values computed at start and the damage requests met; no I/O, no hashing."""
         if damage:
             return JSONResponse({"status": "unhealthy", "error": damage[0]}, status_code=503)
-        return JSONResponse(
-            {
-                "status": "ok",
-                "passages": len(answerer.index),
-                "reader": reader.identity().name,
-                "split_layer": reader.split_layer,
-                "batches": len(batcher.batches),
-                "largest_batch": max(batcher.batches, default=0),
-            }
-        )
+        batches = batcher.batches
+        return JSONResponse({"status": "ok", **facts, "batches": len(batches), "largest_batch": max(batches, default=0)})
+
+    async def deep_health(request: Request) -> JSONResponse:
+        """/health after a stat of every shard (in a worker thread): damage found before a question meets it."""
+        try:
+            await run_in_threadpool(answerer.index.check)
+        except DamagedIndex as error:
+            damaged(error)
+        return await health(request)
 
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         return refusal(error.status_code, error.detail)  # 404, 405: JSON like every other refusal
+
+    async def server_error(request: Request, error: Exception) -> JSONResponse:
+        return refusal(500, f"internal error ({type(error).__name__}); the service's log has the details")
 
     routes = [
         Route("/", lambda request: FileResponse(STATIC / "index.html")),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/answer", answer, methods=["POST"]),
         Route("/health", health),
+        Route("/health/deep", deep_health),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
+        middleware=[Middleware(HostCheck, hosts=hosts)],
+    )
     app.state.batcher = batcher
     return app
 
@@ -239,19 +297,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", default=DEFAULT_INDEX)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                        help="another Host name to answer to, besides the bound address (repeat; '*' for any)")
     parser.add_argument("--max-batch", type=int, default=16, help="questions per model pass (1 = no batching)")
+    parser.add_argument("--max-batch-passages", type=int, default=400,
+                        help="passages per model pass: a larger batch is read in several, and a timed-out request is dropped between them")
     parser.add_argument("--window-ms", type=float, default=5.0, help="how long an idle batcher waits for company")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     default = Limits()
     parser.add_argument("--max-k", type=int, default=default.max_k, help="most passages one request may ask for")
     parser.add_argument("--max-body-bytes", type=int, default=default.max_body_bytes, help="larger bodies: 413")
     parser.add_argument("--timeout-s", type=float, default=default.timeout_s, help="slower answers: 504")
+    parser.add_argument("--body-timeout-s", type=float, default=default.body_timeout_s, help="slower request bodies: 408")
     parser.add_argument(
         "--max-question-chars", type=int, default=default.max_question_chars, help="longer questions: 400"
     )
     args = parser.parse_args(argv)
     try:
-        limits = Limits(args.max_k, args.max_body_bytes, args.timeout_s, args.max_question_chars)
+        limits = Limits(args.max_k, args.max_body_bytes, args.timeout_s, args.max_question_chars, args.body_timeout_s)
     except ValueError as error:
         parser.error(str(error))
     quiet_library_logs()
@@ -265,9 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    app = create_app(answerer, args.max_batch, args.window_ms, limits)
-    print(f"serving {args.index} on http://{args.host}:{args.port} (max batch {args.max_batch})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    hosts = allowed_hosts(args.host, args.allow_host)
+    try:
+        app = create_app(answerer, args.max_batch, args.window_ms, limits, hosts, args.max_batch_passages)
+    except ValueError as error:  # --max-batch, --window-ms, --max-batch-passages
+        parser.error(str(error))
+    print(f"serving {args.index} on http://{args.host}:{args.port} (max batch {args.max_batch}; Host: "
+          f"{', '.join(sorted(hosts)) if hosts else 'any'})", flush=True)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port)).run()
     return 0
 
 

@@ -4,10 +4,12 @@
     Index.open(root, expect=reader.identity()).fetch(rows)
 
 The manifest is the commit point: written atomically after every shard it lists is sealed, so a
-reader either sees a complete index or none. Shards open lazily and are shared by every thread of
-the process, a bounded number at a time (see ``storage.open_shards``). Opening, and every read, first checks
-the shard's file against the manifest's size (LMDB would fault on a shorter one) and the file it
-was opened on: a damaged or replaced shard is a ``DamagedIndex``, never a signal or a mix.
+reader either sees a complete index or none, and reads it only after checking it against a schema
+(pydantic: field types, digests, shard names confined to ``shards/``). Shards open lazily and are
+shared by every thread of the process, a bounded number at a time (see ``storage.open_shards``).
+Opening, and every read, first checks the shard's file against the manifest's size (LMDB would
+fault on a shorter one) and the file it was opened on: a damaged or replaced shard is a
+``DamagedIndex``, never a signal or a mix; any error the system gives opening an index file is one too.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Any
 
 import lmdb
 import zstandard as zstd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .bits import BinaryTokens
 from .codec import Codec
 from .identity import ReaderIdentity
 from .record import RecordFormat, StoredPassage, decode_records, encode_record
 from .shard import (
-    BLOCK_ROWS, SHARDS, DamagedIndex, ShardInfo, block_key, block_record, check_shard_files, repair_hint, sealed_shard,
-    shard_file, write_shard,
+    BLOCK_ROWS, SHARDS, DamagedIndex, Digest, ShardInfo, block_key, block_record, check_shard_files, os_fault,
+    repair_hint, sealed_shard, shard_file, write_shard,
 )
 from .open_shards import open_shard
 
@@ -89,37 +93,65 @@ class Manifest:
 
     @classmethod
     def load(cls, root: Path) -> "Manifest":
-        """The manifest at ``root``: IndexNotFound when there is none, DamagedIndex when it does not parse."""
+        """The manifest at ``root``: IndexNotFound when there is none, DamagedIndex when it does not read or parse."""
         path = Path(root) / MANIFEST
-        if not path.exists():
+
+        def damaged(why: str) -> DamagedIndex:
+            return DamagedIndex(f"{path} is damaged ({why}); the shards may be intact: rerun the index flow on {root}")
+
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
             shards = (Path(root) / SHARDS).is_dir()
             raise IndexNotFound(
                 f"no index at {root}: {MANIFEST} is missing (an index is complete only once it is written)"
                 + ("; this folder holds shards: a build that has not finished, or whose manifest was lost; "
                    "rerun the index flow on it" if shards else "")
-            )
-        def damaged(why: str) -> DamagedIndex:
-            return DamagedIndex(f"{path} is damaged ({why}); the shards may be intact: rerun the index flow on {root}")
-
+            ) from None
+        except OSError as error:
+            if not Path(root).is_dir():  # a wrong path is the user's, not the index's
+                raise IndexNotFound(f"no index at {root}: not a folder") from None
+            raise damaged(f"unreadable: {os_fault(path, error)}") from None
         try:
-            data = json.loads(path.read_bytes())
-        except ValueError as error:  # not UTF-8, not JSON
+            data = json.loads(raw)
+        except (ValueError, RecursionError) as error:  # not UTF-8, not JSON, nested past the parser's depth
             raise damaged(f"not JSON: {error}") from None
         if not isinstance(data, dict):
             raise damaged("not a JSON object")
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path}: index format {data.get('format_version')}; this code reads format {FORMAT_VERSION}")
         try:
-            return cls(
-                reader=ReaderIdentity.from_dict(data["reader"]),
-                codec=data["codec"],
-                shards=[ShardInfo.from_dict(s) for s in data["shards"]],
-                format_version=data["format_version"],
-                created=data["created"],
-                extra=data.get("extra", {}),
-            )
-        except (KeyError, TypeError, AttributeError) as error:
-            raise damaged(f"a field is missing or malformed: {error!r}") from None
+            valid = _ManifestSchema.model_validate(data)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+            raise damaged(f"{where}: {first['msg']}, got {first.get('input')!r:.60}{more}") from None
+        return cls(valid.reader, valid.codec, valid.shards, valid.format_version, valid.created,
+                   valid.extra.model_dump(exclude_unset=True))
+
+
+class _RetrieverRecord(BaseModel):
+    """``extra.retriever``: what built the retriever, and its files' sha256 (indexes published since retriever digests)."""
+
+    model_config = ConfigDict(extra="allow")
+    digests: dict[Annotated[str, Field(pattern=r"^retriever\.[a-z]+$")], Digest] = {}
+
+
+class _Extra(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    retriever: _RetrieverRecord | None = None
+
+
+class _ManifestSchema(BaseModel):
+    """What ``manifest.json`` must hold; ``passages`` and ``tokens`` are derived from the shards, not read."""
+
+    format_version: int
+    created: str
+    reader: ReaderIdentity
+    codec: dict[str, Any]
+    shards: list[ShardInfo]
+    extra: _Extra = _Extra()
 
 
 def _record_format(codec: Codec, identity: ReaderIdentity) -> RecordFormat:
@@ -201,7 +233,7 @@ class Index:
             expect.check_matches(manifest.reader)
         try:
             codec = Codec.load(root / CODEC, manifest.codec)
-        except (OSError, ValueError, KeyError, zstd.ZstdError) as error:
+        except (OSError, ValueError, KeyError, TypeError, zstd.ZstdError) as error:
             raise DamagedIndex(f"the index's codec is missing or damaged ({error}). {repair_hint(root)}") from None
         return cls(root, manifest, codec, only)
 
@@ -235,6 +267,8 @@ class Index:
                 env = stack.enter_context(open_shard(self.root, shard.name))
             except lmdb.Error as error:
                 raise DamagedIndex(f"{shard.name} is not a readable LMDB file ({error}). {repair_hint(self.root)}") from None
+            except OSError as error:  # changed between the size check and the open
+                raise DamagedIndex(f"{shard.name} cannot be read ({error}). {repair_hint(self.root)}") from None
             yield env  # a read's own errors pass through to it
 
     def _check_row(self, row: int) -> int:

@@ -18,9 +18,10 @@ import struct
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import lmdb
+from pydantic import Field
 
 from .codec import file_digest
 
@@ -101,16 +102,28 @@ def repair_hint(root: Path, verified: bool = False) -> str:
     return f"run `python -m storage.verify {root}` for the full list, then {rebuild}"
 
 
+# What the manifest schema (storage.index) accepts for a shard's fields.
+Count = Annotated[int, Field(ge=0, strict=True)]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# A bare shard folder name: no separator, no "..", so a manifest can only name folders inside shards/.
+ShardName = Annotated[str, Field(pattern=r"^shard-[0-9]{5,}$")]
+
+
+def os_fault(path: Path, error: OSError) -> str:
+    """What the system said about an index file it would not open, in one line ("PATH: Not a directory")."""
+    return f"{path}: {error.strerror or type(error).__name__}"
+
+
 @dataclass(frozen=True)
 class ShardInfo:
-    """What the manifest lists about a sealed shard."""
+    """What the manifest lists about a sealed shard (its annotations are the manifest schema's)."""
 
-    name: str
-    first_row: int
-    rows: int
-    tokens: int
-    bytes: int
-    digest: str
+    name: ShardName
+    first_row: Count
+    rows: Count
+    tokens: Count
+    bytes: Count
+    digest: Digest
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,6 +221,8 @@ def shard_file(root: Path, shard: ShardInfo) -> os.stat_result:
         stat = os.stat(path)
     except FileNotFoundError:
         raise DamagedIndex(f"{shard.name} is missing ({path})") from None
+    except OSError as error:  # its folder replaced by a file, a symlink loop, no permission
+        raise DamagedIndex(f"{shard.name} cannot be read ({os_fault(path, error)})") from None
     if stat.st_size != shard.bytes:
         what = "truncated" if stat.st_size < shard.bytes else "larger than when it was sealed"
         raise DamagedIndex(f"{shard.name} is {what}: {stat.st_size:,} bytes, the manifest says {shard.bytes:,}")

@@ -2,8 +2,10 @@
 
     python -m storage.verify INDEX
 
-Exit 0 when intact; 1, naming each bad shard and passage (or a damaged manifest), when not; 2 when
-there is no index. A shard of the wrong size is reported without being mapped (LMDB would fault).
+Exit 0 when intact; 1, naming each bad shard and passage (or a damaged manifest or retriever), when
+not; 2 when there is no index. A shard of the wrong size is reported without being mapped (LMDB
+would fault). The retriever's files are checked against the digests the manifest records (read in
+1 MB blocks); an index published before they were recorded gets a ``note:`` line instead.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import json
 import sys
 from pathlib import Path
 
+import zstandard as zstd
+
 from .codec import Codec, file_digest
 from .index import CODEC, FAISS_FILE, INFO_FILE, IVF_DATA, IndexNotFound, Manifest
 from .record import CorruptRecord, check_record, record_pid
 from .open_shards import open_shard
-from .shard import DATA, KEY, SHARDS, DamagedIndex, ShardInfo, block_records, repair_hint, shard_file
+from .shard import DATA, KEY, SHARDS, DamagedIndex, ShardInfo, block_records, os_fault, repair_hint, shard_file
 from .tasks import Runner, serial
 
 
@@ -27,7 +31,7 @@ def verify(root: Path, run: Runner = serial) -> tuple[list[str], int]:
     problems: list[str] = []
     try:
         Codec.load(root / CODEC, manifest.codec)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, TypeError, zstd.ZstdError) as error:
         problems.append(f"codec: {error}")
     problems += retriever_problems(root, manifest)
     checked = 0
@@ -47,8 +51,11 @@ def verify_shard(root: str, info: dict) -> tuple[list[str], int]:
         shard_file(root, shard)
     except DamagedIndex as error:
         return [str(error)], 0
-    if file_digest(data) != shard.digest:
-        problems.append(f"{shard.name}: digest differs from the manifest (the file changed after it was sealed)")
+    try:
+        if file_digest(data) != shard.digest:
+            problems.append(f"{shard.name}: digest differs from the manifest (the file changed after it was sealed)")
+    except OSError as error:  # readable by stat, not by open (permissions)
+        return [f"{shard.name} cannot be read ({os_fault(data, error)})"], 0
     try:
         with open_shard(root, shard.name) as env, env.begin(buffers=True) as txn:
             expected = shard.first_row
@@ -72,8 +79,10 @@ def verify_shard(root: str, info: dict) -> tuple[list[str], int]:
 
 
 def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
-    """The retriever's files: present, readable, and over as many passages as the manifest lists."""
+    """The retriever's files: present, readable, as the manifest's digests say, and over as many passages as it lists."""
     import faiss
+
+    from .retriever_file import check_vectors
 
     present = [name for name in (FAISS_FILE, INFO_FILE) if (root / name).exists()]
     if not present and "retriever" not in manifest.extra:
@@ -81,6 +90,13 @@ def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
     missing = [name for name in (FAISS_FILE, INFO_FILE) if name not in present]
     if missing:
         return [f"retriever: {', '.join(missing)} missing"]
+    problems = []
+    for name, digest in recorded_digests(manifest).items():  # streamed: a 1 MB buffer whatever the file's size
+        try:
+            if file_digest(root / name) != digest:
+                problems.append(f"retriever: {name} differs from the manifest's digest (the file changed after the index was published)")
+        except OSError as error:
+            problems.append(f"retriever: {os_fault(root / name, error)}")
     try:
         count = json.loads((root / INFO_FILE).read_text())["count"]
         # Mapped, not read: only the header is needed, and a flat index of 1M passages is 1.5 GB
@@ -91,13 +107,22 @@ def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
         index = faiss.read_index(str(root / FAISS_FILE), flags | faiss.IO_FLAG_READ_ONLY)
         vectors = index.ntotal
         if lists and faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).totsize > (root / IVF_DATA).stat().st_size:
-            return [f"retriever: {IVF_DATA} is truncated"]
+            return problems + [f"retriever: {IVF_DATA} is truncated"]
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
-        return [f"retriever: unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
+        return problems + [f"retriever: unreadable ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"]
+    try:
+        check_vectors(index)  # what every load checks (and all an index published before digests has)
+    except (ValueError, RuntimeError) as error:
+        problems.append(f"retriever: damaged ({error})")
     if count != manifest.passages or vectors != manifest.passages:
         listed = manifest.passages
-        return [f"retriever: {vectors} vectors (retriever.json says {count}), the manifest lists {listed} passages"]
-    return []
+        return problems + [f"retriever: {vectors} vectors (retriever.json says {count}), the manifest lists {listed} passages"]
+    return problems
+
+
+def recorded_digests(manifest: Manifest) -> dict[str, str]:
+    """The retriever files' sha256 the manifest records (none for an index published before they were recorded)."""
+    return (manifest.extra.get("retriever") or {}).get("digests") or {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         print(f"{len(problems)} problem(s) in {args.index}. {repair_hint(args.index, verified=True)}", file=sys.stderr)
         return 1
-    print(f"ok: {checked} records in {len(Manifest.load(args.index).shards)} shards verified")
+    manifest = Manifest.load(args.index)
+    print(f"ok: {checked} records in {len(manifest.shards)} shards verified")
+    if (args.index / "retriever.faiss").exists() and not recorded_digests(manifest):
+        print("note: the manifest records no digest of the retriever (an index published before retriever digests "
+              "were recorded): its header, size and a sample of its vectors were checked, not every byte; "
+              "rerunning the index flow records one")
     return 0
 
 

@@ -78,7 +78,7 @@ def make_extractive_module(tokenizer):
 def answering_index(tmp_path_factory, make_extractive_module):
     """``build(root, passages)``: an index reader.answer opens (shards of 16, a tiny saved reader with k=2, a retriever)."""
     from reader.load import ReaderSpec, load_reader
-    from reader.retriever import Encoder, build_faiss, passage_text
+    from reader.retriever import Encoder, build_faiss, passage_text, record_retriever
     from workers.build import build_index
 
     folder = tmp_path_factory.mktemp("reader")
@@ -91,6 +91,7 @@ def answering_index(tmp_path_factory, make_extractive_module):
         build_index(root, load_reader(spec), passages, shard_size=16, extra={"reader_spec": spec.to_dict()})
         encoder = Encoder(folder)
         build_faiss([encoder.embed([passage_text(p) for p in passages])], root, encoder.identity())
+        record_retriever(root)  # as the index flow's manifest does: the retriever's digest
         return root
 
     return build

@@ -138,6 +138,11 @@ REFUSED_AT_OPEN = [
 def test_a_damaged_index_is_refused_with_its_own_status_and_verify_names_the_damage(
     index, capsys, fault, damage, said, verified
 ):
+    refused_everywhere(index, capsys, damage, said, verified)
+
+
+def refused_everywhere(index: Path, capsys, damage, said: str, verified: str) -> None:
+    """``damage`` makes answer, serve and evaluate exit 3 with one line saying ``said``, and verify exit 1 saying ``verified``."""
     status, out, _ = answer(capsys, index)
     assert status == 0 and json.loads(out)["answer"]
     damage(index)
@@ -290,7 +295,8 @@ def _write_all(index: Path, source: Index, stored: list) -> list[str]:
         rows = stored[shard.first_row : shard.first_row + shard.rows]
         passages = ((p.pid, p.title, p.text, p.tokens) for p in rows)
         infos.append(writer.sealed(i) or writer.write_shard(i, shard.first_row, passages))
-    return [info.digest for info in writer.publish(infos, source.manifest.extra).shards]
+    extra = {key: value for key, value in source.manifest.extra.items() if key != "retriever"}  # shards only, no retriever
+    return [info.digest for info in writer.publish(infos, extra).shards]
 
 
 def test_disk_full_while_writing_a_shard_fails_clearly_and_a_rerun_with_space_resumes_to_the_same_digests(

@@ -20,6 +20,7 @@ from reader.assets import wikipedia_sample
 from reader.inputs import passage_string
 from reader.loadtest import free_port, request
 from reader.serve import Limits, create_app
+from reader.serve_http import uvicorn_config
 
 PASSAGES = wikipedia_sample(40, min_words=30)
 QUESTION = f"What is {PASSAGES[0].title}?"
@@ -35,7 +36,7 @@ def answerer(tmp_path_factory, answering_index) -> Answerer:
 def serving(app) -> Iterator[int]:
     """``app`` on uvicorn on a free loopback port, in a thread of this process; yields the port."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port))  # as reader.serve runs it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
