@@ -31,6 +31,7 @@ class FiDReader(SplitReader):
 
     calibration = "rms"
     model_class = T5ForConditionalGeneration
+    heads = None  # the extractive reader's optional heads have no FiD counterpart
 
     def __init__(self, model: T5ForConditionalGeneration, tokenizer, config: BTRConfig | None = None) -> None:
         config = config or BTRConfig()
@@ -64,13 +65,33 @@ class FiDReader(SplitReader):
         encoder = self.model.encoder
         return Tokens(encoder.dropout(encoder.final_layer_norm(tokens.hidden)), tokens.size, tokens.position)
 
-    def _encode_unsplit(self, batch: Batch) -> Tokens:
-        pairs = [batch.query_ids[i // batch.per_query] + p for i, p in enumerate(batch.passage_ids)]
-        ids, mask = pad(pairs, self.layout.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        hidden = self.model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        position = torch.arange(ids.shape[1], device=ids.device, dtype=torch.float32).expand(ids.shape[0], -1)
-        return Tokens(hidden, mask.float(), position)
+    def _encode_unsplit(self, batch: Batch, attention_from: int | None = None) -> Tokens:
+        """The library's encoder over each query + passage, laid out as the split reader's output.
+
+        Rows are [query block padded to the longest query; passage block], so teacher and student
+        states line up token for token. With ``attention_from`` = j, also the attention
+        probabilities [B*n, N, N] in that layout, averaged over heads and layers j.. (eager attention).
+        """
+        queries = [batch.query_ids[i // batch.per_query] for i in range(len(batch.passage_ids))]
+        ids, mask = pad([q + p for q, p in zip(queries, batch.passage_ids)], self.layout.pad_id)
+        output = self.model.encoder(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), output_attentions=attention_from is not None
+        )
+        query_width = max(len(q) for q in batch.query_ids)
+        index = torch.zeros((len(queries), query_width + batch.passage_width), dtype=torch.long)
+        size = torch.zeros(index.shape)
+        for row, (query, passage) in enumerate(zip(queries, batch.passage_ids)):
+            index[row, : len(query)] = torch.arange(len(query))
+            index[row, query_width : query_width + len(passage)] = torch.arange(len(query), len(query) + len(passage))
+            size[row, : len(query)] = size[row, query_width : query_width + len(passage)] = 1.0
+        index = index.to(self.device)
+        hidden = output.last_hidden_state.gather(1, index[..., None].expand(-1, -1, output.last_hidden_state.shape[-1]))
+        tokens = Tokens(hidden, size.to(self.device), index.float())  # a token's position is its input index
+        if attention_from is None:
+            return tokens
+        attention = torch.stack(output.attentions[attention_from:]).mean(dim=(0, 2))
+        attention = attention.gather(1, index[..., None].expand(-1, -1, attention.shape[-1]))
+        return tokens, attention.gather(2, index[:, None, :].expand(-1, index.shape[1], -1))
 
     # ---- FiD ------------------------------------------------------------------------------------
     def encode(
@@ -119,6 +140,15 @@ class FiDReader(SplitReader):
         causal = torch.full((length, length), torch.finfo(memory.hidden.dtype).min, device=memory.hidden.device)
         causal = causal.triu(1)[None, None]
         return self._decode(decoder_input_ids.to(self.device), self.decoder_memories(memory, merge), causal, None)
+
+    def answer_labels(self, answers: Sequence[str], max_tokens: int = 20) -> torch.Tensor:
+        """Token ids [B, T] of each answer and the end token, cut to ``max_tokens``, padded with -100."""
+        end = self.layout.passage_suffix[0]
+        ids = [self.tokenizer(a, add_special_tokens=False)["input_ids"][: max_tokens - 1] + [end] for a in answers]
+        labels = torch.full((len(ids), max(map(len, ids))), -100, dtype=torch.long)
+        for row, sequence in enumerate(ids):
+            labels[row, : len(sequence)] = torch.tensor(sequence)
+        return labels
 
     def loss(self, memory: Tokens, labels: torch.Tensor, merge: RuntimeMerge) -> torch.Tensor:
         """Cross-entropy of answer token ids ``labels`` [B, T] (-100 = ignored)."""
