@@ -138,6 +138,7 @@ def train_reader(
     max_positives: int = 2,
     question_word: bool = False,
     family: str = "extractive",
+    learning_rate: float | None = None,
 ) -> str:
     """Train plain -> split -> bits from ``base``; returns the last stage's checkpoint folder.
 
@@ -145,7 +146,7 @@ def train_reader(
     the reader still reads up to 320 at query time. ``export`` writes the result there too in fp16 (how reader/checkpoint, the default, is made).
     """
     stages = chain(
-        distill, recovery, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads,
+        distill, recovery, learning_rate, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads,
         max_positives=max_positives, question_word=question_word,
     )
     checkpoint = base
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits-steps", type=int, help="steps of the bits stage (default --steps)")
     parser.add_argument("--control-steps", type=int, help="also continue the plain reader unsplit this long (plain+plain)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per step")
+    parser.add_argument("--learning-rate", type=float, help="every stage's peak rate (default: reader.train.LEARNING_RATES)")
     parser.add_argument("--passages-per-question", type=int, default=4, help="positive + negatives per question")
     parser.add_argument("--max-passage-tokens", type=int, default=192, help="passage cut for training")
     parser.add_argument("--split-layer", type=int, help="k (default 3/4 of the encoder layers)")
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             args.train, args.out, args.base, args.steps, args.batch_size, args.passages_per_question,
             args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index,
             args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None, args.heads,
-            args.max_positives, args.question_word, args.family,
+            args.max_positives, args.question_word, args.family, args.learning_rate,
         )
     except (TrainingDataError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

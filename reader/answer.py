@@ -26,6 +26,7 @@ import torch
 
 from .binary import IncompatibleRepresentation
 from .config import MODES, check_mode
+from .fid import Generated
 from .identity import IncompatibleIndex
 from .inputs import ReaderInputError, passage_string
 from .load import ReaderSpec, load_reader, quiet_library_logs
@@ -159,8 +160,9 @@ class Answerer:
         results = []
         for lookup, group, output in zip(lookups, stored, outputs):
             source = context = span = None
-            if isinstance(output, str):
-                text = output
+            if isinstance(output, Generated):  # FiD: cite the passage the answer attended to most
+                text, source = output.text, output.passage
+                context = passage_string(group[source].passage)
             else:  # a span: slice the text the reader read of the cited passage
                 source, passage = output.passage, group[output.passage].passage
                 context, span = passage_string(passage), reader.span_offsets(passage, output.start, output.end)
