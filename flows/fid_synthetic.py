@@ -1,7 +1,7 @@
 """BTR-FiD trained from scratch on the synthetic task: EM of plain / split / btr, and runtime merging.
 
-    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--steps 1500] [--split-steps 600]
-                                  [--bits-steps 600] [--threads 1] [--results results/fid-synthetic.json]
+    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--steps 1000] [--split-steps 300]
+                                  [--bits-steps 300] [--threads 1] [--results results/fid-synthetic.json]
 
 Generates the task (``flows.synthetic_qa``) into ``--data``, saves a randomly initialised small T5
 (``reader.bench`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3) as the base, trains
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="checkpoints/fid-synthetic", help="stage checkpoints (and base/)")
     parser.add_argument("--people", type=int, default=1600)
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
-    parser.add_argument("--steps", type=int, default=1500, help="plain stage steps")
-    parser.add_argument("--split-steps", type=int, default=600)
-    parser.add_argument("--bits-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=1000, help="plain stage steps")
+    parser.add_argument("--split-steps", type=int, default=300)
+    parser.add_argument("--bits-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--questions", type=int, default=480, help="dev questions evaluated")
