@@ -148,6 +148,7 @@ def test_a_fid_stage_resumes_to_the_same_weights(make_fid, data, tmp_path, monke
 def test_train_reader_flow_trains_fid_and_refuses_a_missing_base(tmp_path, make_fid):
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.fid_synthetic import evaluate
     from flows.train_reader import main, train_reader
 
     base = make_fid(CONFIG)
@@ -169,6 +170,11 @@ def test_train_reader_flow_trains_fid_and_refuses_a_missing_base(tmp_path, make_
                          max_passage_tokens=48, split_layer=2, family="fid")
     for stage in ("plain", "plain+split", "plain+split+bits"):
         assert json.loads((out / stage / "btr.json").read_text())["family"] == "FiDReader"
+    # the synthetic run's table: every variant on the same questions, EM and QPS side by side
+    figures = evaluate(out, train, 5, (0.2,))
+    assert list(figures["rows"]) == ["plain", "split", "btr", "btr_merge_0.2"] and figures["questions"] == 5
+    assert all(len(row["exact"]) == 5 and row["qps"] > 0 for row in figures["rows"].values())
+    assert figures["rows"]["btr_merge_0.2"]["decoder_ratio"] == 0.2 and figures["rows"]["plain"]["speedup"] == 1.0
     passage = Passage(**records(12)[0]["passages"][0])
     answers = load_reader(ReaderSpec("fid", last)).answer(["where was john smith born?"], [[passage]])
     assert isinstance(answers[0], str)
