@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     began = time.perf_counter()
     train_reader(
-        str(data / "train.jsonl"), str(out), save_base(out / "base"), steps=args.steps, batch_size=args.batch_size,
+        str(data / "train.jsonl"), str(out), args.base or save_base(out / "base"), steps=args.steps, batch_size=args.batch_size,
         passages_per_question=args.passages, max_passage_tokens=PASSAGE_TOKENS, split_layer=SPLIT_LAYER,
         split_steps=args.split_steps, bits_steps=args.bits_steps, family="fid", learning_rate=args.learning_rate,
         max_positives=1,
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.fid_synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/synthetic", help="task folder (generated when missing)")
     parser.add_argument("--out", default="checkpoints/fid-synthetic", help="stage checkpoints (and base/)")
+    parser.add_argument("--base", help="start from this FiD checkpoint (default: a random small T5 in OUT/base)")
     parser.add_argument("--people", type=int, default=1600)
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
     parser.add_argument("--steps", type=int, default=1000, help="plain stage steps")
