@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None, args.heads,
             args.max_positives, args.question_word, args.family, args.learning_rate,
         )
-    except (TrainingDataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (TrainingDataError, OSError) as error:  # OSError: a --base that is neither a folder nor a Hub model
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 

@@ -165,6 +165,8 @@ def test_train_reader_flow_trains_fid_and_refuses_a_missing_base(tmp_path, make_
         train_reader(str(train), str(out), str(tmp_path / "base"), steps=2, batch_size=2, passages_per_question=3,
                      max_passage_tokens=48, split_layer=2, family="fid")  # a rerun reuses every stage
         assert (out / "plain" / "model.safetensors").stat().st_mtime_ns == stamp
+        missing = ["--family", "fid", "--base", str(tmp_path / "missing"), "--train", str(train), "--out", str(tmp_path / "o")]
+        assert main(missing) == 2 and not (tmp_path / "o" / "plain" / "btr.json").exists()  # one line, nothing trained
         with pytest.raises(TrainingDataError, match="other settings"):
             train_reader(str(train), str(out), str(tmp_path / "base"), steps=3, batch_size=2, passages_per_question=3,
                          max_passage_tokens=48, split_layer=2, family="fid")
