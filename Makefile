@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  := $(shell grep -o '"torch==[^"]*"' pyproject.toml | tr -d '"')
 
-.PHONY: install test bench demo services stop clean data train train-heads evaluate loadtest browser
+.PHONY: install test bench demo services stop clean data train train-heads train-fid-synthetic evaluate loadtest browser
 
 install: $(STAMP)
 
@@ -63,6 +63,13 @@ train-heads: data
 		--heads --max-positives 1 --question-word
 	$(BIN)/python -m flows.tune_answer --index $$($(EVAL_INDEX) checkpoints/warm/plain+split+bits) \
 		--relevance 0,0.5,1,2,4 --retrieval 0,5,10,20,40 --out results/answer-rule-dev.json --write
+
+# BTR-FiD trained from scratch (a random small T5, d=256) on the synthetic task of flows.synthetic_qa:
+# plain -> split -> bits, then EM and QPS of plain / split / btr / btr with runtime merging at 0.1-0.5,
+# side by side, into results/fid-synthetic.json (docs/fid.md). One CPU thread: about 25 min idle, over an
+# hour beside other jobs; resumable. 1,000 plain steps did not learn the task (plain EM 3.3, docs/fid.md).
+train-fid-synthetic: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m flows.fid_synthetic --threads 1
 
 # The accuracy table (docs/accuracy.md, results/real-questions.json): stage 1 / control / split / btr /
 # ablations on NQ-open and TriviaQA test questions (needs `make train`'s checkpoints).

@@ -19,19 +19,13 @@ import time
 from dataclasses import asdict
 
 import torch
-from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+from transformers import AutoTokenizer
 
 from reader.assets import minilm_path, wikipedia_sample
 from reader.config import NO_MERGE, BTRConfig, RuntimeMerge
 from reader.fid import FiDReader
+from reader.t5_shapes import SHAPES, random_t5
 from storage.record import Passage
-
-SHAPES = {
-    "t5-base": dict(d_model=768, d_ff=3072, d_kv=64, num_heads=12, num_layers=12, num_decoder_layers=12),
-    "t5-large": dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24, num_decoder_layers=24),
-    "tiny": dict(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=4, num_decoder_layers=4),
-}
-
 
 def sample_passages(count: int, min_words: int) -> list[Passage]:
     """The first ``count`` articles of the bundled sample with at least ``min_words`` words."""
@@ -44,14 +38,8 @@ def sample_passages(count: int, min_words: int) -> list[Passage]:
 def build_reader(shape: str, split_layer: int | None, passage_tokens: int, merge: RuntimeMerge) -> FiDReader:
     """A FiD reader with the given T5 shape, random weights, and the bundled WordPiece tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    config = T5Config(
-        vocab_size=32128, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id, **SHAPES[shape],
-    )
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(config).eval()
     btr = BTRConfig(split_layer=split_layer, max_passage_tokens=passage_tokens, merge=merge)
-    return FiDReader(model, tokenizer, btr)
+    return FiDReader(random_t5(shape, tokenizer).eval(), tokenizer, btr)
 
 
 def time_query(

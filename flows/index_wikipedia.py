@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--offline-merge", type=float, default=0.2)
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--reader-checkpoint", default=None, help="reader to index with (default: the trained default)")
+    parser.add_argument("--reader-family", choices=("extractive", "fid"), default="extractive",
+                        help="fid: a trained BTR-FiD checkpoint (flows.train_reader --family fid)")
     parser.add_argument("--split-layer", type=int, default=None, help="k (default: the reader's own)")
     parser.add_argument("--max-passage-tokens", type=int, default=320)
     parser.add_argument("--retriever", default=None, help="passage encoder (default: all-MiniLM-L6-v2)")
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     index_wikipedia(
         index=args.index, corpus=args.corpus, corpus_format=args.corpus_format, shard_size=args.shard_size,
         offline_merge=args.offline_merge, ray_address=args.ray_address, reader_checkpoint=args.reader_checkpoint,
-        split_layer=args.split_layer, max_passage_tokens=args.max_passage_tokens, retriever=args.retriever,
+        reader_family=args.reader_family, split_layer=args.split_layer, max_passage_tokens=args.max_passage_tokens, retriever=args.retriever,
         codec_sample=args.codec_sample, workers=args.workers,
     )
 

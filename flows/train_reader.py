@@ -1,6 +1,7 @@
 """The flow `train-reader`: the three BTR training stages, each a resumable Prefect task.
 
-    python -m flows.train_reader [--train data/qa/real-train.jsonl] [--out checkpoints/minilm-btr] [--steps 150]
+    python -m flows.train_reader [--family extractive|fid] [--base NAME_OR_PATH] [--train data/qa/real-train.jsonl]
+                                 [--out checkpoints/minilm-btr] [--steps 150]
                                  [--split-steps N] [--bits-steps N] [--no-distill] [--no-recovery]
                                  [--control-steps N] [--index INDEX] [--export reader/checkpoint]
 
@@ -18,6 +19,8 @@ theirs from ``--index`` (the top retrieved, the first holding an answer as the p
 more steps at the split stage's learning rate, on the same batches (``plain+plain``); ``make
 train`` gives it as many steps as the split and bits stages together, so that the baseline BTR is
 compared with has had as much training as the btr reader.
+``--family fid`` trains the generative FiD reader (T5, ``--base`` a Hub name such as t5-base or a
+path) through the same stages; its task loss is the answer's cross-entropy (reader.train).
 Runs on CPU, on a GPU in bf16 when there is one. Also a deployment: ``train-reader/local``.
 """
 
@@ -33,7 +36,7 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from reader.load import BASE_ENCODER, ReaderSpec, load_reader
+from reader.load import BASE_ENCODER, FAMILIES, ReaderSpec, load_reader
 from reader.supervision import Example, TrainingDataError, read_examples, targets, to_example
 from reader.train import LEARNING_RATES, Stage, chain, save_checkpoint, stage_done, stage_folder, train_stage
 
@@ -83,6 +86,7 @@ def train_stage_task(
     max_passage_tokens: int,
     split_layer: int | None,
     bf16: bool | None = None,
+    family: str = "extractive",
 ) -> str:
     """Train (or resume, or reuse) one stage of a chain; returns its checkpoint folder."""
     logger = get_run_logger()
@@ -98,11 +102,12 @@ def train_stage_task(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # Later stages take k from the previous stage's btr.json.
     k = split_layer if position == 0 else None
-    reader = load_reader(ReaderSpec(checkpoint=previous, split_layer=k, max_passage_tokens=max_passage_tokens)).to(device)
+    spec = ReaderSpec(family, previous, k, max_passage_tokens)
+    reader = load_reader(spec).to(device)
     teacher = None
     if stage.kind == "split" and stage.distill:
         plain = str(stage_folder(root, stages, 0))
-        teacher = load_reader(ReaderSpec(checkpoint=plain, max_passage_tokens=max_passage_tokens)).to(device)
+        teacher = load_reader(replace(spec, checkpoint=plain, split_layer=None)).to(device)
     examples, counts = load_examples(Path(train), index)
     data, dropped = targets(reader, examples, per_question, stage.max_positives, stage.question_word)
     logger.info(f"{folder.name}: {len(data)} examples from {train} ({counts | dropped}) on {device}")
@@ -132,6 +137,8 @@ def train_reader(
     heads: bool = False,
     max_positives: int = 2,
     question_word: bool = False,
+    family: str = "extractive",
+    learning_rate: float | None = None,
 ) -> str:
     """Train plain -> split -> bits from ``base``; returns the last stage's checkpoint folder.
 
@@ -139,22 +146,23 @@ def train_reader(
     the reader still reads up to 320 at query time. ``export`` writes the result there too in fp16 (how reader/checkpoint, the default, is made).
     """
     stages = chain(
-        distill, recovery, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads,
+        distill, recovery, learning_rate, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads,
         max_positives=max_positives, question_word=question_word,
     )
     checkpoint = base
     for position in range(len(stages)):
         checkpoint = train_stage_task(
-            stages, position, base, train, out, passages_per_question, index, max_passage_tokens, split_layer, bf16
+            stages, position, base, train, out, passages_per_question, index, max_passage_tokens, split_layer, bf16,
+            family,
         )
     if control_steps:  # the plain reader trained on, unsplit: stage "plain+plain"
         control = replace(stages[0], steps=control_steps, learning_rate=LEARNING_RATES["split"])
         train_stage_task(
             [stages[0], control], 1, base, train, out, passages_per_question, index, max_passage_tokens, split_layer,
-            bf16,
+            bf16, family,
         )
     if export:
-        reader = load_reader(ReaderSpec(checkpoint=checkpoint))
+        reader = load_reader(ReaderSpec(family, checkpoint))
         folders = [stage_folder(Path(out), stages, i) for i in range(len(stages))]
         training = {
             "chain": Path(checkpoint).name,
@@ -168,6 +176,7 @@ def train_reader(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.train_reader", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="extractive", help="reader family")
     parser.add_argument("--train", default="data/qa/real-train.jsonl", help="QA JSONL (question, answers, passages?)")
     parser.add_argument("--out", default="checkpoints/minilm-btr", help="folder of the stage checkpoints")
     parser.add_argument("--base", default=BASE_ENCODER, help="checkpoint to start from (hub name or path)")
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bits-steps", type=int, help="steps of the bits stage (default --steps)")
     parser.add_argument("--control-steps", type=int, help="also continue the plain reader unsplit this long (plain+plain)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per step")
+    parser.add_argument("--learning-rate", type=float, help="every stage's peak rate (default: reader.train.LEARNING_RATES)")
     parser.add_argument("--passages-per-question", type=int, default=4, help="positive + negatives per question")
     parser.add_argument("--max-passage-tokens", type=int, default=192, help="passage cut for training")
     parser.add_argument("--split-layer", type=int, help="k (default 3/4 of the encoder layers)")
@@ -188,15 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-positives", type=int, default=2, help="passages holding an answer per question")
     parser.add_argument("--question-word", action="store_true", help="a positive must share a content word with the question")
     args = parser.parse_args(argv)
+    if args.family != "extractive" and args.base == BASE_ENCODER:
+        parser.error(f"--family {args.family} needs --base (a Hub name such as t5-base, or a path)")
     try:
         train_reader(
             args.train, args.out, args.base, args.steps, args.batch_size, args.passages_per_question,
             args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index,
             args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None, args.heads,
-            args.max_positives, args.question_word,
+            args.max_positives, args.question_word, args.family, args.learning_rate,
         )
-    except (TrainingDataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (TrainingDataError, OSError) as error:  # OSError: a --base that is neither a folder nor a Hub model
+        print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 

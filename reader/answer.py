@@ -32,6 +32,7 @@ from storage.record import CorruptRecord
 from storage.shard import DamagedIndex, repair_hint
 
 from .config import MODES, check_mode
+from .fid import Generated
 from .inputs import ReaderInputError, is_blank, passage_string
 from .load import ReaderSpec, load_reader, quiet_library_logs
 from .retriever import Hit, Retriever
@@ -168,8 +169,9 @@ class Answerer:
         results = []
         for lookup, group, output in zip(lookups, stored, outputs):
             source = context = span = None
-            if isinstance(output, str):
-                text = output
+            if isinstance(output, Generated):  # FiD: cite the passage the answer attended to most
+                text, source = output.text, output.passage
+                context = passage_string(group[source].passage)
             else:  # a span: slice the text the reader read of the cited passage
                 source, passage = output.passage, group[output.passage].passage
                 context, span = passage_string(passage), reader.span_offsets(passage, output.start, output.end)

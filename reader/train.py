@@ -1,4 +1,4 @@
-"""Training the extractive BTR reader: one stage of the paper's three, resumable.
+"""Training a BTR reader (extractive or FiD): one stage of the paper's three, resumable.
 
 1. ``plain``: the unsplit reader on the task loss;
 2. ``split``: the split reader (continuous lower states) from stage 1, task loss + query-aware
@@ -9,7 +9,9 @@
    a linear map W b + c of the bits trained to give back h_k (MSE averaged over d; h_k detached, so
    the loss shapes the lower layers through the bits).
 
-The task loss fits distant supervision (Clark & Gardner 2018; the DPR reader): shared
+The stage machinery is the same for both families; each supplies its task loss (TASK_LOSSES). FiD:
+teacher-forced cross-entropy of the answer with the decoder reading all of a question's passages.
+The extractive task loss fits distant supervision (Clark & Gardner 2018; the DPR reader): shared
 normalization, the start (and end) logits of all the passages of a question form one softmax, so
 spans in passages without the answer learn to score low; and a marginal likelihood over every
 occurrence of every answer in the positive passages, -log of the summed probability of all gold
@@ -32,10 +34,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import NO_MERGE
 from .extractive import ExtractiveReader
+from .fid import FiDReader
 from .heads import ReaderHeads
 from .inputs import pad
 from .merge import Tokens
+from .split import SplitReader
 from .supervision import Target, TrainingDataError, batch_order, example_tokens
 
 STAGES = ("plain", "split", "bits")
@@ -111,11 +116,28 @@ def distillation_loss(student: Tokens, teacher: Tokens, attention: torch.Tensor,
     return error[keep].mean()
 
 
-def recovery_loss(projection: torch.nn.Linear, signs: torch.Tensor, states: Tokens) -> torch.Tensor:
-    """MSE (averaged over d) between W b + c and the continuous h_k, on real passage tokens."""
+def answer_loss(reader: FiDReader, batch, chosen: Sequence[Target], pairs: Tokens, mode: str) -> torch.Tensor:
+    """FiD's task loss: teacher-forced cross-entropy of the first gold answer, the decoder reading
+    every passage of its question at once (no runtime merging while training)."""
+    labels = reader.answer_labels([t.example.answers[0] for t in chosen])
+    return reader.loss(pairs.flatten_groups(batch.per_query), labels, NO_MERGE)
+
+
+TASK_LOSSES: dict[type, Callable[..., torch.Tensor]] = {ExtractiveReader: span_loss, FiDReader: answer_loss}
+
+
+def recovery_loss(projection: torch.nn.Linear, signs: torch.Tensor, states: Tokens, calibration: str = "mean_abs"):
+    """MSE (averaged over d) between W b + c and the continuous h_k, on real passage tokens.
+
+    Under ``rms`` calibration (T5) the target is h_k over its token RMS: pre-norm residuals reach
+    hundreds in pretrained T5, which would drown the task loss, and the scale is stored anyway.
+    """
     real = states.size > 0
     recovered = projection(signs.float())
-    return (recovered - states.hidden.detach().float()).pow(2).mean(-1)[real].mean()
+    target = states.hidden.detach().float()
+    if calibration == "rms":
+        target = target / target.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-6)
+    return (recovered - target).pow(2).mean(-1)[real].mean()
 
 
 def stage_losses(reader, stage: Stage, chosen: Sequence[Target], teacher=None, projection=None) -> dict[str, torch.Tensor]:
@@ -135,8 +157,8 @@ def stage_losses(reader, stage: Stage, chosen: Sequence[Target], teacher=None, p
         restored, signs = reader.binarized(states)
         pairs = reader.encode_pairs(batch, "btr", passages=restored)
         if projection is not None:
-            losses["recovery"] = recovery_loss(projection, signs, states)
-    losses["task"] = span_loss(reader, batch, chosen, pairs, stage.mode)
+            losses["recovery"] = recovery_loss(projection, signs, states, reader.calibration)
+    losses["task"] = TASK_LOSSES[type(reader)](reader, batch, chosen, pairs, stage.mode)
     if reader.heads is not None:
         losses["relevance"] = relevance_loss(reader, batch, chosen, pairs)
     losses["loss"] = sum(losses.values())
@@ -182,11 +204,11 @@ def stage_done(folder: Path, stage: Stage) -> bool:
 
 
 def train_stage(
-    reader: ExtractiveReader,
+    reader: SplitReader,
     stage: Stage,
     data: Sequence[Target],
     out: Path,
-    teacher: ExtractiveReader | None = None,
+    teacher: SplitReader | None = None,
     save_every: int = 25,
     log: Callable[[str], None] = print,
     bf16: bool | None = None,
@@ -284,7 +306,7 @@ def train_stage(
     return summary
 
 
-def save_checkpoint(reader: ExtractiveReader, out: Path, training: dict, dtype: torch.dtype | None = None) -> None:
+def save_checkpoint(reader: SplitReader, out: Path, training: dict, dtype: torch.dtype | None = None) -> None:
     """``save_pretrained`` (model + tokenizer) plus btr.json: the split an index records and the reader checks."""
     model = reader.model if dtype is None else copy.deepcopy(reader.model).to(dtype)
     model.save_pretrained(out)

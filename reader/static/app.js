@@ -44,11 +44,11 @@ function panel(result, scale) {
   section.querySelector(".mode").textContent = result.mode;
   section.querySelector(".total").textContent = `${result.timings_ms.total.toFixed(1)} ms`;
   section.querySelector(".answer").textContent = result.answer;
-  if (result.context) {  // an extracted span: highlight it where the reader found it
-    const [start, end] = result.span;
-    const { context } = result;
-    section.querySelector(".context").append(
-      context.slice(0, start), element("mark", "", context.slice(start, end)), context.slice(end));
+  if (result.context) {  // the cited passage; an extracted span is highlighted where the reader found it
+    const { context, span } = result;  // a generated (FiD) answer has no span
+    section.querySelector(".context").append(...(span
+      ? [context.slice(0, span[0]), element("mark", "", context.slice(span[0], span[1])), context.slice(span[1])]
+      : [context]));
   }
   timings(section.querySelector(".timings"), result.timings_ms, scale);
   result.passages.forEach((p, i) => {

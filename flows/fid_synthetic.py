@@ -1,0 +1,156 @@
+"""BTR-FiD trained from scratch on the synthetic task: EM of plain / split / btr, and runtime merging.
+
+    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--steps 1000] [--split-steps 300]
+                                  [--bits-steps 300] [--threads 1] [--results results/fid-synthetic.json]
+
+Generates the task (``flows.synthetic_qa``) into ``--data``, saves a randomly initialised small T5
+(``reader.t5_shapes`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3) as the base, trains
+plain -> split -> bits with ``flows.train_reader --family fid`` (resumable: a rerun reuses finished
+stages, so it only evaluates), then answers the dev questions from their given passages with each
+reader, one question at a time, every variant on the same question before the next (side by side:
+load on the machine hits all alike): plain (unsplit), split, btr (bits computed offline, as an
+index stores them), and btr with runtime intra-passage (encoder) and cross-passage (decoder, every
+3rd layer skipped) merging at each ``--ratios``. EM and QPS per variant, the paired bootstrap interval
+of btr's EM over plain's, and the largest ratio that keeps >= 98% of btr's EM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from flows.synthetic_qa import generate
+from flows.train_reader import train_reader
+from reader.assets import minilm_path
+from reader.t5_shapes import SHAPES, random_t5
+from reader.config import NO_MERGE, RuntimeMerge
+from reader.evaluate import paired_ratio_interval
+from reader.inputs import Passage
+from reader.load import ReaderSpec, load_reader, quiet_library_logs
+from reader.normalize import exact_match
+
+SHAPE, SPLIT_LAYER, PASSAGE_TOKENS = "small", 3, 64
+RATIOS = (0.1, 0.2, 0.3, 0.5)  # the paper's runtime ratios are 0.2 (default) and 0.5
+
+
+def save_base(folder: Path) -> str:
+    """A randomly initialised small T5 (no dropout: the task is learned from scratch) with the bundled tokenizer."""
+    if not (folder / "config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+        random_t5(SHAPE, tokenizer, dropout_rate=0.0).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def variants(out: Path, ratios: tuple[float, ...]) -> dict[str, tuple[str, str, RuntimeMerge]]:
+    """name -> (stage folder, mode, runtime merging)."""
+    chosen = {
+        "plain": ("plain", "baseline", NO_MERGE),
+        "split": ("plain+split", "split", NO_MERGE),
+        "btr": ("plain+split+bits", "btr", NO_MERGE),
+    }
+    for ratio in ratios:
+        chosen[f"btr_merge_{ratio}"] = ("plain+split+bits", "btr", RuntimeMerge(ratio, ratio, 3))
+    return {name: (str(out / folder), mode, merge) for name, (folder, mode, merge) in chosen.items()}
+
+
+def evaluate(out: Path, dev: Path, limit: int, ratios: tuple[float, ...]) -> dict:
+    """EM and QPS of every variant over the first ``limit`` dev questions, side by side."""
+    records = [json.loads(line) for line in dev.read_text().splitlines()][:limit]
+    chosen = variants(out, ratios)
+    readers = {folder: load_reader(ReaderSpec("fid", folder, max_passage_tokens=PASSAGE_TOKENS)) for folder, _, _ in chosen.values()}
+    groups = [[Passage(p["title"], p["text"], p["id"]) for p in r["passages"]] for r in records]
+    bits_reader = readers[chosen["btr"][0]]
+    stored = [bits_reader.encode_passages(group) for group in groups]  # the offline half, untimed
+    seconds = {name: 0.0 for name in chosen}
+    exact = {name: [] for name in chosen}
+    for number, record in enumerate(records):
+        for name, (folder, mode, merge) in chosen.items():
+            passages = stored[number] if mode == "btr" else groups[number]
+            start = time.perf_counter()
+            [answer] = readers[folder].answer([record["question"]], [passages], mode, max_new_tokens=8, merge=merge)
+            seconds[name] += time.perf_counter() - start
+            exact[name].append("1" if exact_match(answer, record["answers"]) else "0")
+    rows = {}
+    for name, (folder, mode, merge) in chosen.items():
+        outcomes = "".join(exact[name])
+        rows[name] = {
+            "checkpoint": Path(folder).name, "mode": mode, "encoder_ratio": merge.encoder_ratio,
+            "decoder_ratio": merge.decoder_ratio, "em": round(100 * outcomes.count("1") / len(outcomes), 2),
+            "qps": round(len(records) / seconds[name], 2), "exact": outcomes,
+        }
+    for row in rows.values():
+        row["speedup"] = round(row["qps"] / rows["plain"]["qps"], 2)
+    low, high = paired_ratio_interval(rows["btr"]["exact"], rows["plain"]["exact"])
+    kept = [r for r in ratios if rows[f"btr_merge_{r}"]["em"] >= 0.98 * rows["btr"]["em"]]
+    return {
+        "questions": len(records),
+        "rows": rows,
+        "btr_over_plain_em_percent": round(100 * rows["btr"]["em"] / max(rows["plain"]["em"], 1e-9), 1),
+        "btr_over_plain_interval_95": [round(low, 1), round(high, 1)],
+        "largest_ratio_keeping_98_percent_of_btr": max(kept) if kept else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Generate, train (or reuse) the three stages, evaluate; the figures."""
+    torch.set_num_threads(args.threads)
+    quiet_library_logs()
+    data = Path(args.data)
+    if not (data / "dev.jsonl").exists():
+        generate(data, args.people, args.passages)
+    out = Path(args.out)
+    began = time.perf_counter()
+    train_reader(
+        str(data / "train.jsonl"), str(out), args.base or save_base(out / "base"), steps=args.steps, batch_size=args.batch_size,
+        passages_per_question=args.passages, max_passage_tokens=PASSAGE_TOKENS, split_layer=SPLIT_LAYER,
+        split_steps=args.split_steps, bits_steps=args.bits_steps, family="fid", learning_rate=args.learning_rate,
+        max_positives=1,
+    )
+    trained = time.perf_counter() - began
+    result = evaluate(out, data / "dev.jsonl", args.questions, tuple(args.ratios))
+    result["config"] = {
+        "shape": SHAPE, **SHAPES[SHAPE], "split_layer": SPLIT_LAYER, "max_passage_tokens": PASSAGE_TOKENS,
+        "steps": [args.steps, args.split_steps, args.bits_steps], "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate, "passages_per_question": args.passages, "people": args.people,
+        "threads": args.threads, "train_seconds_this_run": round(trained), "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.fid_synthetic", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/synthetic", help="task folder (generated when missing)")
+    parser.add_argument("--out", default="checkpoints/fid-synthetic", help="stage checkpoints (and base/)")
+    parser.add_argument("--base", help="start from this FiD checkpoint (default: a random small T5 in OUT/base)")
+    parser.add_argument("--people", type=int, default=1600)
+    parser.add_argument("--passages", type=int, default=4, help="passages per question")
+    parser.add_argument("--steps", type=int, default=1000, help="plain stage steps")
+    parser.add_argument("--split-steps", type=int, default=300)
+    parser.add_argument("--bits-steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--questions", type=int, default=480, help="dev questions evaluated")
+    parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", default="results/fid-synthetic.json")
+    args = parser.parse_args(argv)
+    result = run(args)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
+    for name, row in result["rows"].items():
+        print(f"{name:16s} EM {row['em']:6.2f}  {row['qps']:7.2f} q/s  ({row['speedup']}x)")
+    print(f"btr / plain EM: {result['btr_over_plain_em_percent']}% (95% interval {result['btr_over_plain_interval_95']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""A synthetic open-domain QA task a small reader learns from scratch: people, facts, distractors.
+
+    python -m flows.synthetic_qa --out data/synthetic [--people 1600] [--passages 4]
+
+Each person (first name + last name from fixed lists) has one value for each of six relations
+(birthplace, job, instrument, pet, colour, graduation year). Their passage (title: the name) states
+three of the six, in random order. A question asks one relation of one person; its answer is a
+span of that person's passage. The other passages of a question are people of the same type:
+one shares the first name, one the last name, the rest are random, and each states the asked
+relation with another value, so the reader must match the whole name and read the passage (always
+answering a value seen beside the relation scores about 1 in ``passages``). People are split into
+train and dev (no person in both). Lines are the training JSONL of ``flows.train_reader``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+FIRST = """john mary james anna peter laura david emma paul sarah mark lucy george alice henry clara frank helen
+oscar nora victor rosa simon julia martin ella hugo ruth felix irene leo diana arthur maria edward sofia louis grace
+ivan olga""".split()
+LAST = """smith brown miller wilson moore taylor clark lewis walker hall young king wright price ross adams nelson
+carter mitchell roberts turner phillips campbell parker evans edwards collins stewart morris murphy cook rogers morgan
+cooper peterson reed bailey bell kelly howard""".split()
+# relation -> (passage sentence, question, values); {e} is the person, {v} the value
+RELATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "birthplace": ("{e} was born in {v}.", "where was {e} born?", tuple(
+        "paris london berlin madrid rome vienna prague warsaw dublin lisbon athens oslo stockholm helsinki moscow "
+        "cairo tokyo beijing delhi sydney toronto chicago boston denver seattle".split())),
+    "job": ("{e} works as a {v}.", "what does {e} work as?", tuple(
+        "teacher doctor lawyer farmer baker pilot nurse painter writer singer dancer chef sailor soldier engineer "
+        "architect journalist banker carpenter plumber".split())),
+    "instrument": ("{e} plays the {v}.", "which instrument does {e} play?", tuple(
+        "piano violin guitar drums flute cello trumpet harp organ clarinet saxophone banjo".split())),
+    "pet": ("{e} owns a {v}.", "what pet does {e} own?", tuple(
+        "dog cat horse rabbit parrot goat hamster turtle snake pony".split())),
+    "colour": ("the favourite colour of {e} is {v}.", "what is the favourite colour of {e}?", tuple(
+        "red blue green yellow purple orange black white pink grey silver gold".split())),
+    "year": ("{e} graduated in {v}.", "when did {e} graduate?", tuple(str(y) for y in range(1950, 2011))),
+}
+STATED = 3  # relations a passage states
+
+
+def people(count: int, rng: random.Random) -> list[dict]:
+    """``count`` distinct people, each with a value per relation and the relations their passage states."""
+    names = [f"{f} {last}" for f in FIRST for last in LAST]
+    if count > len(names):
+        raise ValueError(f"at most {len(names)} people (names are first x last), asked for {count}")
+    chosen = rng.sample(names, count)
+    return [
+        {"name": name, "facts": {r: rng.choice(RELATIONS[r][2]) for r in RELATIONS}, "stated": rng.sample(list(RELATIONS), STATED)}
+        for name in chosen
+    ]
+
+
+def passage(person: dict, rng: random.Random, must_state: str | None = None) -> dict:
+    """The person's passage: their stated relations (``must_state`` swapped in if missing), shuffled."""
+    stated = list(person["stated"])
+    if must_state is not None and must_state not in stated:
+        stated[rng.randrange(len(stated))] = must_state
+    rng.shuffle(stated)
+    text = " ".join(RELATIONS[r][0].format(e=person["name"], v=person["facts"][r]) for r in stated)
+    return {"id": person["name"].replace(" ", "_"), "title": person["name"], "text": text}
+
+
+def distractors(target: dict, pool: Sequence[dict], relation: str, count: int, rng: random.Random) -> list[dict]:
+    """``count`` other people stating ``relation`` with another value: a namesake by first, one by last name, then any."""
+    value = target["facts"][relation]
+    first, last = target["name"].split()
+    others = [p for p in pool if p["name"] != target["name"] and p["facts"][relation] != value]
+    picked: list[dict] = []
+    for match in (lambda p: p["name"].split()[0] == first, lambda p: p["name"].split()[1] == last):
+        found = [p for p in others if match(p) and p not in picked]
+        if found and len(picked) < count:
+            picked.append(rng.choice(found))
+    while len(picked) < count:
+        candidate = rng.choice(others)
+        if candidate not in picked:
+            picked.append(candidate)
+    return picked
+
+
+def questions(group: Sequence[dict], per_question: int, rng: random.Random) -> list[dict]:
+    """One question per stated relation of every person in ``group``, distractors drawn from ``group``."""
+    records = []
+    for person in group:
+        for relation in person["stated"]:
+            passages = [passage(person, rng)] + [
+                passage(other, rng, must_state=relation) for other in distractors(person, group, relation, per_question - 1, rng)
+            ]
+            rng.shuffle(passages)  # the answer's passage anywhere among them
+            records.append({
+                "question": RELATIONS[relation][1].format(e=person["name"]),
+                "answers": [person["facts"][relation]],
+                "passages": passages,
+                "relation": relation,
+            })
+    rng.shuffle(records)
+    return records
+
+
+def generate(out: Path, people_count: int = 1600, per_question: int = 4, dev_share: float = 0.1, seed: int = 0) -> dict:
+    """Write train.jsonl and dev.jsonl under ``out``; returns their sizes."""
+    if per_question < 2:
+        raise ValueError("a question needs its passage and at least one distractor (--passages >= 2)")
+    rng = random.Random(seed)
+    everyone = people(people_count, rng)
+    split = int(len(everyone) * (1 - dev_share))
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for name, group in (("train", everyone[:split]), ("dev", everyone[split:])):
+        records = questions(group, per_question, rng)
+        with open(out / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        sizes[name] = len(records)
+    return {"people": people_count, "passages_per_question": per_question, "questions": sizes, "seed": seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.synthetic_qa", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="data/synthetic", help="folder for train.jsonl and dev.jsonl")
+    parser.add_argument("--people", type=int, default=1600, help=f"people (at most {len(FIRST) * len(LAST)})")
+    parser.add_argument("--passages", type=int, default=4, help="passages per question (the answer's + distractors)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        print(json.dumps(generate(Path(args.out), args.people, args.passages, seed=args.seed)))
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Training the FiD reader through the three stages on a tiny random T5, and the synthetic task."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import reader.train as train_module
+from flows.synthetic_qa import RELATIONS, generate, people, questions
+from reader.config import BTRConfig
+from reader.inputs import Passage
+from reader.load import ReaderSpec, load_reader
+from reader.normalize import has_answer
+from reader.supervision import TrainingDataError, targets, to_example
+from reader.train import Stage, stage_losses, train_stage
+
+CONFIG = BTRConfig(split_layer=2, max_passage_tokens=48)
+
+
+def records(count: int = 24, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return questions(people(count, rng), 3, rng)
+
+
+@pytest.fixture
+def data(make_fid):
+    kept, _ = targets(make_fid(CONFIG), [to_example(r) for r in records()], 3, 1)
+    return kept[:16]
+
+
+def test_synthetic_questions_need_the_whole_name_and_the_passage(tmp_path):
+    summary = generate(tmp_path, people_count=300, per_question=4)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    dev = [json.loads(line) for line in (tmp_path / "dev.jsonl").read_text().splitlines()]
+    assert summary["questions"] == {"train": len(train), "dev": len(dev)} and len(dev) == 30 * 3
+    assert not {r["passages"][0]["title"] for r in train} & {p["title"] for r in dev for p in r["passages"]}
+    namesakes = 0
+    for record in train[:200]:
+        name = next(p["title"] for p in record["passages"] if p["title"] in record["question"])
+        holding = [p["title"] for p in record["passages"] if has_answer([p["text"]], record["answers"])]
+        assert holding == [name]  # only the asked person's passage holds the answer
+        stating = RELATIONS[record["relation"]][0].split("{v}")[0]
+        assert all(stating.format(e=p["title"]) in p["text"] for p in record["passages"])  # every distractor too
+        first, last = name.split()
+        others = [p["title"] for p in record["passages"] if p["title"] != name]
+        assert len(others) == 3 and name not in others
+        namesakes += {o.split()[0] for o in others} >= {first} and {o.split()[1] for o in others} >= {last}
+    assert namesakes > 150  # most questions have a distractor sharing each half of the name
+    with pytest.raises(ValueError, match="at most 1600 people"):
+        generate(tmp_path, people_count=5000)
+
+
+def test_answer_loss_is_teacher_forced_cross_entropy_over_all_passages(make_fid, data):
+    reader = make_fid(CONFIG)
+    chosen = data[:2]
+    batch = reader.prepare([t.example.question for t in chosen], [t.passages for t in chosen])
+    pairs = reader.encode_pairs(batch, "baseline")
+    labels = reader.answer_labels([t.example.answers[0] for t in chosen])
+    assert (labels[labels != -100][-1] == reader.tokenizer.sep_token_id) and labels.shape[0] == 2
+    # the library's own forward over the fused memory, with the same labels
+    memory = pairs.flatten_groups(batch.per_query)
+    library = reader.model(encoder_outputs=(memory.hidden,), attention_mask=memory.size.bool(), labels=labels).loss
+    assert torch.allclose(stage_losses(reader, Stage("plain"), chosen)["task"], library, atol=1e-5)
+
+
+def test_teacher_states_and_attention_line_up_with_the_split_reader(make_fid, data):
+    reader = make_fid(BTRConfig(split_layer=0, max_passage_tokens=48))
+    reader.model.set_attn_implementation("eager")
+    batch = reader.prepare([t.example.question for t in data[:2]], [t.passages for t in data[:2]])
+    with torch.no_grad():
+        split = reader.encode_pairs(batch, "split")
+        taught, attention = reader._encode_unsplit(batch, attention_from=0)
+    # k = 0: the split reader is the unsplit one, so every real token's state matches in place
+    real = taught.size > 0
+    assert torch.equal(real, split.size > 0)
+    assert torch.allclose(split.hidden[real], taught.hidden[real], atol=1e-5)
+    assert attention.shape == (6, split.hidden.shape[1], split.hidden.shape[1])
+    rows = (attention * real[:, None, :]).sum(-1)[real]  # over the real tokens, each row is a distribution
+    assert torch.allclose(rows, torch.ones(int(real.sum())), atol=1e-4)
+
+
+def test_each_stage_lowers_its_loss_writes_its_checkpoint_and_the_bits_reach_the_lower_layers(make_fid, data, tmp_path):
+    reader = make_fid(CONFIG, d_model=64).train()
+    teacher = make_fid(CONFIG, d_model=64, seed=1)
+    teacher.model.set_attn_implementation("eager")
+    summaries = {}
+    for stage in (Stage("plain", steps=15, batch_size=8, learning_rate=3e-3),
+                  Stage("split", steps=15, batch_size=8, learning_rate=3e-3),
+                  Stage("bits", steps=15, batch_size=8, learning_rate=3e-3)):
+        taught = teacher if stage.kind == "split" else None
+        projection = torch.nn.Linear(64, 64) if stage.kind == "bits" else None
+        before = stage_losses(reader.eval(), stage, data[:8], taught, projection)
+        assert set(before) == {"plain": {"task", "loss"}, "split": {"task", "distill", "loss"},
+                               "bits": {"task", "recovery", "loss"}}[stage.kind]
+        summaries[stage.kind] = train_stage(reader, stage, data, tmp_path / stage.name, taught, log=lambda _: None)
+        assert summaries[stage.kind]["final_loss"]["task"] < before["task"].item(), stage.kind
+        settings = json.loads((tmp_path / stage.name / "btr.json").read_text())
+        assert settings["family"] == "FiDReader" and settings["calibration"] == "rms" and settings["split_layer"] == 2
+    assert (tmp_path / "bits" / "recovery.pt").exists()
+    assert summaries["split"]["final_loss"]["distill"] > 0
+    loaded = load_reader(ReaderSpec("fid", str(tmp_path / "bits")))
+    assert loaded.split_layer == 2
+    for name, value in reader.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[name]), name
+    with pytest.raises(ValueError, match="FiDReader checkpoint, not ExtractiveReader"):
+        load_reader(ReaderSpec("extractive", str(tmp_path / "bits")))
+
+
+def test_recovery_under_rms_calibration_targets_the_scale_free_state(make_fid, data):
+    reader = make_fid(CONFIG, d_model=64)
+    batch = reader.prepare([data[0].example.question], [data[0].passages])
+    states = reader.lower(*train_module.pad(batch.passage_ids, reader.layout.pad_id))
+    states.hidden = states.hidden * 300  # pretrained T5's residuals are in the hundreds
+    _, signs = reader.binarized(states)
+    projection = torch.nn.Linear(64, 64)
+    assert train_module.recovery_loss(projection, signs, states, "rms") < 10
+    assert train_module.recovery_loss(projection, signs, states, "mean_abs") > 1000  # what the BERT reader keeps
+
+
+def test_a_fid_stage_resumes_to_the_same_weights(make_fid, data, tmp_path, monkeypatch):
+    stage = Stage("bits", steps=8, batch_size=4, learning_rate=1e-3)
+    straight = make_fid(CONFIG).train()
+    train_stage(straight, stage, data, tmp_path / "straight", log=lambda _: None)
+    calls = []
+
+    def failing_losses(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return stage_losses(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "stage_losses", failing_losses)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(make_fid(CONFIG).train(), stage, data, tmp_path / "resumed", save_every=2, log=lambda _: None)
+    monkeypatch.setattr(train_module, "stage_losses", stage_losses)
+    again, messages = make_fid(CONFIG, seed=7).train(), []
+    train_stage(again, stage, data, tmp_path / "resumed", save_every=2, log=messages.append)
+    assert messages[0] == "bits: resuming at step 4 of 8"
+    for name, value in straight.model.state_dict().items():
+        assert torch.allclose(value, again.model.state_dict()[name], atol=1e-6), name
+    assert torch.load(tmp_path / "resumed" / "recovery.pt")["weight"].shape == (32, 32)
+
+
+def test_train_reader_flow_trains_fid_and_refuses_a_missing_base(tmp_path, make_fid):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.fid_synthetic import evaluate
+    from flows.train_reader import main, train_reader
+
+    base = make_fid(CONFIG)
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records(12)))
+    out = tmp_path / "checkpoints"
+    with prefect_test_harness(server_startup_timeout=120):
+        last = train_reader(str(train), str(out), str(tmp_path / "base"), steps=2, batch_size=2, passages_per_question=3,
+                            max_passage_tokens=48, split_layer=2, family="fid")
+        assert Path(last) == out / "plain+split+bits"
+        stamp = (out / "plain" / "model.safetensors").stat().st_mtime_ns
+        train_reader(str(train), str(out), str(tmp_path / "base"), steps=2, batch_size=2, passages_per_question=3,
+                     max_passage_tokens=48, split_layer=2, family="fid")  # a rerun reuses every stage
+        assert (out / "plain" / "model.safetensors").stat().st_mtime_ns == stamp
+        missing = ["--family", "fid", "--base", str(tmp_path / "missing"), "--train", str(train), "--out", str(tmp_path / "o")]
+        assert main(missing) == 2 and not (tmp_path / "o" / "plain" / "btr.json").exists()  # one line, nothing trained
+        with pytest.raises(TrainingDataError, match="other settings"):
+            train_reader(str(train), str(out), str(tmp_path / "base"), steps=3, batch_size=2, passages_per_question=3,
+                         max_passage_tokens=48, split_layer=2, family="fid")
+    for stage in ("plain", "plain+split", "plain+split+bits"):
+        assert json.loads((out / stage / "btr.json").read_text())["family"] == "FiDReader"
+    # the synthetic run's table: every variant on the same questions, EM and QPS side by side
+    figures = evaluate(out, train, 5, (0.2,))
+    assert list(figures["rows"]) == ["plain", "split", "btr", "btr_merge_0.2"] and figures["questions"] == 5
+    assert all(len(row["exact"]) == 5 and row["qps"] > 0 for row in figures["rows"].values())
+    assert figures["rows"]["btr_merge_0.2"]["decoder_ratio"] == 0.2 and figures["rows"]["plain"]["speedup"] == 1.0
+    passage = Passage(**records(12)[0]["passages"][0])
+    answers = load_reader(ReaderSpec("fid", last)).answer(["where was john smith born?"], [[passage]])
+    assert isinstance(answers[0], str)
+    with pytest.raises(SystemExit):
+        main(["--family", "fid", "--train", str(train)])  # no --base: a usage error, nothing trained
