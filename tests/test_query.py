@@ -185,6 +185,37 @@ def test_evaluate_command(index, tmp_path, capsys):
     assert '"answers"' in capsys.readouterr().err
 
 
+def test_evaluate_scores_right_wrong_unrecalled_and_refused_questions_as_counted_by_hand(index):
+    """A reader that gets some questions right: gold answers made from its own answers, so EM is not 0."""
+    from reader.evaluate import evaluate
+
+    answerer = Answerer(index)
+    said = [answerer.answer(q, 3, "btr") for q in QUESTIONS]
+    assert all(normalize_answer(r["answer"]) for r in said)
+    text = answerer.index.fetch([answerer.lookup(QUESTIONS[2], 3).hits[0].row])[0].text
+    words = [w for w in text.split() if normalize_answer(w) and normalize_answer(w) not in normalize_answer(said[2]["answer"]).split()]
+    records = [
+        {"question": QUESTIONS[0], "answers": ["no such answer", said[0]["answer"].upper()]},  # right (second gold)
+        {"question": QUESTIONS[1], "answers": [said[1]["answer"]]},  # right
+        {"question": QUESTIONS[2], "answers": [words[0]]},  # wrong, but a retrieved passage holds it
+        {"question": QUESTIONS[3], "answers": ["zzqx"]},  # wrong, and no passage holds it
+        {"question": "   ", "answers": ["anything"]},  # refused: a miss
+    ]
+    got = evaluate(answerer, records, "btr", 3)
+    assert got["exact"] == "11000" and got["em"] == 40.0 and got["refused"] == 1
+    f1s = [1.0, 1.0, f1_score(said[2]["answer"], [words[0]]), f1_score(said[3]["answer"], ["zzqx"]), 0.0]
+    assert got["f1"] == round(100 * sum(f1s) / 5, 2)
+    # Recall by has_answer over each question's retrieved passages (a right answer like "Arabic-" may not be "held"
+    # by "Arabic-speaking", so it is counted here, not assumed).
+    held = [has_answer([f"{p.title} {p.text}" for p in answerer.index.fetch([h.row for h in answerer.lookup(r["question"], 3).hits])],
+                       r["answers"]) for r in records[:4]] + [False]
+    assert held[2] and not held[3]
+    assert got["recall_at_k"] == round(100 * sum(held) / 5, 2)
+    right_held = [e == "1" for e, h in zip(got["exact"], held) if h]
+    assert got["em_when_recalled"] == round(100 * sum(right_held) / len(right_held), 2)
+    assert sum(got["cited_rank"]) == 4  # the refused question cites nothing
+
+
 def test_batcher_reads_waiting_questions_in_one_pass_with_the_same_answers(index):
     answerer = Answerer(index)
     lookups = [answerer.lookup(q, 3) for q in QUESTIONS]
