@@ -196,7 +196,7 @@ def step_merge(cfg: dict, out: Path) -> dict:
 
     with _runner(cfg) as run:
         manifest = merge_index(
-            out / "lossless", out / "index", stopword_ids(_tokenizer()[0]), OfflineMerge(cfg["offline_ratio"], window=cfg.get("merge_window", OfflineMerge().window)),
+            out / "lossless", out / "index", stopword_ids(_tokenizer()[0]), OfflineMerge(cfg["offline_ratio"], window=cfg["merge_window"]),
             workdir=out, progress=progress, run=run, consume_source=True,
         )
     merge = manifest.extra["offline_merge"]

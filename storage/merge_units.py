@@ -39,6 +39,13 @@ def _change_dtype(width: int) -> np.dtype:
     return np.dtype([("row", "<u8"), ("pos", "<u4"), ("bits", "u1", (width,))])
 
 
+def save_json(path: Path, value: dict) -> None:
+    """``value`` as JSON to ``path`` under a temporary name, then renamed: a marker is whole or absent."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
 def _save(path: Path, array: np.ndarray) -> None:
     """``array`` to ``path`` (.npy or raw .bin) under a temporary name, then renamed: never half a file."""
     tmp = path.with_name(f".tmp-{path.name}")
@@ -257,8 +264,6 @@ def rewrite_shard(scratch: str, destination: str, shard_id: int) -> dict:
             return info.to_dict()
     shard = _source_shard(plan, index, shard_id)
     info = writer.write_shard(position, shard.first_row, merged_passages(Path(scratch), shard_id))
-    tmp = marker.with_name(f".tmp-{marker.name}")
-    tmp.write_text(json.dumps(info.to_dict()))
-    os.replace(tmp, marker)
+    save_json(marker, info.to_dict())
     return info.to_dict()
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -53,7 +52,7 @@ from pathlib import Path
 from .index import SHARDS, Index, IndexWriter, Manifest
 from .merge_units import (
     PIECE_CHUNKS, PLAN, count_shard, first_ranks, gather, merge_bucket, merged_passages, partition_shard, rewrite_shard,
-    unit_file,
+    save_json, unit_file,
 )
 from .open_shards import close_shards
 from .shard import ShardInfo
@@ -82,12 +81,6 @@ def _start(scratch: Path, plan: dict) -> None:
     path.write_text(json.dumps(plan))
 
 
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
-
-
 def _merge_window(
     folder: Path, index: Index, destination: Path, run: Runner, progress: Progress, before: dict[str, int], totals: dict[str, int]
 ) -> tuple[IndexWriter, list, int]:
@@ -114,7 +107,7 @@ def _merge_window(
         merged = itertools.chain.from_iterable(merged_passages(folder, i) for i in range(shards))
         sample = [(t.token_ids.numpy(), t.bits.numpy()) for *_, t in itertools.islice(merged, codec.settings.dictionary_samples)]
         writer = IndexWriter(destination, index.manifest.reader, codec.with_dictionary(sample))
-        _write_json(marker, writer.codec_description)
+        save_json(marker, writer.codec_description)
     infos = run(rewrite_shard, [(str(folder), str(destination), i) for i in range(shards)], report("rewrite"))
     return writer, infos, changed
 
@@ -135,7 +128,7 @@ def _merge(
             _start(window, {**plan, "first_shard": positions.start, "shards": len(positions), "buckets": buckets})
             before = dict.fromkeys(totals, positions.start) | {"merge": sum(bucket_counts[:number])}
             writer, window_infos, window_changed = _merge_window(window, index, destination, run, progress, before, totals)
-            _write_json(done, {"shards": window_infos, "changed": window_changed})
+            save_json(done, {"shards": window_infos, "changed": window_changed})
         record = json.loads(done.read_text())
         infos += record["shards"]
         changed += record["changed"]
