@@ -36,6 +36,8 @@ def bare_forward(reader, passages, batch_size: int) -> tuple[float, int]:
     with torch.no_grad():
         for batch, mask in batches:
             reader.lower(batch, mask)
+    if reader.device.type == "cuda":
+        torch.cuda.synchronize()  # kernels run behind the Python loop; time their end
     return time.perf_counter() - start, sum(len(i) for i in ids)
 
 
@@ -54,11 +56,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passages", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--corpus", help="a corpus file (default: the bundled sample)")
+    parser.add_argument("--format", default="sample", help="its format (workers.corpus: sample, jsonl, dpr, parquet, wikixml)")
+    parser.add_argument("--checkpoint", help="reader checkpoint (default: the bundled reader); only its shape matters here")
+    parser.add_argument("--split-layer", type=int, help="k, for a checkpoint without btr.json")
     args = parser.parse_args(argv)
-    reader = load_reader(ReaderSpec())
+    reader = load_reader(ReaderSpec(checkpoint=args.checkpoint, split_layer=args.split_layer))
+    if torch.cuda.is_available():  # as a GPU worker runs it (workers.indexer)
+        reader.to("cuda", dtype=torch.bfloat16)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus = normalize(None, "sample", work / "corpus")
+        corpus = normalize(args.corpus, args.format, work / "corpus")
         passages = read_rows(corpus.path, 0, args.passages)
         records = encode_corpus(reader, passages[:200], args.batch_size)  # warm-up, and a codec to write with
         codec = Codec.fit(((r.token_ids.numpy(), r.bits.numpy()) for r in records), reader.vocab_size, reader.hidden_size)
@@ -75,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_tokens_per_s": round(max(piped), 1),
         "efficiency": round(max(piped) / max(bare), 3),
         "config": {
-            "reader": "all-MiniLM-L6-v2 extractive (the default)", "split_layer": reader.split_layer,
+            "reader": args.checkpoint or "all-MiniLM-L6-v2 extractive (the default)", "split_layer": reader.split_layer,
             "passages": args.passages, "tokens": tokens, "batch_size": args.batch_size, "rounds": args.rounds,
             "threads": torch.get_num_threads(), "device": str(reader.device),
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "dtype": str(reader.dtype),
         },
     }
     if args.json:

@@ -4,8 +4,9 @@
                                   [--bits-steps 300] [--threads 1] [--results results/fid-synthetic.json]
 
 Generates the task (``flows.synthetic_qa``) into ``--data``, saves a randomly initialised small T5
-(``reader.t5_shapes`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3) as the base, trains
-plain -> split -> bits with ``flows.train_reader --family fid`` (resumable: a rerun reuses finished
+(``reader.t5_shapes`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3; ``--shape t5-base``:
+k = 9 of 12) as the base, trains
+plain -> split -> bits with ``reader.train_chain`` (the stages of ``flows.train_reader --family fid``) (resumable: a rerun reuses finished
 stages, so it only evaluates), then answers the dev questions from their given passages with each
 reader, one question at a time, every variant on the same question before the next (side by side:
 load on the machine hits all alike): plain (unsplit), split, btr (bits computed offline, as an
@@ -27,24 +28,26 @@ import torch
 from transformers import AutoTokenizer
 
 from flows.synthetic_qa import generate
-from flows.train_reader import train_reader
 from reader.assets import minilm_path
 from reader.t5_shapes import SHAPES, random_t5
 from reader.config import NO_MERGE, RuntimeMerge
-from reader.evaluate import paired_ratio_interval
+from reader.normalize import paired_ratio_interval
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
 from reader.normalize import exact_match
+from reader.train import chain
+from reader.train_chain import fit_to_budget, step_seconds, train_chain
 
-SHAPE, SPLIT_LAYER, PASSAGE_TOKENS = "small", 3, 64
+PASSAGE_TOKENS = 64
+SPLIT_LAYERS = {"small": 3, "t5-base": 9}  # k: 3 of 4 encoder layers; the paper's 9 of 12 for t5-base
 RATIOS = (0.1, 0.2, 0.3, 0.5)  # the paper's runtime ratios are 0.2 (default) and 0.5
 
 
-def save_base(folder: Path) -> str:
-    """A randomly initialised small T5 (no dropout: the task is learned from scratch) with the bundled tokenizer."""
+def save_base(folder: Path, shape: str = "small", tokenizer_path: str | None = None) -> str:
+    """A randomly initialised T5 of ``shape`` (no dropout: the task is learned from scratch) with the bundled tokenizer."""
     if not (folder / "config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-        random_t5(SHAPE, tokenizer, dropout_rate=0.0).save_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or minilm_path(), local_files_only=True)
+        random_t5(shape, tokenizer, dropout_rate=0.0).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -65,7 +68,11 @@ def evaluate(out: Path, dev: Path, limit: int, ratios: tuple[float, ...]) -> dic
     """EM and QPS of every variant over the first ``limit`` dev questions, side by side."""
     records = [json.loads(line) for line in dev.read_text().splitlines()][:limit]
     chosen = variants(out, ratios)
-    readers = {folder: load_reader(ReaderSpec("fid", folder, max_passage_tokens=PASSAGE_TOKENS)) for folder, _, _ in chosen.values()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    readers = {
+        folder: load_reader(ReaderSpec("fid", folder, max_passage_tokens=PASSAGE_TOKENS)).to(device)
+        for folder, _, _ in chosen.values()
+    }
     groups = [[Passage(p["title"], p["text"], p["id"]) for p in r["passages"]] for r in records]
     bits_reader = readers[chosen["btr"][0]]
     stored = [bits_reader.encode_passages(group) for group in groups]  # the offline half, untimed
@@ -108,17 +115,23 @@ def run(args: argparse.Namespace) -> dict:
         generate(data, args.people, args.passages)
     out = Path(args.out)
     began = time.perf_counter()
-    train_reader(
-        str(data / "train.jsonl"), str(out), args.base or save_base(out / "base"), steps=args.steps, batch_size=args.batch_size,
-        passages_per_question=args.passages, max_passage_tokens=PASSAGE_TOKENS, split_layer=SPLIT_LAYER,
-        split_steps=args.split_steps, bits_steps=args.bits_steps, family="fid", learning_rate=args.learning_rate,
-        max_positives=1,
+    stages = chain(
+        learning_rate=args.learning_rate, steps=args.steps, split_steps=args.split_steps, bits_steps=args.bits_steps,
+        batch_size=args.batch_size, max_positives=1,
     )
+    base, factor = args.base or save_base(out / "base", args.shape, args.tokenizer), 1.0
+    if args.budget_s:  # a lent GPU's minutes: every stage's steps scaled by one factor to fit
+        seconds = step_seconds(base, str(data / "train.jsonl"), args.passages, PASSAGE_TOKENS, SPLIT_LAYERS[args.shape],
+                               args.batch_size, family="fid")
+        stages, _, factor = fit_to_budget(stages, seconds, args.budget_s)
+        print(f"{seconds:.4f} s per plain step: steps {[s.steps for s in stages]} (x{factor:.3f}) to fit {args.budget_s} s", flush=True)
+    train_chain(stages, base, str(data / "train.jsonl"), str(out), args.passages, PASSAGE_TOKENS, SPLIT_LAYERS[args.shape], family="fid")
     trained = time.perf_counter() - began
     result = evaluate(out, data / "dev.jsonl", args.questions, tuple(args.ratios))
     result["config"] = {
-        "shape": SHAPE, **SHAPES[SHAPE], "split_layer": SPLIT_LAYER, "max_passage_tokens": PASSAGE_TOKENS,
-        "steps": [args.steps, args.split_steps, args.bits_steps], "batch_size": args.batch_size,
+        "shape": args.shape, **SHAPES[args.shape], "split_layer": SPLIT_LAYERS[args.shape], "max_passage_tokens": PASSAGE_TOKENS,
+        "steps": [s.steps for s in stages], "steps_asked": [args.steps, args.split_steps, args.bits_steps],
+        "budget_s": args.budget_s, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "passages_per_question": args.passages, "people": args.people,
         "threads": args.threads, "train_seconds_this_run": round(trained), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -131,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/synthetic", help="task folder (generated when missing)")
     parser.add_argument("--out", default="checkpoints/fid-synthetic", help="stage checkpoints (and base/)")
     parser.add_argument("--base", help="start from this FiD checkpoint (default: a random small T5 in OUT/base)")
+    parser.add_argument("--shape", choices=sorted(SPLIT_LAYERS), default="small", help="the random T5's shape (reader.t5_shapes)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the bundled all-MiniLM-L6-v2's)")
     parser.add_argument("--people", type=int, default=1600)
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
     parser.add_argument("--steps", type=int, default=1000, help="plain stage steps")
@@ -141,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions", type=int, default=480, help="dev questions evaluated")
     parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget-s", type=float, help="scale the stages' steps to train in about this many seconds")
     parser.add_argument("--results", default="results/fid-synthetic.json")
     args = parser.parse_args(argv)
     result = run(args)

@@ -27,51 +27,15 @@ Runs on CPU, on a GPU in bf16 when there is one. Also a deployment: ``train-read
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import replace
-from pathlib import Path
 
-import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from reader.load import BASE_ENCODER, FAMILIES, ReaderSpec, load_reader
-from reader.supervision import Example, TrainingDataError, read_examples, targets, to_example
-from reader.train import LEARNING_RATES, Stage, chain, save_checkpoint, stage_done, stage_folder, train_stage
-
-
-def load_examples(path: Path, index: str | None, retrieve: int = 20) -> tuple[list[Example], dict]:
-    """Examples from a QA JSONL file; lines without passages are given retrieved ones from ``index``."""
-    records = list(read_examples(path))
-    missing = [record for _, record in records if not record.get("passages")]
-    if missing:
-        if index is None:
-            number = next(n for n, r in records if not r.get("passages"))
-            raise TrainingDataError(f"{path}:{number}: no \"passages\"; pass --index to retrieve them")
-        attach_passages(missing, index, retrieve)
-    examples, unanswerable = [], 0
-    for _, record in records:
-        example = to_example(record)
-        if example is None:
-            unanswerable += 1
-        else:
-            examples.append(example)
-    return examples, {"lines": len(records), "retrieved": len(missing), "no_positive": unanswerable}
-
-
-def attach_passages(records: list[dict], index: str, k: int) -> None:
-    """Give each record the text of its top-k retrieved passages (in place)."""
-    from reader.retriever import Retriever
-    from storage.index import Index
-
-    retriever, stored = Retriever(index), Index.open(index)
-    for start in range(0, len(records), 64):
-        chunk = records[start : start + 64]
-        for record, hits in zip(chunk, retriever.search([r["question"] for r in chunk], k)):
-            record["passages"] = [
-                {"id": s.pid, "title": s.title, "text": s.text} for s in stored.fetch([h.row for h in hits])
-            ]
+from reader.load import BASE_ENCODER, FAMILIES
+from reader.supervision import TrainingDataError
+from reader.train import Stage, chain
+from reader.train_chain import control_chain, export_chain, run_stage
 
 
 @task(cache_policy=NO_CACHE)
@@ -89,31 +53,10 @@ def train_stage_task(
     family: str = "extractive",
 ) -> str:
     """Train (or resume, or reuse) one stage of a chain; returns its checkpoint folder."""
-    logger = get_run_logger()
-    root, stage = Path(out), stages[position]
-    folder = stage_folder(root, stages, position)
-    if stage_done(folder, stage):
-        trained_k = json.loads((folder / "btr.json").read_text())["split_layer"]
-        if position == 0 and split_layer is not None and trained_k != split_layer:
-            raise TrainingDataError(f"{folder} was trained for k={trained_k}, not k={split_layer}; use another --out")
-        logger.info(f"{folder.name}: already trained, reusing {folder}")
-        return str(folder)
-    previous = base if position == 0 else str(stage_folder(root, stages, position - 1))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Later stages take k from the previous stage's btr.json.
-    k = split_layer if position == 0 else None
-    spec = ReaderSpec(family, previous, k, max_passage_tokens)
-    reader = load_reader(spec).to(device)
-    teacher = None
-    if stage.kind == "split" and stage.distill:
-        plain = str(stage_folder(root, stages, 0))
-        teacher = load_reader(replace(spec, checkpoint=plain, split_layer=None)).to(device)
-    examples, counts = load_examples(Path(train), index)
-    data, dropped = targets(reader, examples, per_question, stage.max_positives, stage.question_word)
-    logger.info(f"{folder.name}: {len(data)} examples from {train} ({counts | dropped}) on {device}")
-    summary = train_stage(reader, stage, data, folder, teacher, log=logger.info, bf16=bf16)
-    logger.info(f"{folder.name}: done, final losses {summary['final_loss']}")
-    return str(folder)
+    return run_stage(
+        stages, position, base, train, out, per_question, index, max_passage_tokens, split_layer, bf16, family,
+        log=get_run_logger().info,
+    )
 
 
 @flow(name="train-reader", log_prints=True)
@@ -156,20 +99,12 @@ def train_reader(
             family,
         )
     if control_steps:  # the plain reader trained on, unsplit: stage "plain+plain"
-        control = replace(stages[0], steps=control_steps, learning_rate=LEARNING_RATES["split"])
         train_stage_task(
-            [stages[0], control], 1, base, train, out, passages_per_question, index, max_passage_tokens, split_layer,
+            control_chain(stages, control_steps), 1, base, train, out, passages_per_question, index, max_passage_tokens, split_layer,
             bf16, family,
         )
     if export:
-        reader = load_reader(ReaderSpec(family, checkpoint))
-        folders = [stage_folder(Path(out), stages, i) for i in range(len(stages))]
-        training = {
-            "chain": Path(checkpoint).name,
-            "data": train,
-            "stages": [json.loads((folder / "btr.json").read_text())["training"] for folder in folders],
-        }
-        save_checkpoint(reader, Path(export), training, dtype=torch.float16)
+        export_chain(out, stages, checkpoint, export, train, family)
         get_run_logger().info(f"exported {checkpoint} in fp16 to {export}")
     return checkpoint
 

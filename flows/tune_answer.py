@@ -23,46 +23,23 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from reader.answer import DEFAULT_K, Answerer
 from reader.evaluate import load_questions
 from reader.load import DEFAULT_CHECKPOINT, SETTINGS_FILE, quiet_library_logs
-from reader.normalize import exact_match, normalize_answer
+from reader.answer_rule import question_logits, score
 
 DEV_SETS = ("nq-dev-heldout-in-sample", "trivia-dev-heldout-in-sample")
 
 
 def read_logits(answerer: Answerer, questions: list[dict], k: int) -> list[dict]:
-    """Per question, what re-scoring needs: the batch, span logits, relevance and titles (one model pass)."""
-    reader, cached = answerer.reader, []
+    """Per question, what re-scoring needs (``reader.answer_rule.question_logits``), over the index's bits."""
+    cached = []
     for record in questions:
         lookup = answerer.lookup(record["question"], k)
         stored = answerer.index.decode(lookup.raw, [h.row for h in lookup.hits])
-        batch = reader.prepare([record["question"]], [[s.tokens for s in stored]], [[h.score for h in lookup.hits]])
-        with torch.inference_mode():
-            pairs = reader.encode_pairs(batch, "btr")
-            start, end = reader.span_logits(batch, "btr", pairs)
-            relevance = reader.relevance_logits(batch, pairs)
-        cached.append({"record": record, "batch": batch, "start": start, "end": end, "relevance": relevance,
-                       "titles": [normalize_answer(s.title) for s in stored]})
+        scores = [h.score for h in lookup.hits]
+        cached.append(question_logits(answerer.reader, record, stored, scores, "btr", [s.tokens for s in stored]))
     return cached
-
-
-def score(reader, cached: list[dict], relevance_weight: float, retrieval_weight: float) -> dict:
-    """EM, cited ranks and title answers of the rule at one grid point (set on ``reader``), over cached logits."""
-    ems, ranks, titles = [], [0] * cached[0]["batch"].per_query, 0
-    reader.relevance_weight, reader.retrieval_weight = relevance_weight, retrieval_weight
-    for item in cached:
-        batch = item["batch"]
-        prior = reader.passage_prior(batch, item["relevance"])
-        span = reader.best_spans(batch, item["start"], item["end"], prior)[0]
-        ems.append(exact_match(span.text, item["record"]["answers"]))
-        ranks[span.passage] += 1
-        titles += normalize_answer(span.text) in item["titles"]
-    n = len(cached)
-    return {"em": round(100 * sum(ems) / n, 2), "cited_rank": ranks, "answer_is_title": round(100 * titles / n, 2),
-            "exact": "".join("1" if e else "0" for e in ems)}
 
 
 # A train-reader stage folder: plain, plain+split, plain+split-nodistill+bits, plain+plain, ...

@@ -28,7 +28,7 @@ from .answer import DAMAGED_INDEX, DEFAULT_K, Answerer, bad_input_errors
 from .config import MODES
 from .inputs import ReaderInputError
 from .load import quiet_library_logs
-from .normalize import exact_match, f1_score, has_answer, normalize_answer  # noqa: F401 (re-exported)
+from .normalize import exact_match, f1_score, has_answer, normalize_answer, paired_ratio_interval  # noqa: F401 (re-exported)
 from .supervision import read_examples
 
 def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFAULT_K) -> dict:
@@ -85,17 +85,6 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
         "latency_p95_ms": round(float(np.percentile(latencies, 95)), 1) if latencies else None,
         "exact": "".join("1" if em else "0" for em in ems),
     }
-
-
-def paired_ratio_interval(exact: str, reference: str, samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
-    """95% paired-bootstrap interval of EM(exact) / EM(reference), in percent, over the same questions."""
-    if len(exact) != len(reference) or not exact:
-        raise ValueError(f"per-question outcomes of {len(exact)} and {len(reference)} questions cannot be paired")
-    a, b = (np.frombuffer(x.encode(), dtype=np.uint8) == ord("1") for x in (exact, reference))
-    picks = np.random.default_rng(seed).integers(0, len(a), size=(samples, len(a)), dtype=np.int32)
-    ratios = 100 * a[picks].sum(1) / np.maximum(b[picks].sum(1), 1)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(low), float(high)
 
 
 def load_questions(path: Path | str, limit: int | None = None) -> list[dict]:

@@ -10,6 +10,8 @@ import re
 import string
 from collections import Counter
 
+import numpy as np
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
@@ -42,3 +44,14 @@ def has_answer(texts: list[str], answers: list[str]) -> bool:
     """Whether any passage contains a gold answer (normalized, as whole tokens)."""
     wanted = [f" {normalize_answer(a)} " for a in answers if normalize_answer(a)]
     return any(w in f" {normalize_answer(t)} " for t in texts for w in wanted)
+
+
+def paired_ratio_interval(exact: str, reference: str, samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of EM(exact) / EM(reference), in percent, over the same questions."""
+    if len(exact) != len(reference) or not exact:
+        raise ValueError(f"per-question outcomes of {len(exact)} and {len(reference)} questions cannot be paired")
+    a, b = (np.frombuffer(x.encode(), dtype=np.uint8) == ord("1") for x in (exact, reference))
+    picks = np.random.default_rng(seed).integers(0, len(a), size=(samples, len(a)), dtype=np.int32)
+    ratios = 100 * a[picks].sum(1) / np.maximum(b[picks].sum(1), 1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)

@@ -237,7 +237,7 @@ def train_stage(
     optimizer = torch.optim.AdamW(groups, lr=stage.learning_rate, weight_decay=0.01)
     warmup = max(1, stage.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (stage.steps - step) / (stage.steps - warmup)))
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (stage.steps - step) / max(1, stage.steps - warmup)))
     )
     first = 0
     resume = out / "resume.pt"
