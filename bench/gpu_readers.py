@@ -120,17 +120,17 @@ def train(args: argparse.Namespace) -> dict:
     return plan
 
 
-def evaluate(out: Path, data: Path, limit: int | None = None) -> dict:
+def evaluate(out: Path, data: Path, limit: int | None = None, done=lambda rows: None) -> dict:
     """Every reader on every set (its first ``limit`` questions); the rule's weight chosen on dev per
-    reader, test reported at it."""
+    reader, test reported at it. ``done(rows)`` after each reader (partial results survive a time limit)."""
     records, seen = [], {}
     for line in lzma.open(data / "eval.jsonl.xz", "rt"):
         record = json.loads(line)
         seen[record["set"]] = seen.get(record["set"], 0) + 1
         if limit is None or seen[record["set"]] <= limit:
             records.append(record)
-    readers = {"control": ("plain+plain", "baseline"), "plain": ("plain", "baseline"),
-               "split": ("plain+split", "split"), "btr": ("plain+split+bits", "btr")}
+    readers = {"btr": ("plain+split+bits", "btr"), "control": ("plain+plain", "baseline"),
+               "split": ("plain+split", "split"), "plain": ("plain", "baseline")}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {}
     for name, (folder, mode) in readers.items():
@@ -146,6 +146,7 @@ def evaluate(out: Path, data: Path, limit: int | None = None) -> dict:
         rows[name] = {"checkpoint": folder, "mode": mode, "retrieval_weight": chosen,
                       "questions_per_s": round(len(records) / (time.perf_counter() - began), 1),
                       "sets": points[chosen], "dev_grid": {w: {s: points[w][s]["em"] for s in DEV} for w in WEIGHTS}}
+        done(rows)
         print(f"{name}: weight {chosen:g} " + "; ".join(f"{s} EM {r['em']}" for s, r in points[chosen].items()), flush=True)
     retention = {}
     for name in DEV + TEST:
@@ -182,17 +183,20 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(prepare(args.index, Path(args.out), Path(args.data), args.test_limit)))
         return 0
     torch.set_num_threads(4)
-    result = {"plan": train(args)}
-    result |= evaluate(Path(args.out), Path(args.data), args.eval_limit)
-    result["config"] = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
+    result = {"config": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
                         "torch": torch.__version__, "budget_s": args.budget_s, "split_layer": SPLIT_LAYER,
-                        "max_passage_tokens": PASSAGE_TOKENS, "passages_per_question": PER_QUESTION}
+                        "max_passage_tokens": PASSAGE_TOKENS, "passages_per_question": PER_QUESTION}}
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    save = lambda: results.write_text(json.dumps(result, indent=1) + "\n")  # noqa: E731
+    result["plan"] = train(args)
+    save()
+    result |= evaluate(Path(args.out), Path(args.data), args.eval_limit, lambda rows: (result.update(readers=rows), save()))
     if args.export:
         settings = json.loads((Path(args.export) / "btr.json").read_text())
         settings["answer"] = {"relevance_weight": 0.0, "retrieval_weight": result["readers"]["btr"]["retrieval_weight"]}
         (Path(args.export) / "btr.json").write_text(json.dumps(settings, indent=2) + "\n")
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
+    save()
     return 0
 
 
