@@ -93,9 +93,12 @@ def train(args: argparse.Namespace) -> dict:
     if not train_file.exists():
         train_file.write_bytes(lzma.decompress((data / "train.jsonl.xz").read_bytes()))
     base, began = str(data / "base"), time.perf_counter()
-    seconds = step_seconds(base, str(train_file), PER_QUESTION, PASSAGE_TOKENS, SPLIT_LAYER, args.batch_size)
-    wanted = chain(steps=args.steps, split_steps=args.split_steps, bits_steps=args.bits_steps, batch_size=args.batch_size)
-    stages, control_steps, factor = fit_to_budget(wanted, seconds, args.budget_s, args.control_steps)
+    wanted = chain(learning_rate=args.learning_rate, steps=args.steps, split_steps=args.split_steps, bits_steps=args.bits_steps,
+                   batch_size=args.batch_size)
+    stages, control_steps, factor, seconds = wanted, args.control_steps, 1.0, 0.0
+    if args.budget_s:
+        seconds = step_seconds(base, str(train_file), PER_QUESTION, PASSAGE_TOKENS, SPLIT_LAYER, args.batch_size)
+        stages, control_steps, factor = fit_to_budget(wanted, seconds, args.budget_s, args.control_steps)
     plan = {"seconds_per_plain_step": round(seconds, 4), "factor": round(factor, 3),
             "steps": {s.kind: s.steps for s in stages} | {"control": control_steps}, "batch_size": args.batch_size}
     print(f"plan: {plan}", flush=True)
@@ -120,20 +123,24 @@ def train(args: argparse.Namespace) -> dict:
     return plan
 
 
-def evaluate(out: Path, data: Path, limit: int | None = None, done=lambda rows: None) -> dict:
+def evaluate(
+    out: Path, data: Path, limit: int | None = None, done=lambda rows: None, names: tuple[str, ...] = ("btr", "control", "split", "plain"),
+    sets: tuple[str, ...] = DEV + TEST,
+) -> dict:
     """Every reader on every set (its first ``limit`` questions); the rule's weight chosen on dev per
     reader, test reported at it. ``done(rows)`` after each reader (partial results survive a time limit)."""
     records, seen = [], {}
     for line in lzma.open(data / "eval.jsonl.xz", "rt"):
         record = json.loads(line)
         seen[record["set"]] = seen.get(record["set"], 0) + 1
-        if limit is None or seen[record["set"]] <= limit:
+        if record["set"] in sets and (limit is None or seen[record["set"]] <= limit):
             records.append(record)
     readers = {"btr": ("plain+split+bits", "btr"), "control": ("plain+plain", "baseline"),
                "split": ("plain+split", "split"), "plain": ("plain", "baseline")}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {}
-    for name, (folder, mode) in readers.items():
+    for name in names:
+        folder, mode = readers[name]
         reader = load_reader(ReaderSpec("extractive", str(out / folder))).to(device)
         began = time.perf_counter()
         cached = {}
@@ -149,7 +156,7 @@ def evaluate(out: Path, data: Path, limit: int | None = None, done=lambda rows: 
         done(rows)
         print(f"{name}: weight {chosen:g} " + "; ".join(f"{s} EM {r['em']}" for s, r in points[chosen].items()), flush=True)
     retention = {}
-    for name in DEV + TEST:
+    for name in sets if {"btr", "control"} <= set(names) else ():
         btr, control = rows["btr"]["sets"][name], rows["control"]["sets"][name]
         low, high = paired_ratio_interval(btr["exact"], control["exact"])
         retention[name] = {"btr_over_control_percent": round(100 * btr["em"] / max(control["em"], 1e-9), 1),
@@ -168,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="on the GPU: train chain + control within the budget, evaluate")
     run.add_argument("--data", default=".gpu")
     run.add_argument("--out", default="checkpoints/gpu-extractive")
-    run.add_argument("--budget-s", type=float, default=300, help="training seconds (steps are scaled to fit)")
+    run.add_argument("--budget-s", type=float, default=300, help="training seconds (steps are scaled to fit; 0: as asked)")
+    run.add_argument("--learning-rate", type=float, help="every stage's peak rate (default: reader.train.LEARNING_RATES)")
+    run.add_argument("--readers", default="btr,control,split,plain", help="which to evaluate, in this order")
+    run.add_argument("--sets", choices=("all", "dev"), default="all", help="evaluate on dev and test, or dev only")
     run.add_argument("--steps", type=int, default=8000, help="plain steps wanted (10x make train's 800)")
     run.add_argument("--split-steps", type=int, default=10000)
     run.add_argument("--bits-steps", type=int, default=4000)
@@ -191,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     save = lambda: results.write_text(json.dumps(result, indent=1) + "\n")  # noqa: E731
     result["plan"] = train(args)
     save()
-    result |= evaluate(Path(args.out), Path(args.data), args.eval_limit, lambda rows: (result.update(readers=rows), save()))
+    result |= evaluate(Path(args.out), Path(args.data), args.eval_limit, lambda rows: (result.update(readers=rows), save()),
+                       tuple(args.readers.split(",")), DEV + TEST if args.sets == "all" else DEV)
     if args.export:
         settings = json.loads((Path(args.export) / "btr.json").read_text())
         settings["answer"] = {"relevance_weight": 0.0, "retrieval_weight": result["readers"]["btr"]["retrieval_weight"]}

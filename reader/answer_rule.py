@@ -33,7 +33,7 @@ def question_logits(
     return {
         "record": record, "batch": batch, "start": start, "end": end, "relevance": relevance,
         "titles": [normalize_answer(p.title) for p in passages],
-        "recalled": any(has_answer(p.text, record["answers"]) for p in passages),
+        "recalled": has_answer([p.text for p in passages], record["answers"]),
     }
 
 
