@@ -99,6 +99,8 @@ class FiDReader(SplitReader):
         tokens = Tokens(hidden, size.to(self.device), index.float())  # a token's position is its input index
         if attention_from is None:
             return tokens
+        if not output.attentions or len(output.attentions) <= attention_from:
+            raise RuntimeError("the encoder returned no attention weights (sdpa attention?); call reader.train.eager_attention first")
         attention = torch.stack(output.attentions[attention_from:]).mean(dim=(0, 2))
         attention = attention.gather(1, index[..., None].expand(-1, -1, attention.shape[-1]))
         return tokens, attention.gather(2, index[:, None, :].expand(-1, index.shape[1], -1))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import PreTrainedModel
 
 from .config import NO_MERGE
 from .extractive import ExtractiveReader
@@ -165,6 +166,15 @@ def stage_losses(reader, stage: Stage, chosen: Sequence[Target], teacher=None, p
     return losses
 
 
+def eager_attention(model: torch.nn.Module) -> None:
+    """Attention weights the distillation can read: eager attention in ``model`` and in every pretrained
+    module inside it. Setting it on the top model alone left T5's encoder stack on sdpa in transformers
+    5.17 (its config is its own), and sdpa returns no weights: the FiD split stage failed on a GPU."""
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.set_attn_implementation("eager")
+
+
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -260,7 +270,7 @@ def train_stage(
     kept = [line for line in curve.read_text().splitlines() if json.loads(line)["step"] <= first] if curve.exists() else []
     curve.write_text("".join(line + "\n" for line in kept))
     if teacher is not None:
-        teacher.model.base_model.set_attn_implementation("eager")
+        eager_attention(teacher.model)
         teacher.eval().requires_grad_(False)
     reader.train()
     bf16 = reader.device.type == "cuda" if bf16 is None else bf16

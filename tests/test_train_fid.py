@@ -83,6 +83,21 @@ def test_teacher_states_and_attention_line_up_with_the_split_reader(make_fid, da
     assert torch.allclose(rows, torch.ones(int(real.sum())), atol=1e-4)
 
 
+def test_eager_attention_reaches_the_encoder_stack_and_sdpa_is_refused_by_name(make_fid, data):
+    reader = make_fid(BTRConfig(split_layer=1, max_passage_tokens=48))
+    reader.model.set_attn_implementation("sdpa")  # as a Hub checkpoint loads; sdpa returns no attention weights
+    batch = reader.prepare([t.example.question for t in data[:2]], [t.passages for t in data[:2]])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="no attention weights"):
+        reader._encode_unsplit(batch, attention_from=1)
+    train_module.eager_attention(reader.model)
+    # every stack's own config, not only the top one: transformers 5.17 kept T5's encoder on sdpa when only
+    # the top model was set (5.24, installed here, propagates it, so that half fails only on 5.17)
+    assert {m.config._attn_implementation for m in reader.model.modules() if hasattr(m, "set_attn_implementation")} == {"eager"}
+    with torch.no_grad():
+        _, attention = reader._encode_unsplit(batch, attention_from=1)
+    assert attention.shape[0] == 2 * batch.per_query
+
+
 def test_each_stage_lowers_its_loss_writes_its_checkpoint_and_the_bits_reach_the_lower_layers(make_fid, data, tmp_path):
     reader = make_fid(CONFIG, d_model=64).train()
     teacher = make_fid(CONFIG, d_model=64, seed=1)
