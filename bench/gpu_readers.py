@@ -139,9 +139,9 @@ def evaluate(
                "split": ("plain+split", "split"), "plain": ("plain", "baseline")}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = {}
-    for name in names:
-        folder, mode = readers[name]
-        reader = load_reader(ReaderSpec("extractive", str(out / folder))).to(device)
+    for name in names:  # a stage of the run, or any checkpoint as FOLDER:MODE
+        folder, mode = readers[name] if name in readers else name.rsplit(":", 1)
+        reader = load_reader(ReaderSpec("extractive", str(out / folder) if name in readers else folder)).to(device)
         began = time.perf_counter()
         cached = {}
         for record in records:
@@ -172,6 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     ready.add_argument("--data", default="data/qa")
     ready.add_argument("--out", default=".gpu")
     ready.add_argument("--test-limit", type=int, default=300)
+    again = commands.add_parser("evaluate", help="only evaluate: stages of --out, or any checkpoint as FOLDER:MODE")
+    again.add_argument("--data", default=".gpu")
+    again.add_argument("--out", default="checkpoints/gpu-extractive")
+    again.add_argument("--readers", default="btr,control,split,plain")
+    again.add_argument("--sets", choices=("all", "dev"), default="all")
+    again.add_argument("--eval-limit", type=int)
+    again.add_argument("--results", required=True)
     run = commands.add_parser("run", help="on the GPU: train chain + control within the budget, evaluate")
     run.add_argument("--data", default=".gpu")
     run.add_argument("--out", default="checkpoints/gpu-extractive")
@@ -191,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_logs()
     if args.command == "prepare":
         print(json.dumps(prepare(args.index, Path(args.out), Path(args.data), args.test_limit)))
+        return 0
+    if args.command == "evaluate":
+        result = evaluate(Path(args.out), Path(args.data), args.eval_limit, names=tuple(args.readers.split(",")),
+                          sets=DEV + TEST if args.sets == "all" else DEV)
+        Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
         return 0
     torch.set_num_threads(4)
     result = {"config": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),

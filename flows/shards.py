@@ -26,7 +26,7 @@ from prefect.runtime import task_run
 from prefect_ray.context import remote_options
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.actor import index_or_lost, start_workers, stop_workers, when_back
+from workers.actor import gpu_share, index_or_lost, start_workers, stop_workers, when_back
 from workers.cluster import LOCAL_RAY, cluster, loopback_ray
 from workers.progress import WORKER_FOLDER, in_flight
 from workers.quiet import quiet
@@ -143,7 +143,7 @@ def index_shards(
     count = workers or gpus or 1
     nodes = sum(node["Alive"] for node in ray.nodes())
     logger.info("Ray: %s, %s node(s); %s worker(s), %s", ray.get_runtime_context().gcs_address, nodes, count,
-                "1 GPU each" if gpus else "CPU")
+                f"{gpu_share(gpus, count):g} GPU each" if gpus else "CPU")
     dashboard = ray_dashboard()
     if dashboard:
         logger.info("Ray dashboard: %s", dashboard)
@@ -151,7 +151,7 @@ def index_shards(
     progress.set(ray_dashboard=dashboard)
     printer = Printer(sys.stderr) if sys.stderr.isatty() else None  # off a terminal the logs say it
     artifact = create_progress_artifact(0.0, key="index-shards-progress", description="shards indexed")
-    handles = start_workers(count, gpus > 0, staging, corpus_path, spec, encoder, batch_size)
+    handles = start_workers(count, gpus, staging, corpus_path, spec, encoder, batch_size)
     # Dispatchers only wait: no CPU, and on this process's node (losing it loses the flow anyway).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     todo, idle = collections.deque(plans), list(handles)

@@ -31,7 +31,7 @@ def cluster_with_workers(tmp_path_factory, make_extractive_module, write_flow_in
     calibrate_codec(root / "staging", Path(corpus), load_reader(spec), 4)
     loopback_ray()
     ray.init(**LOCAL_RAY)
-    workers = start_workers(1, False, str(root / "staging"), str(corpus), spec.to_dict(), str(root / "reader"), 4)
+    workers = start_workers(1, 0, str(root / "staging"), str(corpus), spec.to_dict(), str(root / "reader"), 4)
     try:
         ray.get([w.__ray_ready__.remote() for w in workers.values()])
         yield ray_dashboard()

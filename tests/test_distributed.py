@@ -124,3 +124,15 @@ def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_list
     assert retriever_problems(moved, manifest) == []
     os.truncate(moved / IVF_DATA, (moved / IVF_DATA).stat().st_size // 2)
     assert retriever_problems(moved, manifest) == [f"retriever: {IVF_DATA} is truncated"]
+
+
+def test_workers_beyond_the_gpu_count_share_the_gpus_instead_of_waiting_forever():
+    from workers.actor import gpu_share
+
+    assert gpu_share(0, 4) == 0.0  # a CPU cluster asks for no GPU
+    assert gpu_share(8, 8) == gpu_share(8, 3) == 1.0  # one GPU each, as before
+    assert gpu_share(1, 4) == 0.25 and gpu_share(8, 32) == 0.25
+    # shares are floored to Ray's resolution, so that count of them fit the cluster's GPUs
+    for gpus, count in ((1, 3), (2, 7), (3, 64), (1, 9999)):
+        share = gpu_share(gpus, count)
+        assert 0 < share < 1 and share * count <= gpus and round(share, 4) == share
