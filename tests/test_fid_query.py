@@ -64,3 +64,15 @@ def test_a_fid_index_answers_with_a_cited_passage_and_evaluates(tmp_path, make_f
         assert result["context"].endswith(next(p.text for p in passages if p.id == cited))
     summary = evaluate(answerer, records[:6], "btr", k=3)
     assert summary["n"] == 6 and sum(summary["cited_rank"]) == 6 - summary["refused"]
+    # the service answers from the same FiD index as reader.answer does: generated answer, cited passage, no span
+    from starlette.testclient import TestClient
+
+    from reader.serve import create_app
+
+    direct = answerer.answer(records[1]["question"], 3, "btr")
+    with TestClient(create_app(answerer)) as client:
+        served = client.post("/answer", json={"question": records[1]["question"], "k": 3})
+        assert served.status_code == 200, served.text
+        body = served.json()
+        assert (body["answer"], body["source"], body["context"]) == (direct["answer"], direct["source"], direct["context"])
+        assert body["span"] is None and client.get("/health").json()["status"] == "ok"
