@@ -10,7 +10,9 @@ counts it), and overlap@k (the share of exact search's top k that the index retu
 The vectors are the exact retriever's (``make data`` builds it over the bundled sample); the inverted
 lists follow the flow's rule for the corpus size (4 sqrt(n)), so at 10,033 passages the default 32
 probes visit 8% of 400 lists, where at 21M they would visit 0.2% of 18,330: ``--probes`` sets more
-than one setting to show the curve.
+than one setting to show the curve. Every type is built from the vectors stored as the workers store
+them (float16); ``flat_float32``, exact search over the float32 vectors, is the reference of every
+overlap and shows what the float16 storage costs.
 
     python -m flows.retriever_recall --json > results/retriever-recall-dev.json
 """
@@ -28,6 +30,7 @@ import faiss
 import numpy as np
 
 from workers.corpus import read_sample
+from workers.indexer import EMBEDDING_DTYPE
 from storage.record import Passage
 from reader.normalize import has_answer
 from reader.retriever import Encoder, Retriever, build_faiss_apart, ivf_lists, ivfpq_factory, read_faiss
@@ -72,23 +75,25 @@ def measure(qa: Path, probes: list[int], limit: int | None) -> dict:
         sets[name.split("-")[0]] = (records, encoder.embed([r["question"] for r in records]))
     out = {"passages": len(vectors), "questions": {s: len(r) for s, (r, _) in sets.items()}, "types": {}}
     with tempfile.TemporaryDirectory(prefix="btr-recall-") as tmp:
-        parts = Path(tmp) / "part-00000.npy"
-        np.save(parts, vectors)
+        reference, parts = Path(tmp) / "float32.npy", Path(tmp) / "part-00000.npy"
+        np.save(reference, vectors)  # exact search over the vectors as computed: every overlap's reference
+        np.save(parts, vectors.astype(EMBEDDING_DTYPE))  # as the workers store them for the retriever
         exact: dict[str, list[list[int]]] = {}
-        for kind, factory in factories(len(vectors), vectors.shape[1]).items():
+        kinds = {"flat_float32": "Flat"} | factories(len(vectors), vectors.shape[1])
+        for kind, factory in kinds.items():
             folder = Path(tmp) / kind
             folder.mkdir()
             began = time.perf_counter()
-            build_faiss_apart([parts], folder, info["encoder"], factory=factory)
+            build_faiss_apart([reference if kind == "flat_float32" else parts], folder, info["encoder"], factory=factory)
             built_s = time.perf_counter() - began
             size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("retriever.") and f.suffix != ".json")
-            for nprobe in probes if kind != "flat" else [0]:
+            for nprobe in probes if factory.startswith("IVF") else [0]:
                 retriever = Retriever(folder, encoder, probes=nprobe or 1)
                 row = {"factory": factory, "bytes": size, "build_s": round(built_s, 2)} | ({"probes": nprobe} if nprobe else {})
                 for subset, (records, questions) in sets.items():
                     _, found = retriever.index.search(questions, max(KS))
                     hits = [[int(r) for r in rows] for rows in found]
-                    exact.setdefault(subset, hits)  # flat comes first
+                    exact.setdefault(subset, hits)  # flat_float32 comes first
                     for k in KS:
                         row[f"{subset}_{k}"] = score(hits, exact[subset], records, texts, k)
                 out["types"][f"{kind}" + (f"@{nprobe}" if nprobe else "")] = row

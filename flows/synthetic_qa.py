@@ -68,13 +68,18 @@ def passage(person: dict, rng: random.Random, must_state: str | None = None) -> 
     return {"id": person["name"].replace(" ", "_"), "title": person["name"], "text": text}
 
 
-def distractors(target: dict, pool: Sequence[dict], relation: str, count: int, rng: random.Random) -> list[dict]:
-    """``count`` other people stating ``relation`` with another value: a namesake by first, one by last name, then any."""
+def distractors(
+    target: dict, pool: Sequence[dict], relation: str, count: int, rng: random.Random, namesakes: bool = True
+) -> list[dict]:
+    """``count`` other people stating ``relation`` with another value: a namesake by first, one by last name
+    (unless not ``namesakes``: then no one sharing either name), then any."""
     value = target["facts"][relation]
     first, last = target["name"].split()
     others = [p for p in pool if p["name"] != target["name"] and p["facts"][relation] != value]
+    if not namesakes:
+        others = [p for p in others if not {first, last} & set(p["name"].split())]
     picked: list[dict] = []
-    for match in (lambda p: p["name"].split()[0] == first, lambda p: p["name"].split()[1] == last):
+    for match in (lambda p: p["name"].split()[0] == first, lambda p: p["name"].split()[1] == last) if namesakes else ():
         found = [p for p in others if match(p) and p not in picked]
         if found and len(picked) < count:
             picked.append(rng.choice(found))
@@ -85,13 +90,14 @@ def distractors(target: dict, pool: Sequence[dict], relation: str, count: int, r
     return picked
 
 
-def questions(group: Sequence[dict], per_question: int, rng: random.Random) -> list[dict]:
+def questions(group: Sequence[dict], per_question: int, rng: random.Random, namesakes: bool = True) -> list[dict]:
     """One question per stated relation of every person in ``group``, distractors drawn from ``group``."""
     records = []
     for person in group:
         for relation in person["stated"]:
             passages = [passage(person, rng)] + [
-                passage(other, rng, must_state=relation) for other in distractors(person, group, relation, per_question - 1, rng)
+                passage(other, rng, must_state=relation)
+                for other in distractors(person, group, relation, per_question - 1, rng, namesakes)
             ]
             rng.shuffle(passages)  # the answer's passage anywhere among them
             records.append({
@@ -104,7 +110,9 @@ def questions(group: Sequence[dict], per_question: int, rng: random.Random) -> l
     return records
 
 
-def generate(out: Path, people_count: int = 1600, per_question: int = 4, dev_share: float = 0.1, seed: int = 0) -> dict:
+def generate(
+    out: Path, people_count: int = 1600, per_question: int = 4, dev_share: float = 0.1, seed: int = 0, namesakes: bool = True
+) -> dict:
     """Write train.jsonl and dev.jsonl under ``out``; returns their sizes."""
     if per_question < 2:
         raise ValueError("a question needs its passage and at least one distractor (--passages >= 2)")
@@ -114,11 +122,12 @@ def generate(out: Path, people_count: int = 1600, per_question: int = 4, dev_sha
     out.mkdir(parents=True, exist_ok=True)
     sizes = {}
     for name, group in (("train", everyone[:split]), ("dev", everyone[split:])):
-        records = questions(group, per_question, rng)
+        records = questions(group, per_question, rng, namesakes)
         with open(out / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
         sizes[name] = len(records)
-    return {"people": people_count, "passages_per_question": per_question, "questions": sizes, "seed": seed}
+    return {"people": people_count, "passages_per_question": per_question, "questions": sizes, "seed": seed,
+            "namesakes": namesakes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,9 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--people", type=int, default=1600, help=f"people (at most {len(FIRST) * len(LAST)})")
     parser.add_argument("--passages", type=int, default=4, help="passages per question (the answer's + distractors)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-namesakes", action="store_true",
+                        help="distractors share neither name with the person asked about (an easier task: half the name tells)")
     args = parser.parse_args(argv)
     try:
-        print(json.dumps(generate(Path(args.out), args.people, args.passages, seed=args.seed)))
+        print(json.dumps(generate(Path(args.out), args.people, args.passages, seed=args.seed, namesakes=not args.no_namesakes)))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

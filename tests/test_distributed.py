@@ -75,7 +75,7 @@ def test_merge_and_verify_on_one_or_two_workers_match_one_process_and_survive_a_
         for folder, run in (("one-process", serial_run), ("cluster", cluster_runner())):
             (tmp_path / folder).mkdir()
             build_faiss_apart(embedding_files(lossless), tmp_path / folder, {}, run, train_size=300, factory="IVF8,PQ16np")
-        queries = np.load(embedding_files(lossless)[3])[:20] + 0.01
+        queries = np.load(embedding_files(lossless)[3])[:20].astype(np.float32) + 0.01
         assert all(np.array_equal(a, b) for a, b in zip(search(tmp_path / "cluster", queries), search(tmp_path / "one-process", queries)))
 
 

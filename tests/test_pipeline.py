@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reader.assets import wikipedia_sample
@@ -112,6 +113,13 @@ def test_a_shard_whose_embeddings_went_into_the_retriever_counts_as_done_without
     for plan in plans:
         indexer.index(plan)
     files = embedding_files(tmp_path / "staging", plans)
+    # stored in half precision (half the pile before the retriever takes them), the encoder's vectors rounded
+    from reader.retriever import Encoder, passage_text
+    from workers.corpus import read_rows
+
+    stored = np.load(files[0])
+    expected = Encoder(str(setup / "reader")).embed([passage_text(p) for p in read_rows(corpus.path, 0, SHARD_SIZE)])
+    assert stored.dtype == np.float16 and np.array_equal(stored, expected.astype(np.float16))
     files[0].unlink()  # lost, with no retriever built from it: the shard is indexed again
     assert indexer.done(plans[0]) is None and indexer.done(plans[1])["skipped"]
     indexer.index(plans[0])

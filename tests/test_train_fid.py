@@ -52,6 +52,13 @@ def test_synthetic_questions_need_the_whole_name_and_the_passage(tmp_path):
     assert namesakes > 150  # most questions have a distractor sharing each half of the name
     with pytest.raises(ValueError, match="at most 1600 people"):
         generate(tmp_path, people_count=5000)
+    # the easier variant: no distractor shares either half of the name, and the answer is still in one passage only
+    generate(tmp_path / "easy", people_count=300, per_question=4, namesakes=False)
+    for record in [json.loads(line) for line in (tmp_path / "easy" / "train.jsonl").read_text().splitlines()][:200]:
+        name = next(p["title"] for p in record["passages"] if p["title"] in record["question"])
+        others = {word for p in record["passages"] if p["title"] != name for word in p["title"].split()}
+        assert len(record["passages"]) == 4 and not others & set(name.split())
+        assert [p["title"] for p in record["passages"] if has_answer([p["text"]], record["answers"])] == [name]
 
 
 def test_answer_loss_is_teacher_forced_cross_entropy_over_all_passages(make_fid, data):
