@@ -41,7 +41,12 @@ def f1_score(prediction: str, answers: list[str]) -> float:
 
 
 def has_answer(texts: list[str], answers: list[str]) -> bool:
-    """Whether any passage contains a gold answer (normalized, as whole tokens)."""
+    """Whether any passage contains a gold answer (normalized, as whole tokens).
+
+    ``texts`` is a list: one string would be read a character at a time and hold no answer.
+    """
+    if isinstance(texts, str):
+        raise TypeError("has_answer takes a list of passage texts, not one string")
     wanted = [f" {normalize_answer(a)} " for a in answers if normalize_answer(a)]
     return any(w in f" {normalize_answer(t)} " for t in texts for w in wanted)
 

@@ -7,6 +7,7 @@ import pytest
 from reader.answer_rule import question_logits, score
 from reader.config import BTRConfig
 from reader.inputs import Passage
+from reader.normalize import has_answer
 from reader.train import Stage
 from reader.train_chain import fit_to_budget
 
@@ -26,6 +27,8 @@ def test_recall_and_em_when_recalled_count_the_questions_whose_passages_hold_an_
     assert result["recall"] == pytest.approx(200 / 3, abs=0.01)
     assert result["em_when_recalled"] == 100 * recalled_right / 2
     assert sum(result["cited_rank"]) == 3 and len(result["exact"]) == 3
+    with pytest.raises(TypeError, match="list of passage texts"):  # the mistake that once read recall 0
+        has_answer("the zzqx tower stands in paris", ["zzqx tower"])
 
 
 def test_a_chain_is_scaled_by_one_factor_to_fit_its_budget_with_the_control_beside_it():
