@@ -5,9 +5,8 @@
 
 Generates the task (``flows.synthetic_qa``) into ``--data``, saves a randomly initialised small T5
 (``reader.t5_shapes`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3; ``--shape t5-base``:
-k = 9 of 12) as the base, trains
-plain -> split -> bits with ``reader.train_chain`` (the stages of ``flows.train_reader --family fid``) (resumable: a rerun reuses finished
-stages, so it only evaluates), then answers the dev questions from their given passages with each
+k = 9 of 12) as the base, trains plain -> split -> bits through ``reader.train_chain``, the stages of
+``flows.train_reader --family fid`` without Prefect (resumable: a rerun reuses finished stages, so it only evaluates), then answers the dev questions from their given passages with each
 reader, one question at a time, every variant on the same question before the next (side by side:
 load on the machine hits all alike): plain (unsplit), split, btr (bits computed offline, as an
 index stores them), and btr with runtime intra-passage (encoder) and cross-passage (decoder, every
@@ -31,10 +30,9 @@ from flows.synthetic_qa import generate
 from reader.assets import minilm_path
 from reader.t5_shapes import SHAPES, random_t5
 from reader.config import NO_MERGE, RuntimeMerge
-from reader.normalize import paired_ratio_interval
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
-from reader.normalize import exact_match
+from reader.normalize import exact_match, paired_ratio_interval
 from reader.train import chain
 from reader.train_chain import fit_to_budget, step_seconds, train_chain
 

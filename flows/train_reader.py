@@ -34,29 +34,13 @@ from prefect.cache_policies import NO_CACHE
 
 from reader.load import BASE_ENCODER, FAMILIES
 from reader.supervision import TrainingDataError
-from reader.train import Stage, chain
+from reader.train import chain
 from reader.train_chain import control_chain, export_chain, run_stage
 
 
-@task(cache_policy=NO_CACHE)
-def train_stage_task(
-    stages: list[Stage],
-    position: int,
-    base: str,
-    train: str,
-    out: str,
-    per_question: int,
-    index: str | None,
-    max_passage_tokens: int,
-    split_layer: int | None,
-    bf16: bool | None = None,
-    family: str = "extractive",
-) -> str:
-    """Train (or resume, or reuse) one stage of a chain; returns its checkpoint folder."""
-    return run_stage(
-        stages, position, base, train, out, per_question, index, max_passage_tokens, split_layer, bf16, family,
-        log=get_run_logger().info,
-    )
+# One stage as a Prefect task (trained, resumed or reused: reader.train_chain.run_stage); its log lines are
+# prints, which log_prints sends to the run's log (the Prefect UI and the terminal).
+train_stage_task = task(run_stage, name="train_stage_task", cache_policy=NO_CACHE, log_prints=True)
 
 
 @flow(name="train-reader", log_prints=True)

@@ -67,9 +67,14 @@ def run_stage(
     split_layer: int | None,
     bf16: bool | None = None,
     family: str = "extractive",
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> str:
-    """Train (or resume, or reuse) one stage of a chain; returns its checkpoint folder."""
+    """Train (or resume, or reuse) one stage of a chain; returns its checkpoint folder.
+
+    ``log``: where its lines go; by default ``print``, looked up per call, so that a Prefect task's
+    log_prints (which swaps ``print`` while the task runs) sends them to the run's log.
+    """
+    log = log or print
     root, stage = Path(out), stages[position]
     folder = stage_folder(root, stages, position)
     if stage_done(folder, stage):
