@@ -132,7 +132,7 @@ def train_chain(
     bf16: bool | None = None,
     family: str = "extractive",
     control_steps: int | None = None,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] | None = None,
 ) -> str:
     """Every stage of ``stages`` in turn (then the control, when ``control_steps``); the last stage's folder."""
     checkpoint = base
