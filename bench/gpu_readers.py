@@ -28,7 +28,9 @@ import lzma
 import multiprocessing
 import platform
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,8 +39,9 @@ from reader.answer_rule import question_logits, score
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
 from reader.normalize import paired_ratio_interval
-from reader.train import chain, save_checkpoint
-from reader.train_chain import control_chain, export_chain, fit_to_budget, run_stage, step_seconds
+from reader.supervision import targets
+from reader.train import Stage, chain, save_checkpoint, train_stage
+from reader.train_chain import control_chain, export_chain, fit_to_budget, load_examples, run_stage, step_seconds
 
 DEV = ("nq-dev-heldout-in-sample", "trivia-dev-heldout-in-sample")
 TEST = ("nq-test-in-sample", "trivia-test-in-sample")
@@ -77,6 +80,27 @@ def prepare(index: str, out: Path, data: Path, test_limit: int, k: int = 5) -> d
     return {"sets": counts, "index": index, "k": k}
 
 
+def profile_steps(base: str, train_file: str, batch_size: int, steps: int = 4) -> str:
+    """Where a plain step's time goes on this device: torch.profiler over a few steps after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    reader = load_reader(ReaderSpec("extractive", base, SPLIT_LAYER, PASSAGE_TOKENS)).to("cuda" if cuda else "cpu")
+    examples, _ = load_examples(Path(train_file), None)
+    data, _ = targets(reader, examples[: 8 * batch_size], PER_QUESTION, 2, False)
+    stage = Stage("plain", steps=1, batch_size=batch_size, learning_rate=1e-4)
+    quiet = lambda _: None  # noqa: E731
+    with tempfile.TemporaryDirectory() as folder:
+        train_stage(reader, stage, data, Path(folder) / "warm", log=quiet)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        began = time.perf_counter()
+        with profile(activities=activities) as trace:
+            train_stage(reader, replace(stage, steps=steps), data, Path(folder) / "timed", log=quiet)
+        wall = time.perf_counter() - began
+    table = trace.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
+    return f"profile: {steps} plain steps at batch {batch_size} in {wall:.2f} s (profiler on)\n{table}"
+
+
 def _control(stages, control_steps, base, train, out) -> None:
     """The control, in its own process beside the chain (the GPU has room for both)."""
     quiet_library_logs()
@@ -99,6 +123,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.budget_s:
         seconds = step_seconds(base, str(train_file), PER_QUESTION, PASSAGE_TOKENS, SPLIT_LAYER, args.batch_size)
         stages, control_steps, factor = fit_to_budget(wanted, seconds, args.budget_s, args.control_steps)
+    if args.profile:
+        print(profile_steps(base, str(train_file), args.batch_size), flush=True)
     plan = {"seconds_per_plain_step": round(seconds, 4), "factor": round(factor, 3),
             "steps": {s.kind: s.steps for s in stages} | {"control": control_steps}, "batch_size": args.batch_size}
     print(f"plan: {plan}", flush=True)
@@ -123,38 +149,61 @@ def train(args: argparse.Namespace) -> dict:
     return plan
 
 
-def evaluate(
-    out: Path, data: Path, limit: int | None = None, done=lambda rows: None, names: tuple[str, ...] = ("btr", "control", "split", "plain"),
-    sets: tuple[str, ...] = DEV + TEST,
-) -> dict:
-    """Every reader on every set (its first ``limit`` questions); the rule's weight chosen on dev per
-    reader, test reported at it. ``done(rows)`` after each reader (partial results survive a time limit)."""
+READERS = {"btr": ("plain+split+bits", "btr"), "control": ("plain+plain", "baseline"),
+           "split": ("plain+split", "split"), "plain": ("plain", "baseline")}
+
+
+def read_sets(data: Path, sets: tuple[str, ...], limit: int | None) -> list[dict]:
+    """The evaluation records of ``sets`` (the first ``limit`` of each), with their retrieved passages."""
     records, seen = [], {}
     for line in lzma.open(data / "eval.jsonl.xz", "rt"):
         record = json.loads(line)
         seen[record["set"]] = seen.get(record["set"], 0) + 1
         if record["set"] in sets and (limit is None or seen[record["set"]] <= limit):
             records.append(record)
-    readers = {"btr": ("plain+split+bits", "btr"), "control": ("plain+plain", "baseline"),
-               "split": ("plain+split", "split"), "plain": ("plain", "baseline")}
+    return records
+
+
+def evaluate_reader(name: str, out: Path, data: Path, sets: tuple[str, ...], limit: int | None) -> dict:
+    """One reader (a stage of the run, or any checkpoint as FOLDER:MODE) on every record: the answer
+    rule's weight chosen on dev, every set scored at it."""
+    quiet_library_logs()
+    folder, mode = READERS[name] if name in READERS else name.rsplit(":", 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    reader = load_reader(ReaderSpec("extractive", str(out / folder) if name in READERS else folder)).to(device)
+    began, cached = time.perf_counter(), {}
+    records = read_sets(data, sets, limit)
+    for record in records:
+        passages = [Passage(p["title"], p["text"], p["id"]) for p in record["passages"]]
+        item = question_logits(reader, record, passages, [p["score"] for p in record["passages"]], mode)
+        cached.setdefault(record["set"], []).append(item)
+    points = {w: {s: score(reader, c, 0.0, w) for s, c in cached.items()} for w in WEIGHTS}
+    chosen = max(WEIGHTS, key=lambda w: (sum(points[w][s]["em"] for s in DEV), -w))
+    print(f"{name}: weight {chosen:g} " + "; ".join(f"{s} EM {r['em']}" for s, r in points[chosen].items()), flush=True)
+    return {"checkpoint": folder, "mode": mode, "retrieval_weight": chosen,
+            "questions_per_s": round(len(records) / (time.perf_counter() - began), 1),
+            "sets": points[chosen], "dev_grid": {w: {s: points[w][s]["em"] for s in DEV} for w in WEIGHTS}}
+
+
+def evaluate(
+    out: Path, data: Path, limit: int | None = None, done=lambda rows: None, names: tuple[str, ...] = ("btr", "control", "split", "plain"),
+    sets: tuple[str, ...] = DEV + TEST, jobs: int = 1,
+) -> dict:
+    """Every reader on every set (its first ``limit`` questions); the rule's weight chosen on dev per
+    reader, test reported at it. ``jobs`` > 1: readers in that many processes at once (answering is
+    one question at a time, bound by the host, so a GPU has room for several). ``done(rows)`` after
+    each reader (partial results survive a time limit)."""
     rows = {}
-    for name in names:  # a stage of the run, or any checkpoint as FOLDER:MODE
-        folder, mode = readers[name] if name in readers else name.rsplit(":", 1)
-        reader = load_reader(ReaderSpec("extractive", str(out / folder) if name in readers else folder)).to(device)
-        began = time.perf_counter()
-        cached = {}
-        for record in records:
-            passages = [Passage(p["title"], p["text"], p["id"]) for p in record["passages"]]
-            item = question_logits(reader, record, passages, [p["score"] for p in record["passages"]], mode)
-            cached.setdefault(record["set"], []).append(item)
-        points = {w: {s: score(reader, c, 0.0, w) for s, c in cached.items()} for w in WEIGHTS}
-        chosen = max(WEIGHTS, key=lambda w: (sum(points[w][s]["em"] for s in DEV), -w))
-        rows[name] = {"checkpoint": folder, "mode": mode, "retrieval_weight": chosen,
-                      "questions_per_s": round(len(records) / (time.perf_counter() - began), 1),
-                      "sets": points[chosen], "dev_grid": {w: {s: points[w][s]["em"] for s in DEV} for w in WEIGHTS}}
-        done(rows)
-        print(f"{name}: weight {chosen:g} " + "; ".join(f"{s} EM {r['em']}" for s, r in points[chosen].items()), flush=True)
+    tasks = [(name, out, data, sets, limit) for name in names]
+    if jobs > 1:
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(names))) as pool:
+            for name, row in zip(names, pool.imap(_evaluate_task, tasks)):
+                rows[name] = row
+                done(rows)
+    else:
+        for task in tasks:
+            rows[task[0]] = evaluate_reader(*task)
+            done(rows)
     retention = {}
     for name in sets if {"btr", "control"} <= set(names) else ():
         btr, control = rows["btr"]["sets"][name], rows["control"]["sets"][name]
@@ -162,6 +211,11 @@ def evaluate(
         retention[name] = {"btr_over_control_percent": round(100 * btr["em"] / max(control["em"], 1e-9), 1),
                            "interval_95": [round(low, 1), round(high, 1)]}
     return {"readers": rows, "retention": retention}
+
+
+def _evaluate_task(task: tuple) -> dict:
+    torch.set_num_threads(2)
+    return evaluate_reader(*task)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     again.add_argument("--readers", default="btr,control,split,plain")
     again.add_argument("--sets", choices=("all", "dev"), default="all")
     again.add_argument("--eval-limit", type=int)
+    again.add_argument("--jobs", type=int, default=1, help="readers evaluated at once, each in its own process")
     again.add_argument("--results", required=True)
     run = commands.add_parser("run", help="on the GPU: train chain + control within the budget, evaluate")
     run.add_argument("--data", default=".gpu")
@@ -191,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--bits-steps", type=int, default=4000)
     run.add_argument("--control-steps", type=int, default=14000, help="split + bits, as make train")
     run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--profile", action="store_true", help="print torch.profiler's table of a few plain steps first")
     run.add_argument("--eval-limit", type=int, help="only the first N questions of each set (a smoke run)")
+    run.add_argument("--jobs", type=int, default=4, help="readers evaluated at once, each in its own process")
     run.add_argument("--export", help="write btr's checkpoint here in fp16, with the weight chosen on dev")
     run.add_argument("--results", default="results/gpu-extractive.json")
     args = parser.parse_args(argv)
@@ -201,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "evaluate":
         result = evaluate(Path(args.out), Path(args.data), args.eval_limit, names=tuple(args.readers.split(",")),
-                          sets=DEV + TEST if args.sets == "all" else DEV)
+                          sets=DEV + TEST if args.sets == "all" else DEV, jobs=args.jobs)
         Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
         return 0
     torch.set_num_threads(4)
@@ -214,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     result["plan"] = train(args)
     save()
     result |= evaluate(Path(args.out), Path(args.data), args.eval_limit, lambda rows: (result.update(readers=rows), save()),
-                       tuple(args.readers.split(",")), DEV + TEST if args.sets == "all" else DEV)
+                       tuple(args.readers.split(",")), DEV + TEST if args.sets == "all" else DEV, args.jobs)
     if args.export:
         settings = json.loads((Path(args.export) / "btr.json").read_text())
         settings["answer"] = {"relevance_weight": 0.0, "retrieval_weight": result["readers"]["btr"]["retrieval_weight"]}
