@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -86,20 +85,27 @@ def span_loss(reader: ExtractiveReader, batch, chosen: Sequence[Target], pairs: 
     start, end = reader.span_logits(batch, mode, pairs)
     width = batch.passage_width
     start, end = (x.reshape(len(chosen), batch.per_query * width).log_softmax(-1) for x in (start, end))
-    losses = []
-    for row, target in enumerate(chosen):
-        firsts = sorted({p * width + s for p, s, _ in target.spans})
-        lasts = sorted({p * width + e for p, _, e in target.spans})
-        losses.append(-start[row, firsts].logsumexp(0) - end[row, lasts].logsumexp(0))
-    return torch.stack(losses).mean() / 2
+    firsts = gold_mask(start.shape, [[p * width + s for p, s, _ in t.spans] for t in chosen], start.device)
+    lasts = gold_mask(end.shape, [[p * width + e for p, _, e in t.spans] for t in chosen], end.device)
+    gold = start.masked_fill(~firsts, float("-inf")).logsumexp(-1) + end.masked_fill(~lasts, float("-inf")).logsumexp(-1)
+    return -gold.mean() / 2
+
+
+def gold_mask(shape: torch.Size, rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """[B, N] bool, True at each row's listed positions: built on the host, sent in one copy (indexing
+    the device's logits row by row cost a thousand host-device copies a step at batch 64)."""
+    mask = torch.zeros(shape, dtype=torch.bool)
+    for row, positions in enumerate(rows):
+        mask[row, list(positions)] = True
+    return mask.to(device, non_blocking=True)
 
 
 def relevance_loss(reader: ExtractiveReader, batch, chosen: Sequence[Target], pairs: Tokens) -> torch.Tensor:
     """Passage selection (the DPR reader's): softmax over each question's passages, -log of the summed
     probability of the passages that hold a gold span."""
     logits = reader.relevance_logits(batch, pairs).float().log_softmax(-1)
-    losses = [-logits[row, sorted({p for p, _, _ in target.spans})].logsumexp(0) for row, target in enumerate(chosen)]
-    return torch.stack(losses).mean()
+    positive = gold_mask(logits.shape, [[p for p, _, _ in target.spans] for target in chosen], logits.device)
+    return -logits.masked_fill(~positive, float("-inf")).logsumexp(-1).mean()
 
 
 def distillation_loss(student: Tokens, teacher: Tokens, attention: torch.Tensor, width: int, share: float = 0.5):
@@ -109,10 +115,12 @@ def distillation_loss(student: Tokens, teacher: Tokens, attention: torch.Tensor,
     received = (attention[:, :query_width, query_width:] * query_rows).sum(1)  # [B*n, width]
     real = teacher.size[:, query_width:] > 0
     received = received.masked_fill(~real, float("-inf"))
-    keep = torch.zeros_like(real)
-    for row, count in enumerate(real.sum(1).tolist()):
-        top = received[row].topk(max(1, math.ceil(share * count))).indices
-        keep[row, top] = True
+    # Each row's top ceil(share x its real tokens), at least one: ranks by received attention, kept
+    # below the row's quota (one sort for the batch, not a topk per row).
+    quota = (real.sum(1, keepdim=True) * share).ceil().clamp_min(1)
+    order = received.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    keep = (rank < quota) & real
     error = (student.hidden[:, -width:].float() - teacher.hidden[:, -width:].float()).pow(2).mean(-1)
     return error[keep].mean()
 

@@ -17,7 +17,8 @@ from reader.load import ReaderSpec, load_reader
 from storage.record import Passage
 import reader.train as train_module
 from reader.supervision import Example, TrainingDataError, answer_spans, batch_order, read_examples, targets, to_example
-from reader.train import Stage, chain, span_loss, stage_losses, train_stage
+from reader.merge import Tokens
+from reader.train import Stage, chain, distillation_loss, span_loss, stage_losses, train_stage
 
 FACTS = [
     ("Eiffel Tower", "The Eiffel Tower is a tower in Paris. It was completed in 1889 for the World's Fair.", "1889"),
@@ -113,6 +114,42 @@ def test_span_loss_is_shared_across_passages_and_marginal_over_occurrences(reade
     gold_end = flat_end[[p * width + e for p, _, e in target.spans]].logsumexp(0)
     expected = -(gold_start + gold_end) / 2  # one softmax over all passages' tokens, summed over the gold spans
     assert torch.allclose(span_loss(reader, batch, [target], pairs, "baseline"), expected, atol=1e-5)
+
+
+def test_span_loss_of_a_batch_is_the_mean_of_its_questions(reader):
+    data, _ = targets(reader, examples(), 2)
+    assert len(data) == 4
+    reader.eval()  # no dropout: the same states alone and together
+
+    def loss(chosen):
+        batch = reader.prepare([t.example.question for t in chosen], [t.passages for t in chosen])
+        return span_loss(reader, batch, chosen, reader.encode_pairs(batch, "baseline"), "baseline")
+
+    with torch.no_grad():
+        alone = torch.stack([loss([t]) for t in data])
+        together = loss(data)
+    assert torch.allclose(together, alone.mean(), atol=1e-5)
+
+
+def test_distillation_keeps_each_passages_most_attended_half():
+    torch.manual_seed(0)
+    rows, query, width, d = 5, 3, 7, 4
+    size = torch.ones(rows, query + width)
+    size[1, query + 3 :] = 0  # a short passage: 3 real tokens, ceil(1.5) = 2 kept
+    size[2, query + 1 :] = 0  # one real token: kept
+    size[0, 1] = 0  # a padded query token sends no attention
+    attention = torch.rand(rows, query + width, query + width)
+    teacher = Tokens(torch.randn(rows, query + width, d), size, None)
+    student = Tokens(torch.randn(rows, query + width, d), size, None)
+    # Reference: per row, topk of the attention real query tokens give each real passage token.
+    errors = []
+    for row in range(rows):
+        real = size[row, query:] > 0
+        received = (attention[row, :query, query:] * size[row, :query, None]).sum(0)
+        top = received.masked_fill(~real, float("-inf")).topk(max(1, -(-int(real.sum()) // 2))).indices
+        error = (student.hidden[row, query:] - teacher.hidden[row, query:]).pow(2).mean(-1)
+        errors.append(error[top])
+    assert torch.allclose(distillation_loss(student, teacher, attention, width), torch.cat(errors).mean())
 
 
 def test_bad_training_lines_name_the_line(tmp_path):
