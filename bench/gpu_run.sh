@@ -32,7 +32,7 @@ if [ "$SMOKE" = 1 ]; then  # the script itself, at toy sizes, on a CPU
 else
     # Issue 25: make train's 800 / 1000 / 400 steps at batch 8, ten times over (batch 64: 1,000 / 1,250 / 500,
     # control 1,750), scaled down to what fits 250 s of training (three processes share the GPU).
-    X="--budget-s 250 --steps 1000 --split-steps 1250 --bits-steps 500 --control-steps 1750 --batch-size 64 --profile --jobs 4"
+    X=${X:-"--budget-s 250 --steps 1000 --split-steps 1250 --bits-steps 500 --control-steps 1750 --batch-size 64 --profile --jobs 4"}
     # Issue 29: the small T5 on the synthetic task, as many plain steps as fit (the CPU runs stopped at 2,300
     # on the guessing floor); 200 dev questions so that evaluating its five variants fits too.
     F="--steps 40000 --split-steps 4000 --bits-steps 4000 --budget-s 330 --batch-size 64 --questions 200 --ratios 0.2,0.5"
@@ -40,7 +40,7 @@ fi
 $PY -m flows.synthetic_qa --out "$WORK/synthetic" > "$LOGS/synthetic.log" 2>&1
 timeout 500 $PY -m bench.gpu_readers run --data .gpu --out "$WORK/extractive" --export "$WORK/export" $X \
     --results "$OUT/extractive.json" > "$LOGS/extractive.log" 2>&1 &
-timeout 500 $PY -m flows.fid_synthetic --shape small --tokenizer .gpu/base --data "$WORK/synthetic" --out "$WORK/fid-small" \
+[ "${EXTRACTIVE_ONLY:-0}" = 1 ] || timeout 500 $PY -m flows.fid_synthetic --shape small --tokenizer .gpu/base --data "$WORK/synthetic" --out "$WORK/fid-small" \
     --threads 3 $F --results "$OUT/fid-small.json" > "$LOGS/fid-small.log" 2>&1 &
 wait
 if [ -f "$WORK/export/btr.json" ]; then

@@ -104,7 +104,7 @@ def run_stage(
 def control_chain(stages: list[Stage], control_steps: int) -> list[Stage]:
     """The fair baseline: the plain reader continued unsplit ``control_steps`` more steps at the split
     stage's learning rate, on the same batches (stage folder ``plain+plain``)."""
-    return [stages[0], replace(stages[0], steps=control_steps, learning_rate=LEARNING_RATES["split"])]
+    return [stages[0], replace(stages[0], steps=control_steps, learning_rate=stages[1].learning_rate)]
 
 
 def export_chain(out: str, stages: list[Stage], checkpoint: str, export: str, train: str, family: str = "extractive") -> None:
