@@ -82,9 +82,6 @@ class ExtractiveReader(SplitReader):
         # retriever's score weigh in each span's score; chosen on held-out dev, kept in btr.json.
         self.relevance_weight = 0.0
         self.retrieval_weight = 0.0
-        # An answer made only of the question's own words ("Who painted the Mona Lisa?" -> "Mona Lisa")
-        # is almost never right: such spans give way to the pool's best other answer (``best_spans``).
-        self.allow_question_echo = False
         # The pool's candidates often share a passage: tokenize each once (answer.py asks again to cite).
         self._offset_mapping = functools.lru_cache(maxsize=256)(self._tokenize_offsets)
 
@@ -282,12 +279,9 @@ class ExtractiveReader(SplitReader):
         normalizes over all of a question's passages) and the spans that read the same after SQuAD
         normalization add up; the most probable string wins, cited by its best span. This is the
         decision rule that fits the marginal likelihood the reader is trained with (every
-        occurrence of the answer counts), where the single best span ignores all but one. Spans whose
-        tokens all occur in the question (echoes) are left out unless ``allow_question_echo`` or the
-        pool holds nothing else.
+        occurrence of the answer counts), where the single best span ignores all but one.
         """
         questions = batch.query_ids
-        special = set(self.layout.query_prefix) | set(self.layout.query_suffix) | set(self.layout.passage_suffix)
         width = start.shape[1]
         scores = start[:, :, None] + end[:, None, :]  # [B*n, Lp(start), Lp(end)]
         if prior is not None:  # the passage's own evidence, shared by all its spans
@@ -301,18 +295,15 @@ class ExtractiveReader(SplitReader):
         top = flat.topk(min(self.pool, flat.shape[1]), dim=-1)
         spans = []
         for q, (values, indices) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-            candidates, echoes = [], []
-            asked = set(questions[q]) - special
+            candidates = []
             for score, where in zip(values, indices):
-                if score == float("-inf") and (candidates or echoes):
+                if score == float("-inf") and candidates:
                     break
                 passage, rest = divmod(where, width * width)
                 first, last = divmod(rest, width)
                 index = q * batch.per_query + passage
                 text = self.span_text(batch.passages[index], batch.passage_ids[index], first, last)
-                echo = not self.allow_question_echo and set(batch.passage_ids[index][first : last + 1]) <= asked
-                (echoes if echo else candidates).append(Span(passage, first, last, score, text))
-            candidates = candidates or echoes  # only echoes in the pool: the best of them after all
+                candidates.append(Span(passage, first, last, score, text))
             spans.append(candidates[0] if len(candidates) == 1 else most_probable_answer(candidates))
         return spans
 

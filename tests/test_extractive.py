@@ -93,24 +93,6 @@ def test_pool_sums_spans_of_the_same_answer_across_passages(make_extractive):
         ExtractiveReader(reader.model, reader.tokenizer, pool=0)
 
 
-def test_an_answer_made_of_the_question_words_gives_way(make_extractive):
-    reader = make_extractive(BTRConfig(split_layer=2))
-    group = [Passage("Mona Lisa", "The Mona Lisa is a portrait by Leonardo da Vinci."), Passage("B", "Paris.")]
-    batch = reader.prepare(["who painted the mona lisa?"], [group])
-    with torch.no_grad():  # -inf where no answer may start or end (the template); every text token low
-        start, end = (torch.where(torch.isinf(x), x, torch.full_like(x, -5.0)) for x in reader.span_logits(batch, "split"))
-    tokens = reader.tokenizer.convert_ids_to_tokens(batch.passage_ids[0])
-    text = tokens.index("context") + 2  # the text's first token, "the"
-    start[0, text + 1], end[0, text + 2] = 5.0, 5.0  # "Mona Lisa": e^10
-    start[0, tokens.index("leonardo")], end[0, tokens.index("vinci")] = 4.0, 4.0  # e^8
-    reader.max_answer_tokens = 5  # not "Mona Lisa is a portrait by Leonardo da Vinci"
-    assert reader.best_spans(batch, start, end)[0].text == "Leonardo da Vinci"
-    reader.pool = 1  # nothing else in the pool: the echo after all
-    assert reader.best_spans(batch, start, end)[0].text == "Mona Lisa"
-    reader.pool, reader.allow_question_echo = 20, True
-    assert reader.best_spans(batch, start, end)[0].text == "Mona Lisa"
-
-
 def test_text_passages_are_tokenized_once_and_forgotten_least_recent_first(make_extractive, monkeypatch):
     import reader.split as split
 
