@@ -40,7 +40,7 @@ from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
 from reader.normalize import paired_ratio_interval
 from reader.supervision import targets
-from reader.train import Stage, chain, save_checkpoint, train_stage
+from reader.train import Stage, chain, save_checkpoint, stage_folder, train_stage
 from reader.train_chain import control_chain, export_chain, fit_to_budget, load_examples, run_stage, step_seconds
 
 DEV = ("nq-dev-heldout-in-sample", "trivia-dev-heldout-in-sample")
@@ -118,7 +118,7 @@ def train(args: argparse.Namespace) -> dict:
         train_file.write_bytes(lzma.decompress((data / "train.jsonl.xz").read_bytes()))
     base, began = str(data / "base"), time.perf_counter()
     wanted = chain(learning_rate=args.learning_rate, steps=args.steps, split_steps=args.split_steps, bits_steps=args.bits_steps,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, span_distill=args.span_distill)
     stages, control_steps, factor, seconds = wanted, args.control_steps, 1.0, 0.0
     if args.budget_s:
         seconds = step_seconds(base, str(train_file), PER_QUESTION, PASSAGE_TOKENS, SPLIT_LAYER, args.batch_size)
@@ -146,11 +146,16 @@ def train(args: argparse.Namespace) -> dict:
         folder.name: json.loads((folder / "btr.json").read_text())["training"]["final_loss"]
         for folder in sorted(out.glob("plain*")) if (folder / "btr.json").exists()
     }
+    plan["readers"] = chain_readers(stages)
     return plan
 
 
-READERS = {"btr": ("plain+split+bits", "btr"), "control": ("plain+plain", "baseline"),
-           "split": ("plain+split", "split"), "plain": ("plain", "baseline")}
+def chain_readers(stages=None) -> dict[str, tuple[str, str]]:
+    """Each reader of a run: its stage folder (named by the chain, ablations included) and mode."""
+    stages = stages or chain()
+    folder = lambda i: stage_folder(Path(), stages, i).name  # noqa: E731
+    return {"btr": (folder(2), "btr"), "control": ("plain+plain", "baseline"), "split": (folder(1), "split"),
+            "plain": (folder(0), "baseline")}
 
 
 def read_sets(data: Path, sets: tuple[str, ...], limit: int | None) -> list[dict]:
@@ -164,13 +169,14 @@ def read_sets(data: Path, sets: tuple[str, ...], limit: int | None) -> list[dict
     return records
 
 
-def evaluate_reader(name: str, out: Path, data: Path, sets: tuple[str, ...], limit: int | None) -> dict:
+def evaluate_reader(name: str, out: Path, data: Path, sets: tuple[str, ...], limit: int | None, readers: dict | None = None) -> dict:
     """One reader (a stage of the run, or any checkpoint as FOLDER:MODE) on every record: the answer
     rule's weight chosen on dev, every set scored at it."""
     quiet_library_logs()
-    folder, mode = READERS[name] if name in READERS else name.rsplit(":", 1)
+    readers = readers or chain_readers()
+    folder, mode = readers[name] if name in readers else name.rsplit(":", 1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    reader = load_reader(ReaderSpec("extractive", str(out / folder) if name in READERS else folder)).to(device)
+    reader = load_reader(ReaderSpec("extractive", str(out / folder) if name in readers else folder)).to(device)
     began, cached = time.perf_counter(), {}
     records = read_sets(data, sets, limit)
     for record in records:
@@ -187,14 +193,14 @@ def evaluate_reader(name: str, out: Path, data: Path, sets: tuple[str, ...], lim
 
 def evaluate(
     out: Path, data: Path, limit: int | None = None, done=lambda rows: None, names: tuple[str, ...] = ("btr", "control", "split", "plain"),
-    sets: tuple[str, ...] = DEV + TEST, jobs: int = 1,
+    sets: tuple[str, ...] = DEV + TEST, jobs: int = 1, readers: dict | None = None,
 ) -> dict:
     """Every reader on every set (its first ``limit`` questions); the rule's weight chosen on dev per
     reader, test reported at it. ``jobs`` > 1: readers in that many processes at once (answering is
     one question at a time, bound by the host, so a GPU has room for several). ``done(rows)`` after
     each reader (partial results survive a time limit)."""
     rows = {}
-    tasks = [(name, out, data, sets, limit) for name in names]
+    tasks = [(name, out, data, sets, limit, readers) for name in names]
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(min(jobs, len(names))) as pool:
             for name, row in zip(names, pool.imap(_evaluate_task, tasks)):
@@ -246,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--bits-steps", type=int, default=4000)
     run.add_argument("--control-steps", type=int, default=14000, help="split + bits, as make train")
     run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--span-distill", type=float, default=0.0, help="split stage: weight of the KL to plain's span distributions")
     run.add_argument("--profile", action="store_true", help="print torch.profiler's table of a few plain steps first")
     run.add_argument("--eval-limit", type=int, help="only the first N questions of each set (a smoke run)")
     run.add_argument("--jobs", type=int, default=4, help="readers evaluated at once, each in its own process")
@@ -271,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     result["plan"] = train(args)
     save()
     result |= evaluate(Path(args.out), Path(args.data), args.eval_limit, lambda rows: (result.update(readers=rows), save()),
-                       tuple(args.readers.split(",")), DEV + TEST if args.sets == "all" else DEV, args.jobs)
+                       tuple(args.readers.split(",")), DEV + TEST if args.sets == "all" else DEV, args.jobs,
+                       result["plan"]["readers"])
     if args.export:
         settings = json.loads((Path(args.export) / "btr.json").read_text())
         settings["answer"] = {"relevance_weight": 0.0, "retrieval_weight": result["readers"]["btr"]["retrieval_weight"]}

@@ -30,9 +30,9 @@ if [ "$SMOKE" = 1 ]; then  # the script itself, at toy sizes, on a CPU
     X="--budget-s 20 --steps 6 --split-steps 6 --bits-steps 4 --control-steps 8 --batch-size 2 --eval-limit 3 --jobs 2 --profile"
     F="--steps 4 --split-steps 2 --bits-steps 2 --budget-s 10 --questions 4 --batch-size 4 --ratios 0.2"
 else
-    # Issue 25: make train's 800 / 1000 / 400 steps at batch 8, ten times over (batch 64: 1,000 / 1,250 / 500,
-    # control 1,750), scaled down to what fits 250 s of training (three processes share the GPU).
-    X=${X:-"--budget-s 250 --steps 1000 --split-steps 1250 --bits-steps 500 --control-steps 1750 --batch-size 64 --profile --jobs 4"}
+    # Issue 25, the next loan: run 4 of docs/gpu-run.md (300 / 200 / 100 steps at batch 64, every stage at 1e-4,
+    # control 300) with one change, the split stage also distilling the plain reader's span distributions.
+    X=${X:-"--budget-s 0 --steps 300 --split-steps 200 --bits-steps 100 --control-steps 300 --batch-size 64 --learning-rate 1e-4 --span-distill 1.0 --profile --jobs 4"}
     # Issue 29: the small T5 on the synthetic task, as many plain steps as fit (the CPU runs stopped at 2,300
     # on the guessing floor); 200 dev questions so that evaluating its five variants fits too.
     F="--steps 40000 --split-steps 4000 --bits-steps 4000 --budget-s 330 --batch-size 64 --questions 200 --ratios 0.2,0.5"

@@ -66,6 +66,7 @@ def train_reader(
     question_word: bool = False,
     family: str = "extractive",
     learning_rate: float | None = None,
+    span_distill: float = 0.0,
 ) -> str:
     """Train plain -> split -> bits from ``base``; returns the last stage's checkpoint folder.
 
@@ -74,7 +75,7 @@ def train_reader(
     """
     stages = chain(
         distill, recovery, learning_rate, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads,
-        max_positives=max_positives, question_word=question_word,
+        max_positives=max_positives, question_word=question_word, span_distill=span_distill,
     )
     checkpoint = base
     for position in range(len(stages)):
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-layer", type=int, help="k (default 3/4 of the encoder layers)")
     parser.add_argument("--no-distill", action="store_true", help="ablation: split stage without distillation")
     parser.add_argument("--no-recovery", action="store_true", help="ablation: bits stage without recovery loss")
+    parser.add_argument("--span-distill", type=float, default=0.0,
+                        help="split stage: weight of the KL to the plain reader's start/end distributions (extractive)")
     parser.add_argument("--index", help="retrieve passages from this index for lines that have none")
     parser.add_argument("--export", help="also write the final checkpoint here in fp16")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU too (AVX-512 BF16: faster)")
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             args.train, args.out, args.base, args.steps, args.batch_size, args.passages_per_question,
             args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index,
             args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None, args.heads,
-            args.max_positives, args.question_word, args.family, args.learning_rate,
+            args.max_positives, args.question_word, args.family, args.learning_rate, args.span_distill,
         )
     except (TrainingDataError, OSError) as error:  # OSError: a --base that is neither a folder nor a Hub model
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)

@@ -27,7 +27,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ class Stage:
 
     kind: str  # plain | split | bits
     distill: bool = True  # split stage only
+    span_distill: float = 0.0  # split stage, extractive: weight of the KL to the plain reader's span distributions
     recovery: bool = True  # bits stage only
     steps: int = 200
     batch_size: int = 8
@@ -75,7 +76,8 @@ class Stage:
     @property
     def name(self) -> str:
         """The stage's folder name; the switched-off loss is part of it so ablations never collide."""
-        suffix = {"split": "" if self.distill else "-nodistill", "bits": "" if self.recovery else "-norecovery"}
+        suffix = {"split": ("" if self.distill else "-nodistill") + (f"-spans{self.span_distill:g}" if self.span_distill else ""),
+                  "bits": "" if self.recovery else "-norecovery"}
         return self.kind + suffix.get(self.kind, "")
 
 
@@ -125,6 +127,21 @@ def distillation_loss(student: Tokens, teacher: Tokens, attention: torch.Tensor,
     return error[keep].mean()
 
 
+def span_distillation_loss(student: ExtractiveReader, teacher: ExtractiveReader, batch, pairs: Tokens, taught: Tokens) -> torch.Tensor:
+    """KL(teacher || student) of each question's start and of its end distribution, normalized over all
+    its passages as the task loss is: the split reader is taught where the unsplit one reads its
+    answer, not only the states it reads it from. Averaged over questions and the two ends."""
+    width, n = batch.passage_width, batch.per_query
+    losses = []
+    with torch.no_grad():
+        targets = teacher.span_logits(batch, "baseline", taught)
+    for mine, theirs in zip(student.span_logits(batch, "split", pairs), targets):
+        # Positions where no answer may start or end are -inf in both: a finite floor keeps 0 x inf out.
+        mine, theirs = (x.float().clamp_min(-1e4).reshape(-1, n * width).log_softmax(-1) for x in (mine, theirs))
+        losses.append(torch.nn.functional.kl_div(mine, theirs, log_target=True, reduction="batchmean"))
+    return sum(losses) / 2
+
+
 def answer_loss(reader: FiDReader, batch, chosen: Sequence[Target], pairs: Tokens, mode: str) -> torch.Tensor:
     """FiD's task loss: teacher-forced cross-entropy of the first gold answer, the decoder reading
     every passage of its question at once (no runtime merging while training)."""
@@ -160,7 +177,12 @@ def stage_losses(reader, stage: Stage, chosen: Sequence[Target], teacher=None, p
         if teacher is not None:
             with torch.no_grad():
                 taught, attention = teacher._encode_unsplit(batch, attention_from=reader.split_layer)
-            losses["distill"] = distillation_loss(pairs, taught, attention, batch.passage_width)
+            if stage.distill:
+                losses["distill"] = distillation_loss(pairs, taught, attention, batch.passage_width)
+            if stage.span_distill:
+                if not isinstance(reader, ExtractiveReader):
+                    raise TrainingDataError("span_distill needs an extractive reader (FiD answers by generating, not by spans)")
+                losses["spans"] = stage.span_distill * span_distillation_loss(reader, teacher, batch, pairs, taught)
     else:
         states = reader.lower(*pad(batch.passage_ids, reader.layout.pad_id))
         restored, signs = reader.binarized(states)
@@ -211,6 +233,8 @@ def stage_done(folder: Path, stage: Stage) -> bool:
     if not path.exists():
         return False
     trained = json.loads(path.read_text()).get("training", {}).get("stage", {})
+    if trained:  # a setting added after the stage was trained: it trained at that setting's default
+        trained = {f.name: f.default for f in fields(Stage) if f.name not in trained} | trained
     wanted = asdict(stage) | {"name": stage.name, "mode": stage.mode}
     if trained != wanted:
         changed = sorted(k for k in wanted if trained.get(k) != wanted[k])
@@ -355,6 +379,7 @@ def chain(
     steps: int = 200,
     split_steps: int | None = None,
     bits_steps: int | None = None,
+    span_distill: float = 0.0,
     **settings,
 ) -> list[Stage]:
     """The three stages with the ablation switches; ``settings`` (batch_size, seed) apply to all.
@@ -366,7 +391,8 @@ def chain(
     14.7 against 9.3 EM on the first 150 development questions).
     """
     lengths = {"plain": steps, "split": split_steps or steps, "bits": bits_steps or steps}
-    stages = [Stage("plain", **settings), Stage("split", distill=distill, **settings), Stage("bits", recovery=recovery, **settings)]
+    stages = [Stage("plain", **settings), Stage("split", distill=distill, span_distill=span_distill, **settings),
+              Stage("bits", recovery=recovery, **settings)]
     return [replace(s, steps=lengths[s.kind], learning_rate=learning_rate or LEARNING_RATES[s.kind]) for s in stages]
 
 

@@ -90,7 +90,7 @@ def run_stage(
     spec = ReaderSpec(family, previous, k, max_passage_tokens)
     reader = load_reader(spec).to(device)
     teacher = None
-    if stage.kind == "split" and stage.distill:
+    if stage.kind == "split" and (stage.distill or stage.span_distill):
         plain = str(stage_folder(root, stages, 0))
         teacher = load_reader(replace(spec, checkpoint=plain, split_layer=None)).to(device)
     examples, counts = load_examples(Path(train), index)

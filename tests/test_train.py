@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -18,7 +19,7 @@ from storage.record import Passage
 import reader.train as train_module
 from reader.supervision import Example, TrainingDataError, answer_spans, batch_order, read_examples, targets, to_example
 from reader.merge import Tokens
-from reader.train import Stage, chain, distillation_loss, span_loss, stage_losses, train_stage
+from reader.train import Stage, chain, distillation_loss, span_distillation_loss, span_loss, stage_losses, stage_done, train_stage
 
 FACTS = [
     ("Eiffel Tower", "The Eiffel Tower is a tower in Paris. It was completed in 1889 for the World's Fair.", "1889"),
@@ -175,6 +176,46 @@ def test_each_stage_has_its_losses_and_the_bits_stage_trains_lower_layers_throug
     upper = reader.model.base_model.encoder.layer[3].attention.self.query.weight.grad
     assert lower is not None and lower.abs().sum() > 0  # through the straight-through sign
     assert upper is None or upper.abs().sum() == 0  # the recovery loss never sees the upper layers
+
+
+def test_span_distillation_is_the_kl_to_the_unsplit_readers_span_distributions(make_extractive):
+    data, _ = targets(make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64), examples(), 2)
+    teacher = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64, seed=1).eval()
+    batch = teacher.prepare([t.example.question for t in data], [t.passages for t in data])
+    taught = teacher.encode_pairs(batch, "baseline")
+    # The same weights split at k = 0 read exactly as unsplit: nothing to learn.
+    same = make_extractive(BTRConfig(split_layer=0, max_passage_tokens=64), hidden_size=64, seed=1).eval()
+    same.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        assert span_distillation_loss(same, teacher, batch, same.encode_pairs(batch, "split"), taught).abs() < 1e-5
+    # Another reader: the KL of each question's start and end distributions over all its passages.
+    student = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=64, seed=2).train()
+    pairs = student.encode_pairs(batch, "split")
+    loss = span_distillation_loss(student, teacher, batch, pairs, taught)
+    width, n = batch.passage_width, batch.per_query
+    expected = 0
+    for mine, theirs in zip(student.span_logits(batch, "split", pairs), teacher.span_logits(batch, "baseline", taught)):
+        for row in range(len(data)):
+            p, q = (x[row * n : (row + 1) * n].reshape(-1) for x in (theirs, mine))
+            real = torch.isfinite(p)
+            p, q = p[real].softmax(0), q[real].log_softmax(0)
+            expected = expected + (p * (p.log() - q)).sum() / len(data) / 2
+    assert loss > 0 and torch.allclose(loss, expected, atol=1e-5)
+    loss.backward()
+    assert student.model.base_model.encoder.layer[3].attention.self.query.weight.grad.abs().sum() > 0
+    teacher.model.base_model.set_attn_implementation("eager")
+    losses = stage_losses(student, Stage("split", span_distill=0.5), data, teacher=teacher)
+    assert set(losses) == {"task", "distill", "spans", "loss"}
+    assert Stage("split", span_distill=0.5).name == "split-spans0.5" and Stage("split").name == "split"
+
+
+def test_a_stage_trained_before_a_setting_existed_is_reused_at_its_default(tmp_path):
+    stage = Stage("split", steps=5)
+    old = {k: v for k, v in dataclasses.asdict(stage).items() if k != "span_distill"} | {"name": "split", "mode": "split"}
+    (tmp_path / "btr.json").write_text(json.dumps({"training": {"stage": old}}))
+    assert stage_done(tmp_path, stage)
+    with pytest.raises(TrainingDataError, match="span_distill"):
+        stage_done(tmp_path, Stage("split", steps=5, span_distill=1.0))
 
 
 def test_chain_gives_each_stage_its_steps_learning_rate_and_ablation_name():
