@@ -38,8 +38,6 @@ gone. A shard's partition file is deleted once every bucket of its window is mer
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import hashlib
 import itertools
 import json
