@@ -169,27 +169,50 @@ def build_faiss(
     return _write_info(folder, factory, count, dimension, encoder_identity)
 
 
-def add_part(trained: str, embeddings: str, first_row: int, out: str) -> int:
-    """One unit of ``build_faiss_apart``: a shard's vectors (ids = rows) into a copy of the trained index, saved to ``out``."""
-    index = faiss.read_index(trained)
-    vectors = np.ascontiguousarray(np.load(embeddings, mmap_mode="r"), dtype=np.float32)
-    index.add_with_ids(vectors, np.arange(first_row, first_row + len(vectors), dtype=np.int64))
+def add_part(trained: str, embeddings: Sequence[str], first_row: int, out: str) -> int:
+    """One unit of ``build_faiss_apart``: consecutive shards' vectors (ids = rows, from ``first_row``) into
+    a copy of the trained index, one file at a time, saved to ``out``."""
+    index, added = faiss.read_index(trained), 0
+    for path in embeddings:
+        vectors = np.ascontiguousarray(np.load(path, mmap_mode="r"), dtype=np.float32)
+        index.add_with_ids(vectors, np.arange(first_row + added, first_row + added + len(vectors), dtype=np.int64))
+        added += len(vectors)
     tmp = Path(out).with_name(f".tmp-{Path(out).name}")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out)
-    return len(vectors)
+    return added
+
+
+PART_TASKS = 64  # add units of build_faiss_apart: enough to keep a cluster busy
+PART_BYTES = 256 * 2**20  # and few enough vectors in each that its index copy stays this small
+
+
+def part_groups(lengths: Sequence[int], code_bytes: int, tasks: int = PART_TASKS, part_bytes: int = PART_BYTES) -> list[range]:
+    """Consecutive embedding files grouped into add units: at least ``tasks`` of them (fewer files: one
+    each), more where a unit's codes would exceed ``part_bytes``.
+
+    Every unit's file is a copy of the trained index, the coarse quantizer included (4,000 x 384
+    floats = 6 MB at 1M passages, 28 MB at 21M): one unit per shard wrote 1,000 copies at 1M (6 GB of
+    scratch beside a 1.5 GB index) and would write 3,500 of 28 MB at 21M.
+    """
+    count = sum(lengths)
+    units = max(1, min(len(lengths), max(tasks, -(-count * (code_bytes + 8) // part_bytes))))
+    ends = np.searchsorted(np.cumsum(lengths), [count * k / units for k in range(1, units)], side="left") + 1
+    bounds = sorted({0, len(lengths), *(min(int(e), len(lengths)) for e in ends)})
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def build_faiss_apart(
     embeddings: Sequence[Path], folder: Path, encoder_identity: dict, run: Runner = serial, train_size: int = 200_000,
-    factory: str | None = None, progress: Callable[[str, int, int], None] | None = None,
+    factory: str | None = None, progress: Callable[[str, int, int], None] | None = None, tasks: int = PART_TASKS,
 ) -> dict:
     """``build_faiss`` from embedding files (.npy, one per shard, in row order) without one process holding every vector.
 
-    An inverted-file index is trained on the same sample, each file's vectors are added to a copy
-    of it by a unit of ``run`` (a task each on a cluster), and the copies' inverted lists are merged
-    on disk into ``retriever.ivfdata``, which the index file names and readers map. Searches give
-    what ``build_faiss``'s index gives. An exact index (Flat, below 200k vectors) is built as before.
+    An inverted-file index is trained on the same sample, the vectors of consecutive files
+    (``part_groups``: ``tasks`` units or more) are added to a copy of it by a unit of ``run`` (a task
+    each on a cluster), and the copies' inverted lists are merged on disk into ``retriever.ivfdata``,
+    which the index file names and readers map. Searches give what ``build_faiss``'s index gives,
+    whatever the grouping. An exact index (Flat, below 200k vectors) is built as before.
     """
     parts = [np.load(path, mmap_mode="r") for path in embeddings]
     count, dimension = sum(len(p) for p in parts), parts[0].shape[1]
@@ -203,10 +226,12 @@ def build_faiss_apart(
         index.train(_training_sample(parts, train_size))
         progress("train", 1, 1)
         faiss.write_index(index, str(scratch / "trained.faiss"))
-        firsts = np.r_[0, np.cumsum([len(p) for p in parts])[:-1]].tolist()
+        lengths = [len(p) for p in parts]
         del parts
-        outs = [str(scratch / f"part-{i:05d}.faiss") for i in range(len(embeddings))]
-        calls = [(str(scratch / "trained.faiss"), str(e), first, out) for e, first, out in zip(embeddings, firsts, outs)]
+        groups = part_groups(lengths, faiss.extract_index_ivf(index).code_size, tasks)
+        outs = [str(scratch / f"part-{i:05d}.faiss") for i in range(len(groups))]
+        calls = [(str(scratch / "trained.faiss"), [str(embeddings[i]) for i in group], sum(lengths[: group.start]), out)
+                 for group, out in zip(groups, outs)]
         run(add_part, calls, lambda done, total: progress("add", done, total))
         for name in (FAISS_FILE, IVF_DATA):
             (folder / name).unlink(missing_ok=True)

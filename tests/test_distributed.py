@@ -108,6 +108,13 @@ def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_list
     build_faiss(parts, whole, {"name": "test"}, train_size=300, factory=factory)
     build_faiss_apart(files, apart, {"name": "test"}, train_size=300, factory=factory)
     assert (apart / IVF_DATA).exists() and not (whole / IVF_DATA).exists()
+    # One add unit per file, or all files in two units: the same lists, byte for byte (they keep row
+    # order). (The index file differs only in the path of its lists.)
+    for tasks in (len(files), 2):
+        other = tmp_path / f"apart-{tasks}"
+        other.mkdir()
+        build_faiss_apart(files, other, {"name": "test"}, train_size=300, factory=factory, tasks=tasks)
+        assert (other / IVF_DATA).read_bytes() == (apart / IVF_DATA).read_bytes()
     queries = np.ascontiguousarray(np.concatenate([p[:5] for p in parts]) + 0.01, dtype=np.float32)
     expected = search(whole, queries)
     assert (expected[1] >= 0).all()
@@ -124,6 +131,16 @@ def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_list
     assert retriever_problems(moved, manifest) == []
     os.truncate(moved / IVF_DATA, (moved / IVF_DATA).stat().st_size // 2)
     assert retriever_problems(moved, manifest) == [f"retriever: {IVF_DATA} is truncated"]
+
+
+def test_add_units_group_consecutive_files_few_enough_and_small_enough():
+    from reader.retriever import part_groups
+
+    groups = part_groups([1000] * 1000, code_bytes=56)  # 1M vectors, IVF-PQ codes: 64 units, not 1,000
+    assert len(groups) == 64 and [i for g in groups for i in g] == list(range(1000))
+    assert part_groups([1000] * 10, code_bytes=56) == [range(i, i + 1) for i in range(10)]  # fewer files: one each
+    flat = part_groups([1000] * 1000, code_bytes=1536, tasks=2, part_bytes=100 * 2**20)  # 1.5 GB of codes and ids
+    assert len(flat) == 15 and max(len(g) for g in flat) <= 67  # units of 100 MB at most
 
 
 def test_workers_beyond_the_gpu_count_share_the_gpus_instead_of_waiting_forever():
