@@ -28,9 +28,7 @@ import lzma
 import multiprocessing
 import platform
 import sys
-import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,9 +37,8 @@ from reader.answer_rule import question_logits, score
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
 from reader.normalize import paired_ratio_interval
-from reader.supervision import targets
-from reader.train import Stage, chain, save_checkpoint, stage_folder, train_stage
-from reader.train_chain import control_chain, export_chain, fit_to_budget, load_examples, run_stage, step_seconds
+from reader.train import chain, save_checkpoint, stage_folder
+from reader.train_chain import control_chain, export_chain, fit_to_budget, run_stage, step_seconds
 
 DEV = ("nq-dev-heldout-in-sample", "trivia-dev-heldout-in-sample")
 TEST = ("nq-test-in-sample", "trivia-test-in-sample")
@@ -81,24 +78,15 @@ def prepare(index: str, out: Path, data: Path, test_limit: int, k: int = 5) -> d
 
 
 def profile_steps(base: str, train_file: str, batch_size: int, steps: int = 4) -> str:
-    """Where a plain step's time goes on this device: torch.profiler over a few steps after a warm-up."""
+    """Where a plain step's time goes on this device: torch.profiler over ``step_seconds``' timed steps."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
-    reader = load_reader(ReaderSpec("extractive", base, SPLIT_LAYER, PASSAGE_TOKENS)).to("cuda" if cuda else "cpu")
-    examples, _ = load_examples(Path(train_file), None)
-    data, _ = targets(reader, examples[: 8 * batch_size], PER_QUESTION, 2, False)
-    stage = Stage("plain", steps=1, batch_size=batch_size, learning_rate=1e-4)
-    quiet = lambda _: None  # noqa: E731
-    with tempfile.TemporaryDirectory() as folder:
-        train_stage(reader, stage, data, Path(folder) / "warm", log=quiet)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        began = time.perf_counter()
-        with profile(activities=activities) as trace:
-            train_stage(reader, replace(stage, steps=steps), data, Path(folder) / "timed", log=quiet)
-        wall = time.perf_counter() - began
+    trace = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+    seconds = step_seconds(base, train_file, PER_QUESTION, PASSAGE_TOKENS, SPLIT_LAYER, batch_size, steps=steps,
+                           around=lambda: trace)
     table = trace.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
-    return f"profile: {steps} plain steps at batch {batch_size} in {wall:.2f} s (profiler on)\n{table}"
+    return f"profile: {steps} plain steps at batch {batch_size}, {seconds:.3f} s a step (profiler on)\n{table}"
 
 
 def _control(stages, control_steps, base, train, out) -> None:

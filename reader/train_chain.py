@@ -11,6 +11,8 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import ContextManager
 from dataclasses import replace
 from pathlib import Path
 
@@ -155,11 +157,12 @@ STEP_COST = {"plain": 1.0, "split": 1.7, "bits": 1.2}
 
 def step_seconds(
     base: str, train: str, per_question: int, max_passage_tokens: int, split_layer: int | None, batch_size: int,
-    family: str = "extractive", steps: int = 30, bf16: bool | None = None,
+    family: str = "extractive", steps: int = 30, bf16: bool | None = None, around: Callable[[], ContextManager] = nullcontext,
 ) -> float:
     """Wall seconds per plain-stage step on this machine, from a throwaway ``steps``-step run after an
     untimed warm-up; how ``fit_to_budget`` sizes a run to the time a lent GPU allows. (Timing the
-    warm-up too made a GPU's step look 4x slower than it was: 0.56 s against 0.145 s.)"""
+    warm-up too made a GPU's step look 4x slower than it was: 0.56 s against 0.145 s.) ``around``: a
+    context the timed steps run in (``bench.gpu_readers`` passes torch.profiler's)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     reader = load_reader(ReaderSpec(family, base, split_layer, max_passage_tokens)).to(device)
     examples, _ = load_examples(Path(train), None)
@@ -169,9 +172,10 @@ def step_seconds(
     with tempfile.TemporaryDirectory() as folder:  # warm-up first (CUDA kernels, allocator), untimed
         warm = replace(stage, steps=max(1, steps // 3))
         train_stage(reader, warm, data, Path(folder) / "warm", save_every=10**9, log=quiet, bf16=bf16)
-        began = time.perf_counter()
-        train_stage(reader, stage, data, Path(folder) / "timed", save_every=10**9, log=quiet, bf16=bf16)
-        return (time.perf_counter() - began) / steps
+        with around():
+            began = time.perf_counter()
+            train_stage(reader, stage, data, Path(folder) / "timed", save_every=10**9, log=quiet, bf16=bf16)
+            return (time.perf_counter() - began) / steps
 
 
 def fit_to_budget(stages: list[Stage], seconds_per_step: float, budget_s: float, control_steps: int = 0) -> tuple[list[Stage], int, float]:
