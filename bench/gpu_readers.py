@@ -77,24 +77,24 @@ def prepare(index: str, out: Path, data: Path, test_limit: int, k: int = 5) -> d
     return {"sets": counts, "index": index, "k": k}
 
 
-def profile_steps(base: str, train_file: str, batch_size: int, steps: int = 4) -> str:
+def profile_steps(base: str, train_file: str, batch_size: int, split_layer: int, steps: int = 4) -> str:
     """Where a plain step's time goes on this device: torch.profiler over ``step_seconds``' timed steps."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
     trace = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
-    seconds = step_seconds(base, train_file, PER_QUESTION, PASSAGE_TOKENS, SPLIT_LAYER, batch_size, steps=steps,
+    seconds = step_seconds(base, train_file, PER_QUESTION, PASSAGE_TOKENS, split_layer, batch_size, steps=steps,
                            around=lambda: trace)
     table = trace.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25)
     return f"profile: {steps} plain steps at batch {batch_size}, {seconds:.3f} s a step (profiler on)\n{table}"
 
 
-def _control(stages, control_steps, base, train, out) -> None:
+def _control(stages, control_steps, base, train, out, split_layer) -> None:
     """The control, in its own process beside the chain (the GPU has room for both)."""
     quiet_library_logs()
     torch.set_num_threads(4)
     run_stage(control_chain(stages, control_steps), 1, base, train, out, PER_QUESTION, None, PASSAGE_TOKENS,
-              SPLIT_LAYER, log=lambda line: print(f"[control] {line}", flush=True))
+              split_layer, log=lambda line: print(f"[control] {line}", flush=True))
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -109,17 +109,17 @@ def train(args: argparse.Namespace) -> dict:
                    batch_size=args.batch_size, span_distill=args.span_distill)
     stages, control_steps, factor, seconds = wanted, args.control_steps, 1.0, 0.0
     if args.budget_s:
-        seconds = step_seconds(base, str(train_file), PER_QUESTION, PASSAGE_TOKENS, SPLIT_LAYER, args.batch_size)
+        seconds = step_seconds(base, str(train_file), PER_QUESTION, PASSAGE_TOKENS, args.split_layer, args.batch_size)
         stages, control_steps, factor = fit_to_budget(wanted, seconds, args.budget_s, args.control_steps)
     if args.profile:
-        print(profile_steps(base, str(train_file), args.batch_size), flush=True)
+        print(profile_steps(base, str(train_file), args.batch_size, args.split_layer), flush=True)
     plan = {"seconds_per_plain_step": round(seconds, 4), "factor": round(factor, 3),
             "steps": {s.kind: s.steps for s in stages} | {"control": control_steps}, "batch_size": args.batch_size}
     print(f"plan: {plan}", flush=True)
     log = lambda line: print(line, flush=True)  # noqa: E731
-    run_stage(stages, 0, base, str(train_file), str(out), PER_QUESTION, None, PASSAGE_TOKENS, SPLIT_LAYER, log=log)
+    run_stage(stages, 0, base, str(train_file), str(out), PER_QUESTION, None, PASSAGE_TOKENS, args.split_layer, log=log)
     control = multiprocessing.get_context("spawn").Process(
-        target=_control, args=(stages, control_steps, base, str(train_file), str(out)))
+        target=_control, args=(stages, control_steps, base, str(train_file), str(out), args.split_layer))
     control.start()
     last = None
     for position in (1, 2):
@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--control-steps", type=int, default=14000, help="split + bits, as make train")
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--span-distill", type=float, default=0.0, help="split stage: weight of the KL to plain's span distributions")
+    run.add_argument("--split-layer", type=int, default=SPLIT_LAYER, help="k: the encoder layers run offline (of 6)")
     run.add_argument("--profile", action="store_true", help="print torch.profiler's table of a few plain steps first")
     run.add_argument("--eval-limit", type=int, help="only the first N questions of each set (a smoke run)")
     run.add_argument("--jobs", type=int, default=4, help="readers evaluated at once, each in its own process")
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     torch.set_num_threads(4)
     result = {"config": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.machine(),
-                        "torch": torch.__version__, "budget_s": args.budget_s, "split_layer": SPLIT_LAYER,
+                        "torch": torch.__version__, "budget_s": args.budget_s, "split_layer": args.split_layer,
                         "max_passage_tokens": PASSAGE_TOKENS, "passages_per_question": PER_QUESTION}}
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@
 # shape (issue 29), each sized by --budget-s. (The first run's bench.workers and t5-base FiD are in
 # docs/gpu-run.md; the worker figure is measured, and t5-base trained from scratch learns nothing in
 # the minutes a loan gives.)
-# Writes to OUT: extractive.json, fid-small.json, logs.tar.gz (logs and every stage's loss curve) and
+# Writes to OUT: extractive.json (extractive2.json with X2), fid-small.json, logs.tar.gz (logs and every stage's loss curve) and
 # the fp16 export of the extractive btr reader as export.tar.part-aa, -ab, ... (files come back <= 16 MiB).
 set -u
 OUT=${1:?usage: bench/gpu_run.sh OUT}
@@ -30,23 +30,28 @@ if [ "$SMOKE" = 1 ]; then  # the script itself, at toy sizes, on a CPU
     X="--budget-s 20 --steps 6 --split-steps 6 --bits-steps 4 --control-steps 8 --batch-size 2 --eval-limit 3 --jobs 2 --profile"
     F="--steps 4 --split-steps 2 --bits-steps 2 --budget-s 10 --questions 4 --batch-size 4 --ratios 0.2"
 else
-    # Issue 25, the next loan: run 4 of docs/gpu-run.md (300 / 200 / 100 steps at batch 64, every stage at 1e-4,
-    # control 300) with one change, the split stage also distilling the plain reader's span distributions.
-    X=${X:-"--budget-s 0 --steps 300 --split-steps 200 --bits-steps 100 --control-steps 300 --batch-size 64 --learning-rate 1e-4 --span-distill 1.0 --profile --jobs 4"}
-    # Issue 29: the small T5 on the synthetic task, as many plain steps as fit (the CPU runs stopped at 2,300
-    # on the guessing floor); 200 dev questions so that evaluating its five variants fits too.
+    # Issue 25, third loan: run 4 of docs/gpu-run.md (300 / 200 / 100 steps at batch 64, every stage at 1e-4,
+    # control 300) with the split stage also distilling the plain reader's span distributions, at k = 2 (X,
+    # exported) and at run 4's k = 3 (X2: the ablation paired with run 4).
+    X=${X:-"--budget-s 0 --steps 300 --split-steps 200 --bits-steps 100 --control-steps 300 --batch-size 64 --learning-rate 1e-4 --span-distill 1.0 --split-layer 2 --jobs 4"}
+    X2=${X2-"--budget-s 0 --steps 300 --split-steps 200 --bits-steps 100 --control-steps 300 --batch-size 64 --learning-rate 1e-4 --span-distill 1.0 --split-layer 3 --jobs 4"}
+    # Issue 29: the small T5 on the synthetic task with open values and fresh facts (flows.synthetic_qa), as
+    # many plain steps as fit; 200 dev questions so that evaluating its variants fits too.
     F="--steps 40000 --split-steps 4000 --bits-steps 4000 --budget-s 330 --batch-size 64 --questions 200 --ratios 0.2,0.5"
 fi
-$PY -m flows.synthetic_qa --out "$WORK/synthetic" > "$LOGS/synthetic.log" 2>&1
+$PY -m flows.synthetic_qa --out "$WORK/synthetic" --tokenizer .gpu/base > "$LOGS/synthetic.log" 2>&1
 timeout 500 $PY -m bench.gpu_readers run --data .gpu --out "$WORK/extractive" --export "$WORK/export" $X \
     --results "$OUT/extractive.json" > "$LOGS/extractive.log" 2>&1 &
+# X2: a second extractive run beside the first (an ablation: its own checkpoints and control, no export)
+[ -z "${X2:-}" ] || timeout 500 $PY -m bench.gpu_readers run --data .gpu --out "$WORK/extractive2" $X2 \
+    --results "$OUT/extractive2.json" > "$LOGS/extractive2.log" 2>&1 &
 [ "${EXTRACTIVE_ONLY:-0}" = 1 ] || timeout 500 $PY -m flows.fid_synthetic --shape small --tokenizer .gpu/base --data "$WORK/synthetic" --out "$WORK/fid-small" \
     --threads 3 $F --results "$OUT/fid-small.json" > "$LOGS/fid-small.log" 2>&1 &
 wait
 if [ -f "$WORK/export/btr.json" ]; then
     tar -C "$WORK" -cf - export | split -b 15M - "$OUT/export.tar.part-"
 fi
-for f in "$WORK"/fid-small/*/loss.jsonl "$WORK"/extractive/*/loss.jsonl; do
+for f in "$WORK"/fid-small/*/loss.jsonl "$WORK"/extractive*/*/loss.jsonl; do
     [ -f "$f" ] && cp "$f" "$LOGS/$(basename "$(dirname "$f")")-$(basename "$(dirname "$(dirname "$f")")").loss.jsonl"
 done
 tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .

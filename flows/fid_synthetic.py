@@ -3,7 +3,8 @@
     python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--steps 1000] [--split-steps 300]
                                   [--bits-steps 300] [--threads 1] [--results results/fid-synthetic.json]
 
-Generates the task (``flows.synthetic_qa``) into ``--data``, saves a randomly initialised small T5
+Generates the task (``flows.synthetic_qa``, open values and fresh facts unless told otherwise) into ``--data``
+(again when its ``task.json`` differs), saves a randomly initialised small T5
 (``reader.t5_shapes`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3; ``--shape t5-base``:
 k = 9 of 12) as the base, trains plain -> split -> bits through ``reader.train_chain``, the stages of
 ``flows.train_reader --family fid`` without Prefect (resumable: a rerun reuses finished stages, so it only evaluates), then answers the dev questions from their given passages with each
@@ -109,8 +110,12 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     quiet_library_logs()
     data = Path(args.data)
-    if not (data / "dev.jsonl").exists():
-        generate(data, args.people, args.passages)
+    task = {"people": args.people, "passages_per_question": args.passages, "values": args.values,
+            "train_questions": args.train_questions}
+    made = json.loads((data / "task.json").read_text()) if (data / "task.json").exists() else {}
+    if {key: made.get(key) for key in task} != task:  # missing, or another task
+        print(json.dumps(generate(data, args.people, args.passages, values=args.values, train_questions=args.train_questions,
+                                  tokenizer=args.tokenizer)), flush=True)
     out = Path(args.out)
     began = time.perf_counter()
     stages = chain(
@@ -131,6 +136,7 @@ def run(args: argparse.Namespace) -> dict:
         "steps": [s.steps for s in stages], "steps_asked": [args.steps, args.split_steps, args.bits_steps],
         "budget_s": args.budget_s, "batch_size": args.batch_size,
         "learning_rate": args.learning_rate, "passages_per_question": args.passages, "people": args.people,
+        "values": args.values, "train_questions": args.train_questions,
         "threads": args.threads, "train_seconds_this_run": round(trained), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the bundled all-MiniLM-L6-v2's)")
     parser.add_argument("--people", type=int, default=1600)
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
+    parser.add_argument("--values", choices=("open", "typed"), default="open", help="the task's values (flows.synthetic_qa)")
+    parser.add_argument("--train-questions", type=int, default=40000, help="fresh-fact training questions (0: the fixed-fact task)")
     parser.add_argument("--steps", type=int, default=1000, help="plain stage steps")
     parser.add_argument("--split-steps", type=int, default=300)
     parser.add_argument("--bits-steps", type=int, default=300)

@@ -11,7 +11,8 @@ from reader.config import BTRConfig
 from reader.heads import HEADS_FILE, QuestionMatch, ReaderHeads
 from reader.load import ReaderSpec, load_reader
 from reader.supervision import Example, shares_question_word, targets
-from reader.train import Stage, relevance_loss, save_checkpoint, stage_losses, train_stage
+from reader.losses import relevance_loss
+from reader.train import Stage, save_checkpoint, stage_losses, train_stage
 from storage.record import Passage
 from tests.conftest import PASSAGES, QUESTIONS
 

@@ -19,7 +19,8 @@ from storage.record import Passage
 import reader.train as train_module
 from reader.supervision import Example, TrainingDataError, answer_spans, batch_order, read_examples, targets, to_example
 from reader.merge import Tokens
-from reader.train import Stage, chain, distillation_loss, span_distillation_loss, span_loss, stage_losses, stage_done, train_stage
+from reader.losses import distillation_loss, span_distillation_loss, span_loss
+from reader.train import Stage, chain, stage_losses, stage_done, train_stage
 
 FACTS = [
     ("Eiffel Tower", "The Eiffel Tower is a tower in Paris. It was completed in 1889 for the World's Fair.", "1889"),

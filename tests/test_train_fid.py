@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 import reader.train as train_module
-from flows.synthetic_qa import RELATIONS, generate, people, questions
+from flows.synthetic_qa import RELATIONS, generate, open_values, people, questions
+from reader.assets import minilm_path
 from reader.config import BTRConfig
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader
 from reader.normalize import has_answer
 from reader.supervision import TrainingDataError, targets, to_example
+from reader.losses import recovery_loss
 from reader.train import Stage, stage_losses, train_stage
 
 CONFIG = BTRConfig(split_layer=2, max_passage_tokens=48)
@@ -59,6 +62,29 @@ def test_synthetic_questions_need_the_whole_name_and_the_passage(tmp_path):
         others = {word for p in record["passages"] if p["title"] != name for word in p["title"].split()}
         assert len(record["passages"]) == 4 and not others & set(name.split())
         assert [p["title"] for p in record["passages"] if has_answer([p["text"]], record["answers"])] == [name]
+
+
+def test_open_values_and_fresh_facts_leave_reading_the_only_way(tmp_path):
+    summary = generate(tmp_path, people_count=300, per_question=4, values="open", train_questions=600)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    dev = [json.loads(line) for line in (tmp_path / "dev.jsonl").read_text().splitlines()]
+    assert summary["questions"] == {"train": 600, "dev": 30 * 3} and summary["fresh_facts"]
+    assert not {p["title"] for r in train for p in r["passages"]} & {p["title"] for r in dev for p in r["passages"]}
+    pools = open_values(minilm_path())
+    assert all(len(v) == 3000 for v in pools.values()) and len(set().union(*pools.values())) == 6 * 3000
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    told: dict[tuple[str, str], set[str]] = {}
+    for record in train:
+        [answer] = record["answers"]
+        assert answer in pools[record["relation"]] and len(tokenizer.tokenize(answer)) == 1
+        name = next(p["title"] for p in record["passages"] if p["title"] in record["question"])
+        assert [p["title"] for p in record["passages"] if has_answer([p["text"]], record["answers"])] == [name]
+        told.setdefault((name, record["relation"]), set()).add(answer)
+    asked_twice = [answers for answers in told.values() if len(answers) > 1]
+    assert len(asked_twice) > 20  # the same person's fact differs between questions: nothing to memorise
+    assert len({p["id"] for r in train for p in r["passages"]}) == 4 * len(train)  # an id names one text
+    with pytest.raises(ValueError, match="typed or open"):
+        generate(tmp_path, values="closed")
 
 
 def test_answer_loss_is_teacher_forced_cross_entropy_over_all_passages(make_fid, data):
@@ -139,8 +165,8 @@ def test_recovery_under_rms_calibration_targets_the_scale_free_state(make_fid, d
     states.hidden = states.hidden * 300  # pretrained T5's residuals are in the hundreds
     _, signs = reader.binarized(states)
     projection = torch.nn.Linear(64, 64)
-    assert train_module.recovery_loss(projection, signs, states, "rms") < 10
-    assert train_module.recovery_loss(projection, signs, states, "mean_abs") > 1000  # what the BERT reader keeps
+    assert recovery_loss(projection, signs, states, "rms") < 10
+    assert recovery_loss(projection, signs, states, "mean_abs") > 1000  # what the BERT reader keeps
 
 
 def test_a_fid_stage_resumes_to_the_same_weights(make_fid, data, tmp_path, monkeypatch):
