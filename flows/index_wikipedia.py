@@ -92,7 +92,10 @@ def build_retriever(staging: str, index: str, plans: list[dict], encoder: str | 
     if built is not None and (Path(index) / INFO_FILE).exists():  # an earlier attempt built it, then freed the disk
         get_run_logger().info("retriever: kept from an earlier attempt (faiss %s over %s passages)", built["factory"], built["count"])
         return built
-    info = build_faiss_apart(embedding_files(Path(staging), shards), Path(index), Encoder(encoder).identity(), cluster_runner())
+    # consume: each add unit deletes its shards' embeddings once its part is written (the disk's peak is the
+    # lossless shards + embeddings at the build's start, not + the build's parts); a stopped build resumes
+    info = build_faiss_apart(embedding_files(Path(staging), shards), Path(index), Encoder(encoder).identity(), cluster_runner(),
+                             consume=True)
     get_run_logger().info("retriever: faiss %s over %s passages", info["factory"], info["count"])
     consume_embeddings(Path(staging), shards, info)  # 1.5 KB a passage at d = 384: 32 GB at 21M
     return info

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -160,9 +159,17 @@ def build_faiss(
     return _write_info(folder, factory, count, dimension, encoder_identity)
 
 
-def add_part(trained: str, embeddings: Sequence[str], first_row: int, out: str) -> int:
+ADDED = ".in-retriever-part"  # beside a deleted embeddings file: its vectors are in a finished add unit's part
+BUILD_DIR = ".retriever-build"  # build_faiss_apart's work under the index folder, kept until the build ends (a resume)
+
+
+def add_part(trained: str, embeddings: Sequence[str], first_row: int, out: str, consume: bool = False) -> int:
     """One unit of ``build_faiss_apart``: consecutive shards' vectors (ids = rows, from ``first_row``) into
-    a copy of the trained index, one file at a time, saved to ``out``."""
+    a copy of the trained index, one file at a time, saved to ``out``. Done already (``out`` exists: a retried
+    task, a resumed build): nothing is read. ``consume``: the embedding files are deleted once ``out`` is
+    written, each leaving an ``ADDED`` marker (its shard is then done for a rerun of the workers)."""
+    if Path(out).exists():
+        return faiss.read_index(out, faiss.IO_FLAG_MMAP).ntotal
     index, added = faiss.read_index(trained), 0
     for path in embeddings:
         vectors = np.ascontiguousarray(np.load(path, mmap_mode="r"), dtype=np.float32)
@@ -171,6 +178,10 @@ def add_part(trained: str, embeddings: Sequence[str], first_row: int, out: str) 
     tmp = Path(out).with_name(f".tmp-{Path(out).name}")
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out)
+    if consume:
+        for path in embeddings:
+            Path(path).with_suffix(ADDED).touch()
+            Path(path).unlink()
     return added
 
 
@@ -196,42 +207,72 @@ def part_groups(lengths: Sequence[int], code_bytes: int, tasks: int = PART_TASKS
 def build_faiss_apart(
     embeddings: Sequence[Path], folder: Path, encoder_identity: dict, run: Runner = serial, train_size: int = 200_000,
     factory: str | None = None, progress: Callable[[str, int, int], None] | None = None, tasks: int = PART_TASKS,
+    consume: bool = False,
 ) -> dict:
     """``build_faiss`` from embedding files (.npy, one per shard, in row order) without one process holding every vector.
 
     An inverted-file index is trained on the same sample in units of ``run`` (``reader.quantizer``), the
     vectors of consecutive files (``part_groups``: ``tasks`` units or more) are added to a copy of it by a
-    unit of ``run`` (a task each on a cluster), and the copies' inverted lists are merged on disk into ``retriever.ivfdata``,
-    which the index file names and readers map. Searches give what ``build_faiss``'s index gives,
-    whatever the grouping. An exact index (Flat, below 200k vectors) is built as before.
+    unit of ``run`` (a task each on a cluster), and the copies' inverted lists are merged on disk into
+    ``retriever.ivfdata``, which the index file names and readers map. Searches give what
+    ``build_faiss``'s index gives, whatever the grouping. An exact index (Flat, below 200k vectors) is
+    built as before.
+
+    The work (the plan, the trained index, each unit's part) is kept in ``folder/BUILD_DIR`` until the
+    index is written, so a build stopped midway resumes there: training and finished units are not
+    done again. ``consume`` deletes each unit's embedding files as soon as its part is written (the
+    files are then needed by no resume), which keeps the embeddings off the disk's peak.
     """
-    parts = [np.load(path, mmap_mode="r") for path in embeddings]
-    count, dimension = sum(len(p) for p in parts), parts[0].shape[1]
-    factory = factory or index_factory(count, dimension)
-    if not factory.startswith("IVF"):
-        return build_faiss(parts, folder, encoder_identity, train_size, factory, progress)
-    progress = progress or (lambda *_: None)
-    scratch = Path(tempfile.mkdtemp(prefix=".retriever-", dir=folder))
-    try:
-        index = faiss.index_factory(dimension, factory, faiss.METRIC_INNER_PRODUCT)
-        train_ivf(index, [str(path) for path in embeddings], train_size, scratch, run)
-        progress("train", 1, 1)
-        faiss.write_index(index, str(scratch / "trained.faiss"))
-        lengths = [len(p) for p in parts]
+    work, names = folder / BUILD_DIR, [str(path) for path in embeddings]
+    plan = json.loads((work / "plan.json").read_text()) if (work / "plan.json").exists() else None
+    if plan is not None and plan["files"] != names:
+        raise ValueError(f"{work} holds a build over other embedding files; remove it to start over")
+    if plan is None:
+        missing = [name for name in names if not Path(name).exists()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} embedding files are missing (the first: {missing[0]}) and no "
+                                    f"earlier build in {work} holds their vectors: index those shards again")
+        parts = [np.load(name, mmap_mode="r") for name in names]
+        count, dimension = sum(len(p) for p in parts), parts[0].shape[1]
+        factory = factory or index_factory(count, dimension)
+        if not factory.startswith("IVF"):
+            return build_faiss(parts, folder, encoder_identity, train_size, factory, progress)
+        plan = {"files": names, "lengths": [len(p) for p in parts], "dimension": dimension, "factory": factory,
+                "train_size": train_size, "tasks": tasks}
         del parts
-        groups = part_groups(lengths, faiss.extract_index_ivf(index).code_size, tasks)
-        outs = [str(scratch / f"part-{i:05d}.faiss") for i in range(len(groups))]
-        calls = [(str(scratch / "trained.faiss"), [str(embeddings[i]) for i in group], sum(lengths[: group.start]), out)
-                 for group, out in zip(groups, outs)]
-        run(add_part, calls, lambda done, total: progress("add", done, total))
-        for name in (FAISS_FILE, IVF_DATA):
-            (folder / name).unlink(missing_ok=True)
-        with stdout_to_stderr():
-            merge_ondisk(index, outs, str((folder / IVF_DATA).resolve()))
-        faiss.write_index(index, str(folder / FAISS_FILE))
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return _write_info(folder, factory, count, dimension, encoder_identity)
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        _write_atomically(work / "plan.json", json.dumps(plan).encode())
+    elif (factory or plan["factory"], train_size, tasks) != (plan["factory"], plan["train_size"], plan["tasks"]):
+        raise ValueError(f"{work} holds a build with other settings ({plan['factory']}, train_size {plan['train_size']}, "
+                         f"{plan['tasks']} tasks); remove it to start over")
+    progress = progress or (lambda *_: None)
+    lengths, trained = plan["lengths"], work / "trained.faiss"
+    if trained.exists():
+        index = faiss.read_index(str(trained))
+    else:
+        index = faiss.index_factory(plan["dimension"], plan["factory"], faiss.METRIC_INNER_PRODUCT)
+        train_ivf(index, names, train_size, work, run)
+        _write_atomically(trained, faiss.serialize_index(index).tobytes())
+    progress("train", 1, 1)
+    groups = part_groups(lengths, faiss.extract_index_ivf(index).code_size, tasks)
+    outs = [str(work / f"part-{i:05d}.faiss") for i in range(len(groups))]
+    calls = [(str(trained), [names[i] for i in group], sum(lengths[: group.start]), out, consume)
+             for group, out in zip(groups, outs)]
+    run(add_part, calls, lambda done, total: progress("add", done, total))
+    for name in (FAISS_FILE, IVF_DATA):
+        (folder / name).unlink(missing_ok=True)
+    with stdout_to_stderr():
+        merge_ondisk(index, outs, str((folder / IVF_DATA).resolve()))
+    faiss.write_index(index, str(folder / FAISS_FILE))
+    shutil.rmtree(work)
+    return _write_info(folder, plan["factory"], sum(lengths), plan["dimension"], encoder_identity)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def read_faiss(folder: Path) -> faiss.Index:

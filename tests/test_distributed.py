@@ -137,6 +137,44 @@ def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_list
     assert retriever_problems(moved, manifest) == [f"retriever: {IVF_DATA} is truncated"]
 
 
+def test_a_consuming_build_stopped_midway_resumes_without_the_embeddings_it_took(lossless, tmp_path):
+    from reader.retriever import ADDED, BUILD_DIR, add_part, build_faiss_apart
+    from storage.index import IVF_DATA
+
+    (tmp_path / "embeddings").mkdir()
+    files = [Path(shutil.copy(f, tmp_path / "embeddings" / f.name)) for f in embedding_files(lossless)]  # consumed below
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    reference.mkdir(), resumed.mkdir()
+    settings = {"train_size": 300, "factory": "IVF8,PQ16np", "tasks": 6}
+    build_faiss_apart(embedding_files(lossless), reference, {}, **settings)
+
+    def stopped(fn, calls, done=None):  # the cluster is lost after two of the six add units
+        if fn is add_part:
+            serial_run(fn, calls[:2])
+            raise RuntimeError("node lost")
+        return serial_run(fn, calls, done)
+
+    with pytest.raises(RuntimeError, match="node lost"):
+        build_faiss_apart(files, resumed, {}, stopped, consume=True, **settings)
+    gone = [f for f in files if not f.exists()]
+    assert gone == files[:2] and all(f.with_suffix(ADDED).exists() for f in gone)  # the workers count them done
+    with pytest.raises(ValueError, match="other settings"):  # nothing of the stopped build is touched
+        build_faiss_apart(files, resumed, {}, consume=True, **settings | {"factory": "IVF8,Flat"})
+    with pytest.raises(FileNotFoundError, match="2 embedding files are missing"):  # no build there to resume
+        build_faiss_apart(files, tmp_path / "elsewhere", {}, **settings)
+
+    ran = []
+
+    def counting(fn, calls, done=None):
+        ran.append((fn.__name__, len(calls)))
+        return serial_run(fn, calls, done)
+
+    build_faiss_apart(files, resumed, {}, counting, consume=True, **settings)
+    assert ran == [("add_part", 6)]  # not trained again; the two finished units read nothing
+    assert (resumed / IVF_DATA).read_bytes() == (reference / IVF_DATA).read_bytes()
+    assert not any(f.exists() for f in files) and not (resumed / BUILD_DIR).exists()
+
+
 def test_add_units_group_consecutive_files_few_enough_and_small_enough():
     from reader.retriever import part_groups
 

@@ -123,6 +123,11 @@ def test_a_shard_whose_embeddings_went_into_the_retriever_counts_as_done_without
     files[0].unlink()  # lost, with no retriever built from it: the shard is indexed again
     assert indexer.done(plans[0]) is None and indexer.done(plans[1])["skipped"]
     indexer.index(plans[0])
+    from reader.retriever import ADDED
+
+    files[0].with_suffix(ADDED).touch()  # in a finished add unit of a retriever build that stopped (build_faiss_apart)
+    files[0].unlink()
+    assert indexer.done(plans[0])["skipped"]
     consume_embeddings(tmp_path / "staging", plans, {"factory": "Flat", "count": 2 * SHARD_SIZE})
     assert not any(f.exists() for f in files) and embeddings_consumed(tmp_path / "staging")["count"] == 2 * SHARD_SIZE
     assert all(indexer.done(plan)["skipped"] for plan in plans)

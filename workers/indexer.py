@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from reader.load import ReaderSpec, load_reader
-from reader.retriever import Encoder, passage_text
+from reader.retriever import ADDED, Encoder, passage_text
 from reader.split import SplitReader
 from storage.codec import Codec, CodecSettings, file_digest
 from storage.index import IndexWriter
@@ -100,8 +100,8 @@ class ShardIndexer:
         digest_file = path.with_suffix(".sha256")
         if info is None or info.rows != plan.rows or info.first_row != plan.first_row or not digest_file.exists():
             return None
-        if not path.exists():  # lost, or in the retriever already
-            if embeddings_consumed(self.root) is None:
+        if not path.exists():  # lost, or in the retriever (built, or a build's finished unit) already
+            if embeddings_consumed(self.root) is None and not path.with_suffix(ADDED).exists():
                 return None
         elif file_digest(path) != digest_file.read_text().strip():
             return None
