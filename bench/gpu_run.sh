@@ -37,16 +37,18 @@ else
     X2=${X2-"--budget-s 0 --steps 300 --split-steps 200 --bits-steps 100 --control-steps 300 --batch-size 64 --learning-rate 1e-4 --span-distill 1.0 --split-layer 3 --jobs 4"}
     # Issue 29: the small T5 on the synthetic task with open values and fresh facts (flows.synthetic_qa), as
     # many plain steps as fit; 200 dev questions so that evaluating its variants fits too.
-    F="--steps 40000 --split-steps 4000 --bits-steps 4000 --budget-s 330 --batch-size 64 --questions 200 --ratios 0.2,0.5"
+    F=${F:-"--steps 40000 --split-steps 4000 --bits-steps 4000 --budget-s 330 --batch-size 64 --questions 200 --ratios 0.2,0.5"}
 fi
-$PY -m flows.synthetic_qa --out "$WORK/synthetic" --tokenizer .gpu/base > "$LOGS/synthetic.log" 2>&1
-timeout 500 $PY -m bench.gpu_readers run --data .gpu --out "$WORK/extractive" --export "$WORK/export" $X \
+TQ=${TQ:-40000}  # the synthetic task's training questions (each stage reads them all before its first step)
+$PY -m flows.synthetic_qa --out "$WORK/synthetic" --tokenizer .gpu/base --train-questions "$TQ" > "$LOGS/synthetic.log" 2>&1
+# FID_ONLY=1: the FiD job alone (X and X2 not run)
+[ "${FID_ONLY:-0}" = 1 ] || timeout 500 $PY -m bench.gpu_readers run --data .gpu --out "$WORK/extractive" --export "$WORK/export" $X \
     --results "$OUT/extractive.json" > "$LOGS/extractive.log" 2>&1 &
 # X2: a second extractive run beside the first (an ablation: its own checkpoints and control, no export)
-[ -z "${X2:-}" ] || timeout 500 $PY -m bench.gpu_readers run --data .gpu --out "$WORK/extractive2" $X2 \
+[ -z "${X2:-}" ] || [ "${FID_ONLY:-0}" = 1 ] || timeout 500 $PY -m bench.gpu_readers run --data .gpu --out "$WORK/extractive2" $X2 \
     --results "$OUT/extractive2.json" > "$LOGS/extractive2.log" 2>&1 &
-[ "${EXTRACTIVE_ONLY:-0}" = 1 ] || timeout 500 $PY -m flows.fid_synthetic --shape small --tokenizer .gpu/base --data "$WORK/synthetic" --out "$WORK/fid-small" \
-    --threads 3 $F --results "$OUT/fid-small.json" > "$LOGS/fid-small.log" 2>&1 &
+[ "${EXTRACTIVE_ONLY:-0}" = 1 ] || timeout "${FID_TIMEOUT:-500}" $PY -m flows.fid_synthetic --shape small --tokenizer .gpu/base \
+    --data "$WORK/synthetic" --out "$WORK/fid-small" --threads 3 --train-questions "$TQ" $F --results "$OUT/fid-small.json" > "$LOGS/fid-small.log" 2>&1 &
 wait
 if [ -f "$WORK/export/btr.json" ]; then
     tar -C "$WORK" -cf - export | split -b 15M - "$OUT/export.tar.part-"

@@ -118,9 +118,10 @@ def run(args: argparse.Namespace) -> dict:
                                   tokenizer=args.tokenizer)), flush=True)
     out = Path(args.out)
     began = time.perf_counter()
+    learning_rate = args.learning_rate or {"adafactor": 1e-2, "adamw": 1e-3}[args.optimizer]
     stages = chain(
-        learning_rate=args.learning_rate, steps=args.steps, split_steps=args.split_steps, bits_steps=args.bits_steps,
-        batch_size=args.batch_size, max_positives=1,
+        learning_rate=learning_rate, steps=args.steps, split_steps=args.split_steps, bits_steps=args.bits_steps,
+        batch_size=args.batch_size, max_positives=1, optimizer=args.optimizer,
     )
     base, factor = args.base or save_base(out / "base", args.shape, args.tokenizer), 1.0
     if args.budget_s:  # a lent GPU's minutes: every stage's steps scaled by one factor to fit
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> dict:
         "shape": args.shape, **SHAPES[args.shape], "split_layer": SPLIT_LAYERS[args.shape], "max_passage_tokens": PASSAGE_TOKENS,
         "steps": [s.steps for s in stages], "steps_asked": [args.steps, args.split_steps, args.bits_steps],
         "budget_s": args.budget_s, "batch_size": args.batch_size,
-        "learning_rate": args.learning_rate, "passages_per_question": args.passages, "people": args.people,
+        "learning_rate": learning_rate, "optimizer": args.optimizer, "passages_per_question": args.passages, "people": args.people,
         "values": args.values, "train_questions": args.train_questions,
         "threads": args.threads, "train_seconds_this_run": round(trained), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -158,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-steps", type=int, default=300)
     parser.add_argument("--bits-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor",
+                        help="adafactor (T5's own; AdamW leaves a T5 from scratch on the guessing floor, docs/fid.md)")
+    parser.add_argument("--learning-rate", type=float, help="peak rate (default: 1e-2 for adafactor, relative to each "
+                        "weight's scale; 1e-3 for adamw)")
     parser.add_argument("--questions", type=int, default=480, help="dev questions evaluated")
     parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
     parser.add_argument("--threads", type=int, default=1)

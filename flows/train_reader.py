@@ -67,6 +67,7 @@ def train_reader(
     family: str = "extractive",
     learning_rate: float | None = None,
     span_distill: float = 0.0,
+    optimizer: str = "adamw",
 ) -> str:
     """Train plain -> split -> bits from ``base``; returns the last stage's checkpoint folder.
 
@@ -75,7 +76,7 @@ def train_reader(
     """
     stages = chain(
         distill, recovery, learning_rate, steps=steps, split_steps=split_steps, bits_steps=bits_steps, batch_size=batch_size, heads=heads,
-        max_positives=max_positives, question_word=question_word, span_distill=span_distill,
+        max_positives=max_positives, question_word=question_word, span_distill=span_distill, optimizer=optimizer,
     )
     checkpoint = base
     for position in range(len(stages)):
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--control-steps", type=int, help="also continue the plain reader unsplit this long (plain+plain)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per step")
     parser.add_argument("--learning-rate", type=float, help="every stage's peak rate (default: reader.train.LEARNING_RATES)")
+    parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw",
+                        help="adafactor: T5's own (a T5 trained from scratch needs it: docs/fid.md)")
     parser.add_argument("--passages-per-question", type=int, default=4, help="positive + negatives per question")
     parser.add_argument("--max-passage-tokens", type=int, default=192, help="passage cut for training")
     parser.add_argument("--split-layer", type=int, help="k (default 3/4 of the encoder layers)")
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             args.train, args.out, args.base, args.steps, args.batch_size, args.passages_per_question,
             args.max_passage_tokens, args.split_layer, not args.no_distill, not args.no_recovery, args.index,
             args.export, args.split_steps, args.bits_steps, args.control_steps, args.bf16 or None, args.heads,
-            args.max_positives, args.question_word, args.family, args.learning_rate, args.span_distill,
+            args.max_positives, args.question_word, args.family, args.learning_rate, args.span_distill, args.optimizer,
         )
     except (TrainingDataError, OSError) as error:  # OSError: a --base that is neither a folder nor a Hub model
         print(f"error: {str(error).splitlines()[0]}", file=sys.stderr)

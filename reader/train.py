@@ -42,6 +42,7 @@ from .losses import TASK_LOSSES, distillation_loss, recovery_loss, relevance_los
 from .supervision import Target, TrainingDataError, batch_order, example_tokens
 
 STAGES = ("plain", "split", "bits")
+OPTIMIZERS = ("adamw", "adafactor")
 HEADS_LR_SCALE = 10  # the match vector and relevance head start at zero; the encoder is pretrained
 ANSWER_SETTINGS = ("relevance_weight", "retrieval_weight")  # the answer rule, kept in btr.json
 SETTINGS_FILE = "btr.json"
@@ -62,10 +63,13 @@ class Stage:
     heads: bool = False  # question-word match + passage relevance (reader.heads), added at the first stage
     max_positives: int = 2  # passages holding an answer per question (reader.supervision.targets)
     question_word: bool = False  # a positive must share a content word with the question
+    optimizer: str = "adamw"  # or "adafactor": T5's own, steps relative to each weight's scale (a T5 from scratch)
 
     def __post_init__(self) -> None:
         if self.kind not in STAGES:
             raise ValueError(f"unknown stage {self.kind!r}; expected one of {', '.join(STAGES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
 
     @property
     def mode(self) -> str:
@@ -158,6 +162,23 @@ def stage_done(folder: Path, stage: Stage) -> bool:
     return True
 
 
+def make_optimizer(stage: Stage, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    """The stage's optimizer over parameter ``groups`` (the stage's schedule scales its rate).
+
+    AdamW moves every weight by about the same absolute step. A randomly initialised T5's weights
+    differ in scale by 100x (embeddings 1.0, query projections 0.008), so at a rate that moves its
+    embeddings at all, AdamW rewrites its attention every step, and the synthetic FiD task never left
+    the guessing floor (docs/fid.md). Adafactor, which T5 was pretrained with, scales each step by the
+    weight's own RMS (``scale_parameter``): the same relative change everywhere.
+    """
+    if stage.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(groups, lr=stage.learning_rate, scale_parameter=True, relative_step=False, warmup_init=False)
+    # fused: one kernel per step on a GPU for AdamW's update instead of several per parameter group
+    return torch.optim.AdamW(groups, lr=stage.learning_rate, weight_decay=0.01, fused=device.type == "cuda")
+
+
 def train_stage(
     reader: SplitReader,
     stage: Stage,
@@ -189,8 +210,7 @@ def train_stage(
     groups = [{"params": [p for p in parameters if id(p) not in heads]}]
     if heads:  # fresh, zero-initialised heads learn at HEADS_LR_SCALE x the stage's rate
         groups.append({"params": list(reader.heads.parameters()), "lr": stage.learning_rate * HEADS_LR_SCALE})
-    # fused: one kernel per step on a GPU for AdamW's update instead of several per parameter group
-    optimizer = torch.optim.AdamW(groups, lr=stage.learning_rate, weight_decay=0.01, fused=reader.device.type == "cuda")
+    optimizer = make_optimizer(stage, groups, reader.device)
     warmup = max(1, stage.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (stage.steps - step) / max(1, stage.steps - warmup)))

@@ -158,6 +158,35 @@ def test_each_stage_lowers_its_loss_writes_its_checkpoint_and_the_bits_reach_the
         load_reader(ReaderSpec("extractive", str(tmp_path / "bits")))
 
 
+def test_adafactor_moves_every_weight_by_a_like_share_of_its_scale_where_adamw_does_not(make_fid, data, tmp_path):
+    """Why a T5 from scratch trains with Adafactor (docs/fid.md): its weights differ in scale by ~30x here."""
+    from reader.train import make_optimizer
+
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        Stage("plain", optimizer="sgd")
+    spread = {}
+    for name in ("adamw", "adafactor"):
+        reader = make_fid(CONFIG, d_model=64).train()
+        stage = Stage("plain", learning_rate=1e-2 if name == "adafactor" else 1e-3, optimizer=name)
+        weights = {"embeddings": reader.model.shared.weight,
+                   "query": reader.model.encoder.block[1].layer[0].SelfAttention.q.weight}
+        before = {k: w.detach().clone() for k, w in weights.items()}
+        optimizer = make_optimizer(stage, [{"params": list(reader.parameters())}], reader.device)
+        stage_losses(reader, stage, data[:8])["loss"].backward()
+        optimizer.step()
+        share = {k: ((w.detach() - before[k]).pow(2).mean().sqrt() / before[k].pow(2).mean().sqrt()).item()
+                 for k, w in weights.items()}
+        spread[name] = share["query"] / share["embeddings"]
+    assert spread["adamw"] > 10 and spread["adafactor"] < 3, spread
+    # a stage trains with it, and its checkpoint records it
+    reader = make_fid(CONFIG, d_model=64).train()
+    stage = Stage("plain", steps=15, batch_size=8, learning_rate=1e-2, optimizer="adafactor")
+    before = stage_losses(reader.eval(), stage, data[:8])["task"].item()
+    summary = train_stage(reader, stage, data, tmp_path / "plain", log=lambda _: None)
+    assert summary["final_loss"]["task"] < before
+    assert json.loads((tmp_path / "plain" / "btr.json").read_text())["training"]["stage"]["optimizer"] == "adafactor"
+
+
 def test_recovery_under_rms_calibration_targets_the_scale_free_state(make_fid, data):
     reader = make_fid(CONFIG, d_model=64)
     batch = reader.prepare([data[0].example.question], [data[0].passages])
