@@ -1,7 +1,7 @@
 """BTR-FiD trained from scratch on the synthetic task: EM of plain / split / btr, and runtime merging.
 
-    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--steps 1000] [--split-steps 300]
-                                  [--bits-steps 300] [--threads 1] [--results results/fid-synthetic.json]
+    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--steps 4000] [--split-steps 500]
+                                  [--bits-steps 500] [--threads 2] [--optimizer adafactor] [--results results/fid-synthetic.json]
 
 Generates the task (``flows.synthetic_qa``, open values and fresh facts unless told otherwise) into ``--data``
 (again when its ``task.json`` differs), saves a randomly initialised small T5
@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
     parser.add_argument("--values", choices=("open", "typed"), default="open", help="the task's values (flows.synthetic_qa)")
     parser.add_argument("--train-questions", type=int, default=40000, help="fresh-fact training questions (0: the fixed-fact task)")
-    parser.add_argument("--steps", type=int, default=1000, help="plain stage steps")
-    parser.add_argument("--split-steps", type=int, default=300)
-    parser.add_argument("--bits-steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=4000, help="plain stage steps")
+    parser.add_argument("--split-steps", type=int, default=500)
+    parser.add_argument("--bits-steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor",
                         help="adafactor (T5's own; AdamW leaves a T5 from scratch on the guessing floor, docs/fid.md)")
