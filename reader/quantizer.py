@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -66,12 +67,23 @@ def _rows(slices: Sequence[Slice]) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
-def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Each row's centroid of largest inner product (exact search, one thread: the same on every machine)."""
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """faiss on one thread inside (the same float sums in a Ray task and in a process with many cores), restored after."""
+    before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Each row's centroid of largest inner product (exact search)."""
     flat = faiss.IndexFlatIP(centroids.shape[1])
     flat.add(centroids)
-    return flat.search(x, 1)[1][:, 0]
+    with _one_thread():
+        return flat.search(x, 1)[1][:, 0]
 
 
 def coarse_step(centroids: str, slices: Sequence[Slice], out: str) -> str:
@@ -95,12 +107,12 @@ def residuals(centroids: str, slices: Sequence[Slice], rows: Sequence[int], out:
 
 def pq_group(parts: Sequence[str], subquantizers: Sequence[int], dsub: int, ksub: int, out: str) -> str:
     """One unit: faiss's k-means for each of ``subquantizers`` over its columns of the residuals; codebooks to ``out``."""
-    faiss.omp_set_num_threads(1)
     books = []
     for m in subquantizers:
         x = np.ascontiguousarray(np.concatenate([np.load(p, mmap_mode="r")[:, m * dsub:(m + 1) * dsub] for p in parts]))
         kmeans = faiss.Kmeans(dsub, ksub, niter=PQ_ITERATIONS, seed=SEED + m, max_points_per_centroid=len(x) // ksub + 1)
-        kmeans.train(x)
+        with _one_thread():
+            kmeans.train(x)
         books.append(kmeans.centroids)
     np.save(out, np.stack(books))
     return out

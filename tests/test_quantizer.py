@@ -40,13 +40,14 @@ def test_units_train_as_well_as_faiss_and_the_same_bytes_in_any_order(tmp_path, 
     for i, part in enumerate(np.array_split(x, 5)):
         files.append(str(tmp_path / f"part-{i}.npy"))
         np.save(files[-1], part)
-    trained = {}
+    trained, threads = {}, faiss.omp_get_max_threads()
     for name, run, sources in (("files", None, files), ("arrays", reversed_order, list(np.array_split(x, 5)))):
         index = faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
         train_ivf(index, sources, 5000, tmp_path, **({"run": run} if run else {}))
         assert index.is_trained
         trained[name] = index
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".train-")] == []  # scratch removed
+    assert faiss.omp_get_max_threads() == threads  # the caller's faiss threads are left as they were
     # the same trained bytes however the units ran and whatever held the vectors
     assert np.array_equal(faiss.serialize_index(trained["files"]), faiss.serialize_index(trained["arrays"]))
 
