@@ -86,6 +86,16 @@ def _nearest(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
         return flat.search(x, 1)[1][:, 0]
 
 
+def _per_chunk(chunks: list[list[Slice]], picks: np.ndarray) -> list[np.ndarray]:
+    """Sorted sample-wide row numbers ``picks``, split into each chunk's row offsets."""
+    firsts = np.cumsum([0] + [sum(b - a for _, a, b in chunk) for chunk in chunks])
+    return [picks[(picks >= lo) & (picks < hi)] - lo for lo, hi in zip(firsts[:-1], firsts[1:])]
+
+
+def _sample_size(chunks: list[list[Slice]]) -> int:
+    return sum(b - a for chunk in chunks for _, a, b in chunk)
+
+
 def coarse_step(centroids: str, slices: Sequence[Slice], out: str) -> str:
     """One unit of a Lloyd iteration: the chunk's per-centroid sums (float64) and counts, saved to ``out``."""
     c, x = np.load(centroids), _rows(slices)
@@ -120,14 +130,11 @@ def pq_group(parts: Sequence[str], subquantizers: Sequence[int], dsub: int, ksub
 
 def train_coarse(chunks: list[list[Slice]], nlist: int, run: Runner, scratch: Path) -> np.ndarray:
     """The coarse quantizer's ``nlist`` unit-norm centroids, by ``COARSE_ITERATIONS`` Lloyd iterations of units."""
-    sizes = [sum(b - a for _, a, b in chunk) for chunk in chunks]
-    total = sum(sizes)
+    total = _sample_size(chunks)
     if total < nlist:
         raise ValueError(f"{total} training vectors for {nlist} inverted lists: need at least one per list")
     picks = np.sort(np.random.RandomState(SEED).choice(total, nlist, replace=False))
-    firsts = np.cumsum([0] + sizes)
-    centroids = np.concatenate([_rows(chunk)[picks[(picks >= lo) & (picks < hi)] - lo]
-                                for chunk, lo, hi in zip(chunks, firsts[:-1], firsts[1:])])
+    centroids = np.concatenate([_rows(chunk)[rows] for chunk, rows in zip(chunks, _per_chunk(chunks, picks))])
     for iteration in range(COARSE_ITERATIONS):
         path = str(scratch / f"centroids-{iteration}.npy")
         np.save(path, centroids)
@@ -148,14 +155,12 @@ def train_coarse(chunks: list[list[Slice]], nlist: int, run: Runner, scratch: Pa
 
 def train_pq(chunks: list[list[Slice]], centroids: np.ndarray, m: int, ksub: int, run: Runner, scratch: Path) -> np.ndarray:
     """The product quantizer's codebooks [m, ksub, d / m] over a seeded subset of the sample's residuals."""
-    sizes = [sum(b - a for _, a, b in chunk) for chunk in chunks]
-    total, dsub = sum(sizes), centroids.shape[1] // m
+    total, dsub = _sample_size(chunks), centroids.shape[1] // m
     chosen = np.sort(np.random.RandomState(SEED + 1).choice(total, min(total, PQ_POINTS_PER_CODE * ksub), replace=False))
     path = str(scratch / "centroids-final.npy")
     np.save(path, centroids)
-    firsts = np.cumsum([0] + sizes)
-    calls = [(path, chunk, (chosen[(chosen >= lo) & (chosen < hi)] - lo).tolist(), str(scratch / f"residuals-{i}.npy"))
-             for i, (chunk, lo, hi) in enumerate(zip(chunks, firsts[:-1], firsts[1:]))]
+    calls = [(path, chunk, rows.tolist(), str(scratch / f"residuals-{i}.npy"))
+             for i, (chunk, rows) in enumerate(zip(chunks, _per_chunk(chunks, chosen)))]
     parts = run(residuals, calls)
     groups = [g.tolist() for g in np.array_split(np.arange(m), min(PQ_GROUPS, m))]
     outs = run(pq_group, [(parts, group, dsub, ksub, str(scratch / f"pq-{i}.npy")) for i, group in enumerate(groups)])
@@ -169,6 +174,8 @@ def train_ivf(
     ``train_size`` vectors of ``sources`` (in order), in units of ``run``; scratch files under ``workdir``
     (shared by the cluster's nodes), removed after."""
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if not isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFPQ)):
+        raise ValueError(f"train_ivf trains IVF-Flat and IVF-PQ indexes, not {type(ivf).__name__}")
     lengths = [len(np.load(s, mmap_mode="r")) if isinstance(s, str) else len(s) for s in sources]
     chunks = sample_chunks(sources, lengths, train_size)
     scratch = Path(tempfile.mkdtemp(prefix=".train-", dir=workdir))
@@ -178,9 +185,7 @@ def train_ivf(
         if isinstance(ivf, faiss.IndexIVFPQ):
             pq = ivf.pq
             books = train_pq(chunks, centroids, pq.M, pq.ksub, run, scratch)
-            faiss.copy_array_to_vector(books.astype(np.float32).ravel(), pq.centroids)
-        elif not isinstance(ivf, faiss.IndexIVFFlat):
-            raise ValueError(f"train_ivf trains IVF-Flat and IVF-PQ indexes, not {type(ivf).__name__}")
+            faiss.copy_array_to_vector(books.ravel(), pq.centroids)
         ivf.is_trained = True
         index.is_trained = True
     finally:

@@ -25,6 +25,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from storage.identity import weights_digest
 from storage.index import FAISS_FILE, INFO_FILE, IVF_DATA, Manifest
+from storage.merge_units import save_json
 from storage.record import Passage
 from storage.retriever_file import UNIT, check_vectors, exact_vectors, retriever_digests
 from storage.shard import DamagedIndex, repair_hint
@@ -175,9 +176,7 @@ def add_part(trained: str, embeddings: Sequence[str], first_row: int, out: str, 
         vectors = np.ascontiguousarray(np.load(path, mmap_mode="r"), dtype=np.float32)
         index.add_with_ids(vectors, np.arange(first_row + added, first_row + added + len(vectors), dtype=np.int64))
         added += len(vectors)
-    tmp = Path(out).with_name(f".tmp-{Path(out).name}")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, out)
+    _write_index(index, Path(out))
     if consume:
         for path in embeddings:
             Path(path).with_suffix(ADDED).touch()
@@ -242,7 +241,7 @@ def build_faiss_apart(
         del parts
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        _write_atomically(work / "plan.json", json.dumps(plan).encode())
+        save_json(work / "plan.json", plan)
     elif (factory or plan["factory"], train_size, tasks) != (plan["factory"], plan["train_size"], plan["tasks"]):
         raise ValueError(f"{work} holds a build with other settings ({plan['factory']}, train_size {plan['train_size']}, "
                          f"{plan['tasks']} tasks); remove it to start over")
@@ -253,7 +252,7 @@ def build_faiss_apart(
     else:
         index = faiss.index_factory(plan["dimension"], plan["factory"], faiss.METRIC_INNER_PRODUCT)
         train_ivf(index, names, train_size, work, run)
-        _write_atomically(trained, faiss.serialize_index(index).tobytes())
+        _write_index(index, trained)
     progress("train", 1, 1)
     groups = part_groups(lengths, faiss.extract_index_ivf(index).code_size, tasks)
     outs = [str(work / f"part-{i:05d}.faiss") for i in range(len(groups))]
@@ -269,9 +268,10 @@ def build_faiss_apart(
     return _write_info(folder, plan["factory"], sum(lengths), plan["dimension"], encoder_identity)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_index(index: faiss.Index, path: Path) -> None:
+    """``index`` to ``path`` under a temporary name, then renamed: a part or trained index is whole or absent."""
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
+    faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
 
 
