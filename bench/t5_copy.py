@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from flows.synthetic_qa import generate
+from flows.synthetic_qa import generate, lesson
 from reader.assets import minilm_path
 from reader.t5_shapes import random_t5
 
@@ -33,10 +33,7 @@ def one_passage_questions(count: int) -> list[dict]:
     """``count`` training questions of the synthetic task, each with the asked person's passage alone."""
     with tempfile.TemporaryDirectory() as folder:
         generate(Path(folder), values="open", train_questions=count)
-        records = [json.loads(line) for line in (Path(folder) / "train.jsonl").read_text().splitlines()]
-    for record in records:
-        record["passages"] = [p for p in record["passages"] if p["title"] in record["question"]][:1]
-    return records
+        return [lesson(json.loads(line), "passage") for line in (Path(folder) / "train.jsonl").read_text().splitlines()]
 
 
 def main(argv: list[str] | None = None) -> int:

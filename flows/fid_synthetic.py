@@ -22,24 +22,26 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer
 
-from flows.synthetic_qa import generate
+from flows.synthetic_qa import LESSONS, generate, lesson
 from reader.assets import minilm_path
 from reader.t5_shapes import SHAPES, random_t5
 from reader.config import NO_MERGE, RuntimeMerge
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
 from reader.normalize import exact_match, paired_ratio_interval
-from reader.train import chain
+from reader.train import Stage, chain
 from reader.train_chain import fit_to_budget, step_seconds, train_chain
 
 PASSAGE_TOKENS = 64
 SPLIT_LAYERS = {"small": 3, "t5-base": 9}  # k: 3 of 4 encoder layers; the paper's 9 of 12 for t5-base
 RATIOS = (0.1, 0.2, 0.3, 0.5)  # the paper's runtime ratios are 0.2 (default) and 0.5
+WARM_UP = "sentence:400,passage:750"  # the curriculum before the plain stage: lesson:steps, easiest first
 
 
 def save_base(folder: Path, shape: str = "small", tokenizer_path: str | None = None) -> str:
@@ -49,6 +51,31 @@ def save_base(folder: Path, shape: str = "small", tokenizer_path: str | None = N
         random_t5(shape, tokenizer, dropout_rate=0.0).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def warm_up(spec: str) -> list[tuple[str, int]]:
+    """``--warm-up`` "lesson:steps,..." (``flows.synthetic_qa.LESSONS``) as [(lesson, steps)]; "none": []."""
+    if spec in ("", "none"):
+        return []
+    lessons = []
+    for item in spec.split(","):
+        name, _, steps = item.partition(":")
+        if name not in LESSONS or not steps.isdigit() or int(steps) < 1:
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected lesson:steps items with a lesson of {', '.join(LESSONS)}")
+        lessons.append((name, int(steps)))
+    return lessons
+
+
+def train_lessons(lessons: list[tuple[str, int]], stage: Stage, base: str, data: Path, out: Path, split_layer: int) -> str:
+    """The curriculum: one plain stage per lesson on its one-passage questions (written next to
+    train.jsonl), each from the one before; the checkpoint the three stages start from."""
+    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    for name, steps in lessons:
+        train = data / f"train-{name}.jsonl"
+        train.write_text("".join(json.dumps(lesson(r, name)) + "\n" for r in records))
+        base = train_chain([replace(stage, steps=steps)], base, str(train), str(out / f"lesson-{name}"), 1, PASSAGE_TOKENS,
+                           split_layer, family="fid")
+    return base
 
 
 def variants(out: Path, ratios: tuple[float, ...]) -> dict[str, tuple[str, str, RuntimeMerge]]:
@@ -121,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
     learning_rate = args.learning_rate or {"adafactor": 1e-2, "adamw": 1e-3}[args.optimizer]
     stages = chain(
         learning_rate=learning_rate, steps=args.steps, split_steps=args.split_steps, bits_steps=args.bits_steps,
-        batch_size=args.batch_size, max_positives=1, optimizer=args.optimizer,
+        batch_size=args.batch_size, max_positives=1, optimizer=args.optimizer, schedule=args.schedule,
     )
     base, factor = args.base or save_base(out / "base", args.shape, args.tokenizer), 1.0
     if args.budget_s:  # a lent GPU's minutes: every stage's steps scaled by one factor to fit
@@ -129,14 +156,16 @@ def run(args: argparse.Namespace) -> dict:
                                args.batch_size, family="fid")
         stages, _, factor = fit_to_budget(stages, seconds, args.budget_s)
         print(f"{seconds:.4f} s per plain step: steps {[s.steps for s in stages]} (x{factor:.3f}) to fit {args.budget_s} s", flush=True)
+    lessons = [(name, max(1, round(steps * factor))) for name, steps in args.warm_up]
+    base = train_lessons(lessons, stages[0], base, data, out, SPLIT_LAYERS[args.shape])
     train_chain(stages, base, str(data / "train.jsonl"), str(out), args.passages, PASSAGE_TOKENS, SPLIT_LAYERS[args.shape], family="fid")
     trained = time.perf_counter() - began
     result = evaluate(out, data / "dev.jsonl", args.questions, tuple(args.ratios))
     result["config"] = {
         "shape": args.shape, **SHAPES[args.shape], "split_layer": SPLIT_LAYERS[args.shape], "max_passage_tokens": PASSAGE_TOKENS,
-        "steps": [s.steps for s in stages], "steps_asked": [args.steps, args.split_steps, args.bits_steps],
+        "warm_up": dict(lessons), "steps": [s.steps for s in stages], "steps_asked": [args.steps, args.split_steps, args.bits_steps],
         "budget_s": args.budget_s, "batch_size": args.batch_size,
-        "learning_rate": learning_rate, "optimizer": args.optimizer, "passages_per_question": args.passages, "people": args.people,
+        "learning_rate": learning_rate, "optimizer": args.optimizer, "schedule": args.schedule, "passages_per_question": args.passages, "people": args.people,
         "values": args.values, "train_questions": args.train_questions,
         "threads": args.threads, "train_seconds_this_run": round(trained), "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -155,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
     parser.add_argument("--values", choices=("open", "typed"), default="open", help="the task's values (flows.synthetic_qa)")
     parser.add_argument("--train-questions", type=int, default=40000, help="fresh-fact training questions (0: the fixed-fact task)")
+    parser.add_argument("--warm-up", type=warm_up, default=WARM_UP, help="the curriculum before the plain stage, lesson:steps items "
+                        f"(lessons: {', '.join(LESSONS)}; 'none' for none), each a plain stage on one-passage questions")
     parser.add_argument("--steps", type=int, default=4000, help="plain stage steps")
     parser.add_argument("--split-steps", type=int, default=500)
     parser.add_argument("--bits-steps", type=int, default=500)
@@ -163,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="adafactor (T5's own; AdamW leaves a T5 from scratch on the guessing floor, docs/fid.md)")
     parser.add_argument("--learning-rate", type=float, help="peak rate (default: 1e-2 for adafactor, relative to each "
                         "weight's scale; 1e-3 for adamw)")
+    parser.add_argument("--schedule", choices=("constant", "linear"), default="constant",
+                        help="the rate after each stage's warm-up: constant (T5's own from scratch) or linear decay to 0")
     parser.add_argument("--questions", type=int, default=480, help="dev questions evaluated")
     parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
     parser.add_argument("--threads", type=int, default=1)

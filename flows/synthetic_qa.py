@@ -152,6 +152,23 @@ def questions(
     return records
 
 
+LESSONS = ("sentence", "passage")  # a curriculum's easier questions, easiest first
+
+
+def lesson(record: dict, level: str) -> dict:
+    """``record`` made easier, for a curriculum: the asked person's passage alone ("passage": which of
+    the three stated relations is asked), or cut to its sentence stating the answer ("sentence": copy
+    the value). A randomly initialised T5 learns to copy from one sentence in a few hundred steps and
+    stays on the guessing floor for thousands when it must also choose the passage (docs/fid.md)."""
+    if level not in LESSONS:
+        raise ValueError(f"unknown lesson {level!r}; expected one of {', '.join(LESSONS)}")
+    asked = f" {record['question'].rstrip('?')} "
+    [own] = [p for p in record["passages"] if f" {p['title']} " in asked]
+    if level == "sentence":
+        own = own | {"text": RELATIONS[record["relation"]][0].format(e=own["title"], v=record["answers"][0])}
+    return record | {"passages": [own]}
+
+
 def generate(
     out: Path, people_count: int = 1600, per_question: int = 4, dev_share: float = 0.1, seed: int = 0, namesakes: bool = True,
     values: str = "typed", train_questions: int = 0, tokenizer: str | Path | None = None,

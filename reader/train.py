@@ -28,6 +28,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ from .supervision import Target, TrainingDataError, batch_order, example_tokens
 
 STAGES = ("plain", "split", "bits")
 OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("linear", "constant")
 HEADS_LR_SCALE = 10  # the match vector and relevance head start at zero; the encoder is pretrained
 ANSWER_SETTINGS = ("relevance_weight", "retrieval_weight")  # the answer rule, kept in btr.json
 SETTINGS_FILE = "btr.json"
@@ -64,12 +66,15 @@ class Stage:
     max_positives: int = 2  # passages holding an answer per question (reader.supervision.targets)
     question_word: bool = False  # a positive must share a content word with the question
     optimizer: str = "adamw"  # or "adafactor": T5's own, steps relative to each weight's scale (a T5 from scratch)
+    schedule: str = "linear"  # the rate after the warm-up (10% of the steps): "linear" decay to 0, or "constant"
 
     def __post_init__(self) -> None:
         if self.kind not in STAGES:
             raise ValueError(f"unknown stage {self.kind!r}; expected one of {', '.join(STAGES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}")
 
     @property
     def mode(self) -> str:
@@ -162,6 +167,14 @@ def stage_done(folder: Path, stage: Stage) -> bool:
     return True
 
 
+def rate_factor(stage: Stage, step: int) -> float:
+    """The stage's rate at ``step`` as a fraction of its peak: a linear warm-up over the first 10% of the
+    steps, then linear decay to 0 or, for a T5 trained from scratch (T5's own schedule), constant."""
+    warmup = max(1, stage.steps // 10)
+    after = 1.0 if stage.schedule == "constant" else max(0.0, (stage.steps - step) / max(1, stage.steps - warmup))
+    return min((step + 1) / warmup, after)
+
+
 def make_optimizer(stage: Stage, groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
     """The stage's optimizer over parameter ``groups`` (the stage's schedule scales its rate).
 
@@ -211,10 +224,7 @@ def train_stage(
     if heads:  # fresh, zero-initialised heads learn at HEADS_LR_SCALE x the stage's rate
         groups.append({"params": list(reader.heads.parameters()), "lr": stage.learning_rate * HEADS_LR_SCALE})
     optimizer = make_optimizer(stage, groups, reader.device)
-    warmup = max(1, stage.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (stage.steps - step) / max(1, stage.steps - warmup)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(rate_factor, stage))
     first = 0
     resume = out / "resume.pt"
     if resume.exists():

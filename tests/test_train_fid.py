@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer
 
 import reader.train as train_module
-from flows.synthetic_qa import RELATIONS, generate, open_values, people, questions
+from flows.synthetic_qa import RELATIONS, generate, lesson, open_values, people, questions
 from reader.assets import minilm_path
 from reader.config import BTRConfig
 from reader.inputs import Passage
@@ -85,6 +85,49 @@ def test_open_values_and_fresh_facts_leave_reading_the_only_way(tmp_path):
     assert len({p["id"] for r in train for p in r["passages"]}) == 4 * len(train)  # an id names one text
     with pytest.raises(ValueError, match="typed or open"):
         generate(tmp_path, values="closed")
+
+
+def test_lessons_keep_the_asked_persons_passage_or_its_answer_sentence(tmp_path):
+    generate(tmp_path, people_count=300, per_question=4, values="open", train_questions=300)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    for record in train:
+        [holder] = [p for p in record["passages"] if has_answer([p["text"]], record["answers"])]  # the reference
+        [whole] = lesson(record, "passage")["passages"]
+        [sentence] = lesson(record, "sentence")["passages"]
+        assert whole == holder and len(record["passages"]) == 4  # the record itself is left as it was
+        assert sentence["title"] == holder["title"] and sentence["text"] in holder["text"]
+        assert sentence["text"].count(".") == 1 and has_answer([sentence["text"]], record["answers"])
+    with pytest.raises(ValueError, match="unknown lesson 'chapter'"):
+        lesson(train[0], "chapter")
+
+
+def test_the_warm_up_trains_each_lesson_from_the_one_before_on_one_passage(make_fid, tmp_path):
+    import argparse
+
+    from flows.fid_synthetic import train_lessons, warm_up
+
+    assert warm_up("sentence:400,passage:750") == [("sentence", 400), ("passage", 750)] and warm_up("none") == []
+    for wrong in ("chapter:3", "sentence", "sentence:0", "passage:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="lesson:steps"):
+            warm_up(wrong)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(12)))
+    base = make_fid(CONFIG)
+    base.model.save_pretrained(tmp_path / "base")
+    base.tokenizer.save_pretrained(tmp_path / "base")
+    stage = Stage("plain", steps=99, batch_size=2, learning_rate=1e-2, max_positives=1, optimizer="adafactor")
+    last = train_lessons([("sentence", 3), ("passage", 2)], stage, str(tmp_path / "base"), data, tmp_path / "out", 2)
+    assert Path(last) == tmp_path / "out" / "lesson-passage" / "plain"
+    for name, steps in (("sentence", 3), ("passage", 2)):
+        lines = (data / f"train-{name}.jsonl").read_text().splitlines()
+        assert len(lines) == len(records(12)) and all(len(json.loads(line)["passages"]) == 1 for line in lines)
+        trained = json.loads((tmp_path / "out" / f"lesson-{name}" / "plain" / "btr.json").read_text())["training"]
+        assert trained["stage"]["steps"] == steps and trained["stage"]["optimizer"] == "adafactor"
+    weights = {name: load_reader(ReaderSpec("fid", str(tmp_path / "out" / f"lesson-{name}" / "plain"))).model.shared.weight
+               for name in ("sentence", "passage")}
+    assert not torch.equal(weights["sentence"], base.model.shared.weight)
+    assert not torch.equal(weights["passage"], weights["sentence"])  # trained on from the sentence lesson's weights
 
 
 def test_answer_loss_is_teacher_forced_cross_entropy_over_all_passages(make_fid, data):
@@ -185,6 +228,19 @@ def test_adafactor_moves_every_weight_by_a_like_share_of_its_scale_where_adamw_d
     summary = train_stage(reader, stage, data, tmp_path / "plain", log=lambda _: None)
     assert summary["final_loss"]["task"] < before
     assert json.loads((tmp_path / "plain" / "btr.json").read_text())["training"]["stage"]["optimizer"] == "adafactor"
+
+
+@pytest.mark.parametrize("schedule, last", [("constant", 1e-2), ("linear", 0.0)])
+def test_the_rate_after_warm_up_stays_at_its_peak_or_decays_as_the_stage_says(schedule, last, make_fid, data, tmp_path):
+    """A T5 from scratch trains at a constant rate (T5's own); the pretrained readers decay linearly."""
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        Stage("plain", schedule="cosine")
+    stage = Stage("plain", steps=40, batch_size=4, learning_rate=1e-2, optimizer="adafactor", schedule=schedule)
+    train_stage(make_fid(CONFIG, d_model=64).train(), stage, data, tmp_path / "plain", log=lambda _: None)
+    rates = [json.loads(line)["lr"] for line in (tmp_path / "plain" / "loss.jsonl").read_text().splitlines()]
+    assert rates[0] < 1e-2 and max(rates) == pytest.approx(1e-2)  # the warm-up: 4 of 40 steps
+    assert rates[-1] == pytest.approx(last, abs=1e-12)
+    assert (rates[20] == pytest.approx(1e-2)) == (schedule == "constant")
 
 
 def test_recovery_under_rms_calibration_targets_the_scale_free_state(make_fid, data):
