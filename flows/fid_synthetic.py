@@ -1,12 +1,14 @@
 """BTR-FiD trained from scratch on the synthetic task: EM of plain / split / btr, and runtime merging.
 
-    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--steps 4000] [--split-steps 500]
-                                  [--bits-steps 500] [--threads 2] [--optimizer adafactor] [--results results/fid-synthetic.json]
+    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--warm-up sentence:800,passage:1500] [--steps 4000]
+                                  [--split-steps 500] [--bits-steps 500] [--threads 2] [--optimizer adafactor]
+                                  [--schedule constant] [--results results/fid-synthetic.json]
 
 Generates the task (``flows.synthetic_qa``, open values and fresh facts unless told otherwise) into ``--data``
 (again when its ``task.json`` differs), saves a randomly initialised small T5
 (``reader.t5_shapes`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3; ``--shape t5-base``:
-k = 9 of 12) as the base, trains plain -> split -> bits through ``reader.train_chain``, the stages of
+k = 9 of 12) as the base, teaches it to copy with a curriculum of one-passage lessons (``--warm-up``:
+the answer's sentence alone, then the asked person's passage alone), trains plain -> split -> bits through ``reader.train_chain``, the stages of
 ``flows.train_reader --family fid`` without Prefect (resumable: a rerun reuses finished stages, so it only evaluates), then answers the dev questions from their given passages with each
 reader, one question at a time, every variant on the same question before the next (side by side:
 load on the machine hits all alike): plain (unsplit), split, btr (bits computed offline, as an
@@ -41,7 +43,7 @@ from reader.train_chain import fit_to_budget, step_seconds, train_chain
 PASSAGE_TOKENS = 64
 SPLIT_LAYERS = {"small": 3, "t5-base": 9}  # k: 3 of 4 encoder layers; the paper's 9 of 12 for t5-base
 RATIOS = (0.1, 0.2, 0.3, 0.5)  # the paper's runtime ratios are 0.2 (default) and 0.5
-WARM_UP = "sentence:400,passage:750"  # the curriculum before the plain stage: lesson:steps, easiest first
+WARM_UP = "sentence:800,passage:1500"  # the curriculum before the plain stage: lesson:steps, easiest first
 
 
 def save_base(folder: Path, shape: str = "small", tokenizer_path: str | None = None) -> str:
