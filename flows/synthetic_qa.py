@@ -163,7 +163,10 @@ def lesson(record: dict, level: str) -> dict:
     if level not in LESSONS:
         raise ValueError(f"unknown lesson {level!r}; expected one of {', '.join(LESSONS)}")
     asked = f" {record['question'].rstrip('?')} "
-    [own] = [p for p in record["passages"] if f" {p['title']} " in asked]
+    owners = [p for p in record["passages"] if f" {p['title']} " in asked]
+    if len(owners) != 1:
+        raise ValueError(f"{record['question']!r}: {len(owners)} passages are titled with the asked name, not 1")
+    [own] = owners
     if level == "sentence":
         own = own | {"text": RELATIONS[record["relation"]][0].format(e=own["title"], v=record["answers"][0])}
     return record | {"passages": [own]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,8 @@ def test_lessons_keep_the_asked_persons_passage_or_its_answer_sentence(tmp_path)
         assert sentence["text"].count(".") == 1 and has_answer([sentence["text"]], record["answers"])
     with pytest.raises(ValueError, match="unknown lesson 'chapter'"):
         lesson(train[0], "chapter")
+    with pytest.raises(ValueError, match="0 passages are titled with the asked name"):
+        lesson(train[0] | {"passages": [p for p in train[0]["passages"] if p["title"] not in train[0]["question"]]}, "passage")
 
 
 def test_the_warm_up_trains_each_lesson_from_the_one_before_on_one_passage(make_fid, tmp_path):
@@ -124,10 +127,16 @@ def test_the_warm_up_trains_each_lesson_from_the_one_before_on_one_passage(make_
         assert len(lines) == len(records(12)) and all(len(json.loads(line)["passages"]) == 1 for line in lines)
         trained = json.loads((tmp_path / "out" / f"lesson-{name}" / "plain" / "btr.json").read_text())["training"]
         assert trained["stage"]["steps"] == steps and trained["stage"]["optimizer"] == "adafactor"
-    weights = {name: load_reader(ReaderSpec("fid", str(tmp_path / "out" / f"lesson-{name}" / "plain"))).model.shared.weight
-               for name in ("sentence", "passage")}
-    assert not torch.equal(weights["sentence"], base.model.shared.weight)
-    assert not torch.equal(weights["passage"], weights["sentence"])  # trained on from the sentence lesson's weights
+    sentence = load_reader(ReaderSpec("fid", str(tmp_path / "out" / "lesson-sentence" / "plain"))).model.shared.weight
+    assert not torch.equal(sentence, base.model.shared.weight)
+    # the reference: the passage lesson trained by hand from the sentence lesson's checkpoint
+    from reader.train_chain import train_chain
+
+    reference = train_chain([replace(stage, steps=2)], str(tmp_path / "out" / "lesson-sentence" / "plain"),
+                            str(data / "train-passage.jsonl"), str(tmp_path / "reference"), 1, 64, 2, family="fid")
+    expected = load_reader(ReaderSpec("fid", reference)).model.state_dict()
+    for name, value in load_reader(ReaderSpec("fid", last)).model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
 
 
 def test_answer_loss_is_teacher_forced_cross_entropy_over_all_passages(make_fid, data):
