@@ -8,10 +8,11 @@ Generates the task (``flows.synthetic_qa``, open values and fresh facts unless t
 (again when its ``task.json`` differs), saves a randomly initialised small T5
 (``reader.t5_shapes`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3; ``--shape t5-base``:
 k = 9 of 12) as the base, teaches it to copy with a curriculum of one-passage lessons (``--warm-up``:
-by default the answer's sentence alone; the asked person's passage alone is another lesson), trains plain -> split -> bits through ``reader.train_chain``, the stages of
-``flows.train_reader --family fid`` without Prefect (resumable: a rerun reuses finished stages, so it only evaluates), then answers the dev questions from their given passages with each
-reader, one question at a time, every variant on the same question before the next (side by side:
-load on the machine hits all alike): plain (unsplit), split, btr (bits computed offline, as an
+by default the answer's sentence alone; the asked person's passage alone is another lesson), trains
+plain -> split -> bits through ``reader.train_chain``, the stages of ``flows.train_reader --family fid``
+without Prefect (resumable: a rerun reuses finished lessons and stages, so it only evaluates), then
+answers the dev questions from their given passages with each reader, one question at a time,
+every variant on the same question before the next (side by side: load on the machine hits all alike): plain (unsplit), split, btr (bits computed offline, as an
 index stores them), and btr with runtime intra-passage (encoder) and cross-passage (decoder, every
 3rd layer skipped) merging at each ``--ratios``. EM and QPS per variant, the paired bootstrap interval
 of btr's EM over plain's, and the largest ratio that keeps >= 98% of btr's EM.
@@ -37,7 +38,7 @@ from reader.config import NO_MERGE, RuntimeMerge
 from reader.inputs import Passage
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
 from reader.normalize import exact_match, paired_ratio_interval
-from reader.train import Stage, chain
+from reader.train import SCHEDULES, Stage, chain
 from reader.train_chain import fit_to_budget, step_seconds, train_chain
 
 PASSAGE_TOKENS = 64
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="adafactor (T5's own; AdamW leaves a T5 from scratch on the guessing floor, docs/fid.md)")
     parser.add_argument("--learning-rate", type=float, help="peak rate (default: 1e-2 for adafactor, relative to each "
                         "weight's scale; 1e-3 for adamw)")
-    parser.add_argument("--schedule", choices=("constant", "linear"), default="constant",
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
                         help="the rate after each stage's warm-up: constant (T5's own from scratch) or linear decay to 0")
     parser.add_argument("--questions", type=int, default=480, help="dev questions evaluated")
     parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))

@@ -158,8 +158,8 @@ LESSONS = ("sentence", "passage")  # a curriculum's easier questions, easiest fi
 def lesson(record: dict, level: str) -> dict:
     """``record`` made easier, for a curriculum: the asked person's passage alone ("passage": which of
     the three stated relations is asked), or cut to its sentence stating the answer ("sentence": copy
-    the value). A randomly initialised T5 learns to copy from one sentence in a few hundred steps and
-    stays on the guessing floor for thousands when it must also choose the passage (docs/fid.md)."""
+    the value). A randomly initialised T5 learns to copy from one sentence in a few hundred steps, and
+    stays on its plateau for thousands when it must also choose the value among several (docs/fid.md)."""
     if level not in LESSONS:
         raise ValueError(f"unknown lesson {level!r}; expected one of {', '.join(LESSONS)}")
     asked = f" {record['question'].rstrip('?')} "
