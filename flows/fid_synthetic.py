@@ -56,6 +56,12 @@ def save_base(folder: Path, shape: str = "small", tokenizer_path: str | None = N
     return str(folder)
 
 
+def questions_needed(steps: int, batch_size: int) -> int:
+    """Fresh-fact training questions for the plain stage to draw each one once (at least 40,000): drawn
+    twice, a question can be remembered, and the loss falls below chance on training questions alone."""
+    return max(40_000, steps * batch_size)
+
+
 def warm_up(spec: str) -> list[tuple[str, int]]:
     """``--warm-up`` "lesson:steps,..." (``flows.synthetic_qa.LESSONS``) as [(lesson, steps)]; "none": []."""
     if spec in ("", "none"):
@@ -140,6 +146,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     quiet_library_logs()
     data = Path(args.data)
+    if args.train_questions is None:
+        args.train_questions = questions_needed(args.steps, args.batch_size)
     task = {"people": args.people, "passages_per_question": args.passages, "values": args.values,
             "train_questions": args.train_questions}
     made = json.loads((data / "task.json").read_text()) if (data / "task.json").exists() else {}
@@ -186,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--people", type=int, default=1600)
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
     parser.add_argument("--values", choices=("open", "typed"), default="open", help="the task's values (flows.synthetic_qa)")
-    parser.add_argument("--train-questions", type=int, default=40000, help="fresh-fact training questions (0: the fixed-fact task)")
+    parser.add_argument("--train-questions", type=int, help="fresh-fact training questions (default: --steps x --batch-size, "
+                        "at least 40,000, so that the plain stage meets each once; 0: the fixed-fact task)")
     parser.add_argument("--warm-up", type=warm_up, default=WARM_UP, help="the curriculum before the plain stage, lesson:steps items "
                         f"(lessons: {', '.join(LESSONS)}; 'none' for none), each a plain stage on one-passage questions")
     parser.add_argument("--steps", type=int, default=4000, help="plain stage steps")

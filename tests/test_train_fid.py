@@ -107,7 +107,9 @@ def test_lessons_keep_the_asked_persons_passage_or_its_answer_sentence(tmp_path)
 def test_the_warm_up_trains_each_lesson_from_the_one_before_on_one_passage(make_fid, tmp_path):
     import argparse
 
-    from flows.fid_synthetic import train_lessons, warm_up
+    from flows.fid_synthetic import questions_needed, train_lessons, warm_up
+
+    assert questions_needed(4000, 16) == 64_000 and questions_needed(1000, 16) == 40_000  # each drawn once by the plain stage
 
     assert warm_up("sentence:400,passage:750") == [("sentence", 400), ("passage", 750)] and warm_up("none") == []
     for wrong in ("chapter:3", "sentence", "sentence:0", "passage:x"):
