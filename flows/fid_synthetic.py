@@ -77,11 +77,13 @@ def warm_up(spec: str) -> list[tuple[str, int]]:
 
 def train_lessons(lessons: list[tuple[str, int]], stage: Stage, base: str, data: Path, out: Path, split_layer: int) -> str:
     """The curriculum: one plain stage per lesson on its one-passage questions (written next to
-    train.jsonl), each from the one before; the checkpoint the three stages start from."""
-    records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    train.jsonl once per task), each from the one before; the checkpoint the three stages start from."""
+    source = data / "train.jsonl"
     for name, steps in lessons:
         train = data / f"train-{name}.jsonl"
-        train.write_text("".join(json.dumps(lesson(r, name)) + "\n" for r in records))
+        if not train.exists() or train.stat().st_mtime_ns < source.stat().st_mtime_ns:  # missing, or the task was regenerated
+            records = (json.loads(line) for line in source.read_text().splitlines())
+            train.write_text("".join(json.dumps(lesson(r, name)) + "\n" for r in records))
         base = train_chain([replace(stage, steps=steps)], base, str(train), str(out / f"lesson-{name}"), 1, PASSAGE_TOKENS,
                            split_layer, family="fid")
     return base
