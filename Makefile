@@ -64,12 +64,12 @@ train-heads: data
 	$(BIN)/python -m flows.tune_answer --index $$($(EVAL_INDEX) checkpoints/warm/plain+split+bits) \
 		--relevance 0,0.5,1,2,4 --retrieval 0,5,10,20,40 --out results/answer-rule-dev.json --write
 
-# BTR-FiD trained from scratch (a random small T5, d=256) on the synthetic task of flows.synthetic_qa:
-# plain -> split -> bits, then EM and QPS of plain / split / btr / btr with runtime merging at 0.1-0.5,
-# side by side, into results/fid-synthetic.json (docs/fid.md). Two CPU threads: about 65 min idle;
-# resumable. Adafactor, 4,000 plain steps: what the recorded run learned is in docs/fid.md.
+# BTR-FiD trained from scratch (a random tiny T5, d=64) on the synthetic task of flows.synthetic_qa:
+# a one-passage lesson, plain -> split -> bits, then EM and QPS of plain / split / btr / btr with runtime
+# merging at 0.1-0.5, side by side, into results/fid-synthetic.json (docs/fid.md). One CPU thread: about
+# 65 min; resumable.
 train-fid-synthetic: install
-	OMP_NUM_THREADS=2 $(BIN)/python -m flows.fid_synthetic --threads 2
+	OMP_NUM_THREADS=1 $(BIN)/python -m flows.fid_synthetic --threads 1
 
 # The accuracy table (docs/accuracy.md, results/real-questions.json): stage 1 / control / split / btr /
 # ablations on NQ-open and TriviaQA test questions (needs `make train`'s checkpoints).

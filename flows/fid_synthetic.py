@@ -1,14 +1,15 @@
 """BTR-FiD trained from scratch on the synthetic task: EM of plain / split / btr, and runtime merging.
 
-    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--warm-up sentence:800] [--steps 4000]
-                                  [--split-steps 500] [--bits-steps 500] [--threads 2] [--optimizer adafactor]
-                                  [--schedule constant] [--results results/fid-synthetic.json]
+    python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--shape tiny] [--warm-up passage:5000]
+                                  [--steps 2500] [--split-steps 1500] [--bits-steps 400] [--batch-size 32]
+                                  [--optimizer adamw] [--threads 2] [--results results/fid-synthetic.json]
 
 Generates the task (``flows.synthetic_qa``, open values and fresh facts unless told otherwise) into ``--data``
-(again when its ``task.json`` differs), saves a randomly initialised small T5
-(``reader.t5_shapes`` shape "small": d = 256, 4 encoder and 3 decoder layers, k = 3; ``--shape t5-base``:
-k = 9 of 12) as the base, teaches it to copy with a curriculum of one-passage lessons (``--warm-up``:
-by default the answer's sentence alone; the asked person's passage alone is another lesson), trains
+(again when its ``task.json`` differs), saves a randomly initialised T5 (``reader.t5_shapes`` shape
+"tiny": d = 64, 4 encoder and 4 decoder layers, k = 3; "small": d = 256, 4 + 3 layers, k = 3;
+"t5-base": k = 9 of 12) as the base, teaches it to choose the asked relation's value with a curriculum
+of one-passage lessons (``--warm-up``: by default the asked person's passage alone; the answer's
+sentence alone, which teaches only the copy, is another lesson), trains
 plain -> split -> bits through ``reader.train_chain``, the stages of ``flows.train_reader --family fid``
 without Prefect (resumable: a rerun reuses finished lessons and stages, so it only evaluates), then
 answers the dev questions from their given passages with each reader, one question at a time,
@@ -42,9 +43,9 @@ from reader.train import SCHEDULES, Stage, chain
 from reader.train_chain import fit_to_budget, step_seconds, train_chain
 
 PASSAGE_TOKENS = 64
-SPLIT_LAYERS = {"small": 3, "t5-base": 9}  # k: 3 of 4 encoder layers; the paper's 9 of 12 for t5-base
+SPLIT_LAYERS = {"tiny": 3, "small": 3, "t5-base": 9}  # k: 3 of 4 encoder layers (tiny, small); the paper's 9 of 12 for t5-base
 RATIOS = (0.1, 0.2, 0.3, 0.5)  # the paper's runtime ratios are 0.2 (default) and 0.5
-WARM_UP = "sentence:800"  # the curriculum before the plain stage: lesson:steps, easiest first (docs/fid.md: passage:N did not help)
+WARM_UP = "passage:5000"  # the curriculum before the plain stage: lesson:steps, easiest first (docs/fid.md, sixth session)
 
 
 def save_base(folder: Path, shape: str = "small", tokenizer_path: str | None = None) -> str:
@@ -57,9 +58,10 @@ def save_base(folder: Path, shape: str = "small", tokenizer_path: str | None = N
 
 
 def questions_needed(steps: int, batch_size: int) -> int:
-    """Fresh-fact training questions for the plain stage to draw each one once (at least 40,000): drawn
-    twice, a question can be remembered, and the loss falls below chance on training questions alone."""
-    return max(40_000, steps * batch_size)
+    """Fresh-fact training questions for the plain stage to draw each one once (at least 100,000, which the
+    default lesson draws 1.6 times): drawn many times, a question can be remembered, and the loss falls
+    below chance on training questions alone."""
+    return max(100_000, steps * batch_size)
 
 
 def warm_up(spec: str) -> list[tuple[str, int]]:
@@ -190,22 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.fid_synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/synthetic", help="task folder (generated when missing)")
     parser.add_argument("--out", default="checkpoints/fid-synthetic", help="stage checkpoints (and base/)")
-    parser.add_argument("--base", help="start from this FiD checkpoint (default: a random small T5 in OUT/base)")
-    parser.add_argument("--shape", choices=sorted(SPLIT_LAYERS), default="small", help="the random T5's shape (reader.t5_shapes)")
+    parser.add_argument("--base", help="start from this FiD checkpoint (default: a random T5 of --shape in OUT/base)")
+    parser.add_argument("--shape", choices=sorted(SPLIT_LAYERS), default="tiny", help="the random T5's shape (reader.t5_shapes)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the bundled all-MiniLM-L6-v2's)")
     parser.add_argument("--people", type=int, default=1600)
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
     parser.add_argument("--values", choices=("open", "typed"), default="open", help="the task's values (flows.synthetic_qa)")
     parser.add_argument("--train-questions", type=int, help="fresh-fact training questions (default: --steps x --batch-size, "
-                        "at least 40,000, so that the plain stage meets each once; 0: the fixed-fact task)")
+                        "at least 100,000, so that the plain stage meets each once; 0: the fixed-fact task)")
     parser.add_argument("--warm-up", type=warm_up, default=WARM_UP, help="the curriculum before the plain stage, lesson:steps items "
                         f"(lessons: {', '.join(LESSONS)}; 'none' for none), each a plain stage on one-passage questions")
-    parser.add_argument("--steps", type=int, default=4000, help="plain stage steps")
-    parser.add_argument("--split-steps", type=int, default=500)
-    parser.add_argument("--bits-steps", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor",
-                        help="adafactor (T5's own; AdamW leaves a T5 from scratch on the guessing floor, docs/fid.md)")
+    parser.add_argument("--steps", type=int, default=2500, help="plain stage steps")
+    parser.add_argument("--split-steps", type=int, default=1500)
+    parser.add_argument("--bits-steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adamw",
+                        help="adamw (the tiny shape learns the task with it at 1e-3) or adafactor (T5's own; see docs/fid.md)")
     parser.add_argument("--learning-rate", type=float, help="peak rate (default: 1e-2 for adafactor, relative to each "
                         "weight's scale; 1e-3 for adamw)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant",

@@ -109,7 +109,7 @@ def test_the_warm_up_trains_each_lesson_from_the_one_before_on_one_passage(make_
 
     from flows.fid_synthetic import questions_needed, train_lessons, warm_up
 
-    assert questions_needed(4000, 16) == 64_000 and questions_needed(1000, 16) == 40_000  # each drawn once by the plain stage
+    assert questions_needed(5000, 32) == 160_000 and questions_needed(2500, 32) == 100_000  # each drawn once by the plain stage
 
     assert warm_up("sentence:400,passage:750") == [("sentence", 400), ("passage", 750)] and warm_up("none") == []
     for wrong in ("chapter:3", "sentence", "sentence:0", "passage:x"):
