@@ -67,7 +67,7 @@ train-heads: data
 # BTR-FiD trained from scratch (a random tiny T5, d=64) on the synthetic task of flows.synthetic_qa:
 # a one-passage lesson, plain -> split -> bits, then EM and QPS of plain / split / btr / btr with runtime
 # merging at 0.1-0.5, side by side, into results/fid-synthetic.json (docs/fid.md). One CPU thread: about
-# 65 min; resumable.
+# 85 min; resumable.
 train-fid-synthetic: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m flows.fid_synthetic --threads 1
 
