@@ -2,7 +2,7 @@
 
     python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--shape tiny] [--warm-up passage:5000]
                                   [--steps 2500] [--split-steps 1500] [--bits-steps 400] [--batch-size 32]
-                                  [--optimizer adamw] [--threads 2] [--results results/fid-synthetic.json]
+                                  [--optimizer adamw] [--threads 1] [--results results/fid-synthetic.json]
 
 Generates the task (``flows.synthetic_qa``, open values and fresh facts unless told otherwise) into ``--data``
 (again when its ``task.json`` differs), saves a randomly initialised T5 (``reader.t5_shapes`` shape
@@ -13,9 +13,10 @@ sentence alone, which teaches only the copy, is another lesson), trains
 plain -> split -> bits through ``reader.train_chain``, the stages of ``flows.train_reader --family fid``
 without Prefect (resumable: a rerun reuses finished lessons and stages, so it only evaluates), then
 answers the dev questions from their given passages with each reader, one question at a time,
-every variant on the same question before the next (side by side: load on the machine hits all alike): plain (unsplit), split, btr (bits computed offline, as an
-index stores them), and btr with runtime intra-passage (encoder) and cross-passage (decoder, every
-3rd layer skipped) merging at each ``--ratios``. EM and QPS per variant, the paired bootstrap interval
+every variant on the same question before the next (side by side: load on the machine hits all
+alike): plain (unsplit), split, btr (bits computed offline, as an index stores them), and btr with
+runtime intra-passage (encoder) and cross-passage (decoder, every 3rd layer skipped) merging at each
+``--ratios``. EM and QPS per variant, the paired bootstrap interval
 of btr's EM over plain's, and the largest ratio that keeps >= 98% of btr's EM.
 """
 
@@ -48,7 +49,7 @@ RATIOS = (0.1, 0.2, 0.3, 0.5)  # the paper's runtime ratios are 0.2 (default) an
 WARM_UP = "passage:5000"  # the curriculum before the plain stage: lesson:steps, easiest first (docs/fid.md, sixth session)
 
 
-def save_base(folder: Path, shape: str = "small", tokenizer_path: str | None = None) -> str:
+def save_base(folder: Path, shape: str = "tiny", tokenizer_path: str | None = None) -> str:
     """A randomly initialised T5 of ``shape`` (no dropout: the task is learned from scratch) with the bundled tokenizer."""
     if not (folder / "config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or minilm_path(), local_files_only=True)
