@@ -1,12 +1,12 @@
 """BTR-FiD trained from scratch on the synthetic task: EM of plain / split / btr, and runtime merging.
 
     python -m flows.fid_synthetic [--out checkpoints/fid-synthetic] [--shape tiny] [--warm-up passage:5000]
-                                  [--steps 2500] [--split-steps 1500] [--bits-steps 400] [--batch-size 32]
+                                  [--steps 2500] [--split-steps 1500] [--bits-steps 2000] [--batch-size 32]
                                   [--optimizer adamw] [--threads 1] [--results results/fid-synthetic.json]
 
 Generates the task (``flows.synthetic_qa``, open values and fresh facts unless told otherwise) into ``--data``
 (again when its ``task.json`` differs), saves a randomly initialised T5 (``reader.t5_shapes`` shape
-"tiny": d = 64, 4 encoder and 4 decoder layers, k = 3; "small": d = 256, 4 + 3 layers, k = 3;
+"tiny": d = 64, 4 encoder and 4 decoder layers, k = 2; "small": d = 256, 4 + 3 layers, k = 2 (``--split-layer``);
 "t5-base": k = 9 of 12) as the base, teaches it to choose the asked relation's value with a curriculum
 of one-passage lessons (``--warm-up``: by default the asked person's passage alone; the answer's
 sentence alone, which teaches only the copy, is another lesson), trains
@@ -16,7 +16,7 @@ answers the dev questions from their given passages with each reader, one questi
 every variant on the same question before the next (side by side: load on the machine hits all
 alike): plain (unsplit), split, btr (bits computed offline, as an index stores them), and btr with
 runtime intra-passage (encoder) and cross-passage (decoder, every 3rd layer skipped) merging at each
-``--ratios``. EM and QPS per variant, the paired bootstrap interval
+``--ratios`` (at the paper's 0.2 and 0.5 also each side alone). EM and QPS per variant, the paired bootstrap interval
 of btr's EM over plain's, and the largest ratio that keeps >= 98% of btr's EM.
 """
 
@@ -44,8 +44,9 @@ from reader.train import SCHEDULES, Stage, chain
 from reader.train_chain import fit_to_budget, step_seconds, train_chain
 
 PASSAGE_TOKENS = 64
-SPLIT_LAYERS = {"tiny": 3, "small": 3, "t5-base": 9}  # k: 3 of 4 encoder layers (tiny, small); the paper's 9 of 12 for t5-base
-RATIOS = (0.1, 0.2, 0.3, 0.5)  # the paper's runtime ratios are 0.2 (default) and 0.5
+SPLIT_LAYERS = {"tiny": 2, "small": 2, "t5-base": 9}  # k: 2 of 4 encoder layers (tiny, small; docs/fid.md); the paper's 9 of 12 for t5-base
+RATIOS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
+PAPER_RATIOS = (0.2, 0.5)  # the paper's runtime ratios (0.2 its default); also measured one side at a time
 WARM_UP = "passage:5000"  # the curriculum before the plain stage: lesson:steps, easiest first (docs/fid.md, sixth session)
 
 
@@ -101,6 +102,9 @@ def variants(out: Path, ratios: tuple[float, ...]) -> dict[str, tuple[str, str, 
     }
     for ratio in ratios:
         chosen[f"btr_merge_{ratio}"] = ("plain+split+bits", "btr", RuntimeMerge(ratio, ratio, 3))
+    for ratio in sorted(set(ratios) & set(PAPER_RATIOS)):  # which side costs the accuracy: one at a time
+        chosen[f"btr_encoder_merge_{ratio}"] = ("plain+split+bits", "btr", RuntimeMerge(ratio, 0.0, 3))
+        chosen[f"btr_decoder_merge_{ratio}"] = ("plain+split+bits", "btr", RuntimeMerge(0.0, ratio, 3))
     return {name: (str(out / folder), mode, merge) for name, (folder, mode, merge) in chosen.items()}
 
 
@@ -167,18 +171,19 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, max_positives=1, optimizer=args.optimizer, schedule=args.schedule,
     )
     base, factor = args.base or save_base(out / "base", args.shape, args.tokenizer), 1.0
+    split_layer = args.split_layer or SPLIT_LAYERS[args.shape]
     if args.budget_s:  # a lent GPU's minutes: every stage's steps scaled by one factor to fit
-        seconds = step_seconds(base, str(data / "train.jsonl"), args.passages, PASSAGE_TOKENS, SPLIT_LAYERS[args.shape],
+        seconds = step_seconds(base, str(data / "train.jsonl"), args.passages, PASSAGE_TOKENS, split_layer,
                                args.batch_size, family="fid")
         stages, _, factor = fit_to_budget(stages, seconds, args.budget_s)
         print(f"{seconds:.4f} s per plain step: steps {[s.steps for s in stages]} (x{factor:.3f}) to fit {args.budget_s} s", flush=True)
     # not scaled to a budget: a lesson cut short teaches nothing (copying appears after 250-400 steps), and one-passage steps are cheap
-    base = train_lessons(args.warm_up, stages[0], base, data, out, SPLIT_LAYERS[args.shape])
-    train_chain(stages, base, str(data / "train.jsonl"), str(out), args.passages, PASSAGE_TOKENS, SPLIT_LAYERS[args.shape], family="fid")
+    base = train_lessons(args.warm_up, stages[0], base, data, out, split_layer)
+    train_chain(stages, base, str(data / "train.jsonl"), str(out), args.passages, PASSAGE_TOKENS, split_layer, family="fid")
     trained = time.perf_counter() - began
     result = evaluate(out, data / "dev.jsonl", args.questions, tuple(args.ratios))
     result["config"] = {
-        "shape": args.shape, **SHAPES[args.shape], "split_layer": SPLIT_LAYERS[args.shape], "max_passage_tokens": PASSAGE_TOKENS,
+        "shape": args.shape, **SHAPES[args.shape], "split_layer": split_layer, "max_passage_tokens": PASSAGE_TOKENS,
         "warm_up": dict(args.warm_up), "steps": [s.steps for s in stages], "steps_asked": [args.steps, args.split_steps, args.bits_steps],
         "budget_s": args.budget_s, "batch_size": args.batch_size,
         "learning_rate": learning_rate, "optimizer": args.optimizer, "schedule": args.schedule, "passages_per_question": args.passages, "people": args.people,
@@ -195,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="checkpoints/fid-synthetic", help="stage checkpoints (and base/)")
     parser.add_argument("--base", help="start from this FiD checkpoint (default: a random T5 of --shape in OUT/base)")
     parser.add_argument("--shape", choices=sorted(SPLIT_LAYERS), default="tiny", help="the random T5's shape (reader.t5_shapes)")
+    parser.add_argument("--split-layer", type=int, help="k, the encoder layers run offline (default: the shape's, SPLIT_LAYERS)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the bundled all-MiniLM-L6-v2's)")
     parser.add_argument("--people", type=int, default=1600)
     parser.add_argument("--passages", type=int, default=4, help="passages per question")
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"(lessons: {', '.join(LESSONS)}; 'none' for none), each a plain stage on one-passage questions")
     parser.add_argument("--steps", type=int, default=2500, help="plain stage steps")
     parser.add_argument("--split-steps", type=int, default=1500)
-    parser.add_argument("--bits-steps", type=int, default=400)
+    parser.add_argument("--bits-steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adamw",
                         help="adamw (the tiny shape learns the task with it at 1e-3) or adafactor (T5's own; see docs/fid.md)")
@@ -223,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=1) + "\n")
     for name, row in result["rows"].items():
-        print(f"{name:16s} EM {row['em']:6.2f}  {row['qps']:7.2f} q/s  ({row['speedup']}x)")
+        print(f"{name:22s} EM {row['em']:6.2f}  {row['qps']:7.2f} q/s  ({row['speedup']}x)")
     print(f"btr / plain EM: {result['btr_over_plain_em_percent']}% (95% interval {result['btr_over_plain_interval_95']})")
     return 0
 

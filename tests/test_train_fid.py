@@ -318,9 +318,12 @@ def test_train_reader_flow_trains_fid_and_refuses_a_missing_base(tmp_path, make_
         assert json.loads((out / stage / "btr.json").read_text())["family"] == "FiDReader"
     # the synthetic run's table: every variant on the same questions, EM and QPS side by side
     figures = evaluate(out, train, 5, (0.2,))
-    assert list(figures["rows"]) == ["plain", "split", "btr", "btr_merge_0.2"] and figures["questions"] == 5
-    assert all(len(row["exact"]) == 5 and row["qps"] > 0 for row in figures["rows"].values())
-    assert figures["rows"]["btr_merge_0.2"]["decoder_ratio"] == 0.2 and figures["rows"]["plain"]["speedup"] == 1.0
+    rows = figures["rows"]
+    assert list(rows) == ["plain", "split", "btr", "btr_merge_0.2", "btr_encoder_merge_0.2", "btr_decoder_merge_0.2"]
+    assert figures["questions"] == 5 and all(len(row["exact"]) == 5 and row["qps"] > 0 for row in rows.values())
+    assert rows["btr_merge_0.2"]["decoder_ratio"] == 0.2 and rows["plain"]["speedup"] == 1.0
+    sides = [(rows[name]["encoder_ratio"], rows[name]["decoder_ratio"]) for name in ("btr_encoder_merge_0.2", "btr_decoder_merge_0.2")]
+    assert sides == [(0.2, 0.0), (0.0, 0.2)]
     passage = Passage(**records(12)[0]["passages"][0])
     answers = load_reader(ReaderSpec("fid", last)).answer(["where was john smith born?"], [[passage]])
     assert isinstance(answers[0], str)
