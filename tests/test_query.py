@@ -137,13 +137,14 @@ def test_questions_file_streams_one_json_line_each_and_keeps_going_past_bad_line
     assert status == 2 and "does not exist" in err
 
 
-def test_eight_processes_answer_the_same_questions_identically(index, tmp_path):
+def test_four_processes_answer_the_same_questions_identically(index, tmp_path):
+    """Concurrent readers of one index's LMDB shards (four: eight took 75 s of `make test` on two cores)."""
     path = tmp_path / "questions.jsonl"
     path.write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS))
     command = [sys.executable, "-m", "reader.answer", "--questions", str(path), "--index", str(index), "--k", "3"]
-    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(8)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outputs = [p.communicate(timeout=300) for p in processes]
-    assert [p.returncode for p in processes] == [0] * 8, [err[-500:] for _, err in outputs]
+    assert [p.returncode for p in processes] == [0] * 4, [err[-500:] for _, err in outputs]
     answers = []
     for out, err in outputs:
         assert "lmdb" not in err.lower()

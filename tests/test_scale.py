@@ -48,6 +48,7 @@ def test_the_bit_model_is_measured_on_the_default_readers_bits():
     assert "10 sample articles" in model.source
 
 
+@pytest.mark.bench  # the whole benchmark on 1,200 passages: about 2 min of `make test` on two cores
 def test_scale_runs_every_step_and_reports_sane_figures(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     assert main(["--passages", "1200", "--shard-size", "300", "--draws", "20", "--json"]) == 0
