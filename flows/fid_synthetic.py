@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size, max_positives=1, optimizer=args.optimizer, schedule=args.schedule,
     )
     base, factor = args.base or save_base(out / "base", args.shape, args.tokenizer), 1.0
-    split_layer = args.split_layer or SPLIT_LAYERS[args.shape]
+    split_layer = SPLIT_LAYERS[args.shape] if args.split_layer is None else args.split_layer  # k = 0 is a valid split
     if args.budget_s:  # a lent GPU's minutes: every stage's steps scaled by one factor to fit
         seconds = step_seconds(base, str(data / "train.jsonl"), args.passages, PASSAGE_TOKENS, split_layer,
                                args.batch_size, family="fid")
