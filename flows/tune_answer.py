@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         sets = {n: score(answerer.reader, c, relevance_weight, retrieval_weight) for n, c in cached.items()}
         points.append({"relevance_weight": relevance_weight, "retrieval_weight": retrieval_weight, "sets": sets})
         print(f"relevance {relevance_weight:g} retrieval {retrieval_weight:g}: " + "; ".join(
-            f"{n} EM {s['em']:.2f} ranks {s['cited_rank']} titles {s['answer_is_title']:.0f}%" for n, s in sets.items()),
+            f"{n} EM {s['em']:.2f} ranks {s['cited_rank']} titles {s['answer_is_title']:.0f}% when recalled "
+            f"{s['em_when_recalled']:.1f} (reading the answer's passages {s['em_when_recalled_reading_answer_passages']:.1f})"
+            for n, s in sets.items()),
             flush=True)
     best = max(points, key=lambda p: (sum(s["em"] for s in p["sets"].values()), -p["relevance_weight"] - p["retrieval_weight"]))
     print(f"best: relevance_weight {best['relevance_weight']:g}, retrieval_weight {best['retrieval_weight']:g}")

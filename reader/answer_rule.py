@@ -33,6 +33,7 @@ def question_logits(
     return {
         "record": record, "batch": batch, "start": start, "end": end, "relevance": relevance,
         "titles": [normalize_answer(p.title) for p in passages],
+        "holds": [has_answer([p.text], record["answers"]) for p in passages],
         "recalled": has_answer([p.text for p in passages], record["answers"]),
     }
 
@@ -40,9 +41,11 @@ def question_logits(
 def score(reader, cached: list[dict], relevance_weight: float, retrieval_weight: float) -> dict:
     """EM, cited ranks and title answers of the rule at one grid point (set on ``reader``), over cached logits.
 
-    Also the share of questions whose passages hold an answer (recall) and EM among them.
+    Also the share of questions whose passages hold an answer (recall), EM among them, and
+    ``em_when_recalled_reading_answer_passages``: EM among them when the reader may cite only the passages
+    that hold an answer, i.e. with passage choice made perfect: how well it reads the right passage.
     """
-    ems, ranks, titles = [], [0] * cached[0]["batch"].per_query, 0
+    ems, ranks, titles, reading = [], [0] * cached[0]["batch"].per_query, 0, []
     reader.relevance_weight, reader.retrieval_weight = relevance_weight, retrieval_weight
     for item in cached:
         batch = item["batch"]
@@ -51,10 +54,15 @@ def score(reader, cached: list[dict], relevance_weight: float, retrieval_weight:
         ems.append(exact_match(span.text, item["record"]["answers"]))
         ranks[span.passage] += 1
         titles += normalize_answer(span.text) in item["titles"]
+        if item["recalled"]:
+            lacks = ~torch.tensor(item["holds"], device=item["start"].device)[:, None]  # those without an answer: never cited
+            given = reader.best_spans(batch, item["start"].masked_fill(lacks, float("-inf")), item["end"], prior)[0]
+            reading.append(exact_match(given.text, item["record"]["answers"]))
     n = len(cached)
     result = {"em": round(100 * sum(ems) / n, 2), "cited_rank": ranks, "answer_is_title": round(100 * titles / n, 2),
               "exact": "".join("1" if e else "0" for e in ems)}
     recalled = [em for em, item in zip(ems, cached) if item["recalled"]]
     result["recall"] = round(100 * len(recalled) / n, 2)
     result["em_when_recalled"] = round(100 * sum(recalled) / max(len(recalled), 1), 2)
+    result["em_when_recalled_reading_answer_passages"] = round(100 * sum(reading) / max(len(reading), 1), 2)
     return result

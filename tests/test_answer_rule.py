@@ -31,6 +31,22 @@ def test_recall_and_em_when_recalled_count_the_questions_whose_passages_hold_an_
         has_answer("the zzqx tower stands in paris", ["zzqx tower"])
 
 
+def test_the_reading_ceiling_lets_the_reader_cite_only_the_passages_that_hold_an_answer(make_extractive):
+    """A passage whose every allowed token is the answer, among passages of other words: cited alone, it
+    can only be read right, whatever the (random) weights; the rule over all passages misses it here."""
+    reader = make_extractive(BTRConfig(split_layer=2, max_passage_tokens=48))
+    words = "river hill lake stone field bridge forest valley tower garden market harbour castle meadow"
+    lacks = [Passage(f"Place {i}", " ".join(words.split()[i:] + words.split()[:i]), str(i)) for i in range(5)]
+    holds = Passage("paris", "paris", "p")
+    records = [{"question": "where is it?", "answers": ["Paris"]}, {"question": "where else?", "answers": ["Rome"]}]
+    cached = [question_logits(reader, records[0], lacks + [holds], [0.0] * 6, "btr"),
+              question_logits(reader, records[1], lacks + [holds], [0.0] * 6, "btr")]  # none holds "Rome"
+    assert cached[0]["holds"] == [False] * 5 + [True] and not cached[1]["recalled"]
+    result = score(reader, cached, 0.0, 0.0)
+    assert result["em_when_recalled_reading_answer_passages"] == 100.0  # one recalled question, read right
+    assert result["em_when_recalled"] == 0.0  # 70 other words to choose from: the random reader picks one
+
+
 def test_a_chain_is_scaled_by_one_factor_to_fit_its_budget_with_the_control_beside_it():
     stages = [Stage("plain", steps=1000), Stage("split", steps=1000), Stage("bits", steps=500)]
     # at 0.1 s a plain step: plain 100 s + split 170 s + bits 60 s = 330 s; control beside: 100 + 200 = 300 s
