@@ -70,8 +70,8 @@ train-heads: data
 
 # BTR-FiD trained from scratch (a random tiny T5, d=64) on the synthetic task of flows.synthetic_qa:
 # a one-passage lesson, plain -> split -> bits, then EM and QPS of plain / split / btr / btr with runtime
-# merging at 0.02-0.5, side by side, into results/fid-synthetic.json (docs/fid.md). One CPU thread: about
-# 100 min; resumable.
+# merging at 0.02-0.5, side by side, into results/fid-synthetic.json (docs/fid.md). One CPU thread: 1 h 43 min
+# in the recorded run (98 min of CPU); resumable.
 train-fid-synthetic: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m flows.fid_synthetic --threads 1
 
