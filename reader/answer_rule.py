@@ -30,11 +30,10 @@ def question_logits(
         pairs = reader.encode_pairs(batch, mode)
         start, end = reader.span_logits(batch, mode, pairs)
         relevance = reader.relevance_logits(batch, pairs)
+    holds = [has_answer([p.text], record["answers"]) for p in passages]
     return {
         "record": record, "batch": batch, "start": start, "end": end, "relevance": relevance,
-        "titles": [normalize_answer(p.title) for p in passages],
-        "holds": [has_answer([p.text], record["answers"]) for p in passages],
-        "recalled": has_answer([p.text for p in passages], record["answers"]),
+        "titles": [normalize_answer(p.title) for p in passages], "holds": holds, "recalled": any(holds),
     }
 
 
