@@ -33,7 +33,7 @@ from storage.shard import ShardInfo, default_shard_size
 from workers.cluster import cluster_runner
 from workers.corpus import normalize
 from workers.indexer import (
-    ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards, resumed,
+    STAGING_LEVEL, ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards, resumed,
 )
 from workers.offline import merge_on_cluster
 
@@ -144,6 +144,7 @@ def index_wikipedia(
     ray_address: str | None = None,
     workers: int = 0,
     batch_size: int = 32,
+    worker_threads: int = 0,
 ) -> dict:
     """Index a corpus (default: the bundled Wikipedia sample) into a BTR index folder.
 
@@ -183,7 +184,8 @@ def index_wikipedia(
                 progress.shards(staged, [], time.time())
             else:
                 fanned = index_shards.with_options(task_runner=ray_runner(ray_address))(
-                    plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, str(progress.path)
+                    plans, str(staging), corpus_summary["path"], spec, retriever, workers, batch_size, str(progress.path),
+                    worker_threads, STAGING_LEVEL if offline_merge > 0 else None,  # the merge codes staging shards again
                 )
             results = fanned["shards"]
             progress = RunProgress.load(progress.path)  # the subflow brought it up to date
@@ -231,12 +233,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retriever", default=None, help="passage encoder (default: all-MiniLM-L6-v2)")
     parser.add_argument("--codec-sample", type=int, default=2000, help="passages the codec is fitted on")
     parser.add_argument("--workers", type=int, default=0, help="Ray workers (default: one per GPU, else one)")
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="CPUs each worker takes (default: the cluster's CPUs split among the workers)")
     args = parser.parse_args(argv)
     index_wikipedia(
         index=args.index, corpus=args.corpus, corpus_format=args.corpus_format, shard_size=args.shard_size,
         offline_merge=args.offline_merge, ray_address=args.ray_address, reader_checkpoint=args.reader_checkpoint,
         reader_family=args.reader_family, split_layer=args.split_layer, max_passage_tokens=args.max_passage_tokens, retriever=args.retriever,
-        codec_sample=args.codec_sample, workers=args.workers,
+        codec_sample=args.codec_sample, workers=args.workers, worker_threads=args.worker_threads,
     )
 
 if __name__ == "__main__":

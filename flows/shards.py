@@ -26,7 +26,7 @@ from prefect.runtime import task_run
 from prefect_ray.context import remote_options
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.actor import gpu_share, index_or_lost, start_workers, stop_workers, when_back
+from workers.actor import index_or_lost, size_workers, start_workers, stop_workers, when_back
 from workers.cluster import LOCAL_RAY, cluster, loopback_ray
 from workers.progress import WORKER_FOLDER, in_flight
 from workers.quiet import quiet
@@ -126,7 +126,7 @@ LOST_WORKERS_WAIT_S = 600.0
 @flow(name="index-shards")
 def index_shards(
     plans: list[dict], staging: str, corpus_path: str, spec: dict, encoder: str | None, workers: int, batch_size: int,
-    progress_path: str,
+    progress_path: str, worker_threads: int = 0, level: int | None = None,
 ) -> dict:
     """Fan the shards out over Ray workers (started here, stopped at the end): their summaries, in row order.
 
@@ -136,14 +136,14 @@ def index_shards(
 
     Every couple of seconds the run's progress (``progress_path``), and on a terminal its status
     line, are brought up to date from the shards finished and the workers' reports on the shards
-    they are on; the Prefect progress artifact moves with each shard finished.
+    they are on; the Prefect progress artifact moves with each shard finished. ``workers`` and
+    ``worker_threads`` (CPUs a worker) override ``size_workers``' choice; ``level``: the records' zstd level.
     """
     logger = get_run_logger()
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = workers or gpus or 1
+    sizing = size_workers(int(ray.available_resources().get("CPU", 1)), gpus, workers, worker_threads)
     nodes = sum(node["Alive"] for node in ray.nodes())
-    logger.info("Ray: %s, %s node(s); %s worker(s), %s", ray.get_runtime_context().gcs_address, nodes, count,
-                f"{gpu_share(gpus, count):g} GPU each" if gpus else "CPU")
+    logger.info("Ray: %s, %s node(s), %s GPU(s); %s", ray.get_runtime_context().gcs_address, nodes, gpus, sizing.describe())
     dashboard = ray_dashboard()
     if dashboard:
         logger.info("Ray dashboard: %s", dashboard)
@@ -151,7 +151,7 @@ def index_shards(
     progress.set(ray_dashboard=dashboard)
     printer = Printer(sys.stderr) if sys.stderr.isatty() else None  # off a terminal the logs say it
     artifact = create_progress_artifact(0.0, key="index-shards-progress", description="shards indexed")
-    handles = start_workers(count, gpus, staging, corpus_path, spec, encoder, batch_size)
+    handles = start_workers(sizing, staging, corpus_path, spec, encoder, batch_size, level)
     # Dispatchers only wait: no CPU, and on this process's node (losing it loses the flow anyway).
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
     todo, idle = collections.deque(plans), list(handles)

@@ -66,6 +66,16 @@ def restore(signs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return signs * scale.to(signs.dtype)
 
 
+def pack_states(hidden: torch.Tensor, calibration: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sign bits uint8 [..., d/8] and fp16 scales [...] of states [..., d], computed where the states are.
+
+    A GPU worker calls it on the device, so only these (1/16 and 1/d of float32 states) cross to the host.
+    """
+    # sign(h / s) is sign(h) for the positive scale s: the bits come straight from the states.
+    scale = token_scale(hidden, calibration).squeeze(-1)
+    return pack_bits(hidden >= 0), scale.clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
+
+
 def to_binary_tokens(
     token_ids: torch.Tensor, hidden: torch.Tensor, split_layer: int, calibration: str
 ) -> BinaryTokens:
@@ -81,10 +91,7 @@ def to_binary_batch(
     Binarizing is per token, so one pass over the batch gives each passage the same record as its own
     call would, with the per-call work done once per batch.
     """
-    # sign(h / s) is sign(h) for the positive scale s: the bits come straight from the states.
-    scale = token_scale(hidden, calibration)
-    bits = pack_bits(hidden >= 0)
-    scale = scale.squeeze(-1).clamp(max=torch.finfo(torch.float16).max).to(torch.float16)
+    bits, scale = pack_states(hidden, calibration)
     ids = token_ids.to(torch.int32)
     return [
         BinaryTokens(ids[i, :n].clone(), bits[i, :n].clone(), scale[i, :n].clone(), split_layer, hidden.shape[-1], calibration)

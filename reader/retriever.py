@@ -62,21 +62,31 @@ class Encoder:
     def identity(self) -> dict:
         return {"name": self.name, "weights_digest": weights_digest(self.model), "max_tokens": self.max_tokens}
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """float32 [n, d] unit vectors, in input order."""
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # little padding per batch
+        for chunk, batch in self.batches(texts, batch_size):
+            out[chunk] = self.forward(batch)
+        return out
+
+    def batches(self, texts: Sequence[str], batch_size: int = 64) -> Iterator[tuple[list[int], dict]]:
+        """(positions, tokenized batch) of ``texts`` in order of length, so that a batch holds little padding."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            batch = self.tokenizer(
+            tokens = self.tokenizer(
                 [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-            ).to(self.device)
-            hidden = self.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            out[chunk] = torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
-        return out
+            )
+            yield chunk, tokens
+
+    @torch.no_grad()
+    def forward(self, tokens: dict) -> np.ndarray:
+        """Unit vectors float32 [n, d] of one tokenized batch: mean of the last states over real tokens."""
+        tokens = {name: value.to(self.device) for name, value in tokens.items()}
+        hidden = self.model(**tokens).last_hidden_state.float()
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
 
 
 @contextmanager

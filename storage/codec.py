@@ -15,7 +15,7 @@ import io
 import json
 import threading
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,14 @@ class Codec:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+
+    def at_level(self, level: int) -> "Codec":
+        """The same prototypes and dictionary, compressing at another zstd level (any level decodes alike).
+
+        Workers write the lossless staging shards, which the offline merge decodes and codes again at the
+        index's own level, with a fast one: level 19 ran 224k tokens/s here, level 1 1.46M, 2% larger.
+        """
+        return Codec(self.prototypes, self.dictionary, replace(self.settings, level=level))
 
     @property
     def vocab_size(self) -> int:

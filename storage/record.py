@@ -59,8 +59,15 @@ class RecordFormat:
 
 def encode_record(fmt: RecordFormat, pid: str, title: str, text: str, tokens: BinaryTokens) -> bytes:
     """Serialize one passage."""
-    ids = tokens.token_ids.numpy().astype(np.int32)
-    ids_z, scale_z, bits_z = fmt.codec.encode(ids, tokens.bits.numpy(), tokens.scale.numpy())
+    return encode_arrays(fmt, pid, title, text, tokens.token_ids.numpy(), tokens.bits.numpy(), tokens.scale.numpy())
+
+
+def encode_arrays(
+    fmt: RecordFormat, pid: str, title: str, text: str, ids: np.ndarray, bits: np.ndarray, scale: np.ndarray
+) -> bytes:
+    """Serialize one passage from its arrays: token ids [L], packed bits uint8 [L, d/8], fp16 scales [L]."""
+    ids = ids.astype(np.int32, copy=False)
+    ids_z, scale_z, bits_z = fmt.codec.encode(ids, bits, scale)
     pid_b, title_b, text_z = pid.encode(), title.encode(), fmt.codec.encode_text(text)
     body = b"".join(
         [

@@ -13,7 +13,7 @@ from flows.dashboard import auth_token, look
 from flows.shards import ray_dashboard
 from reader.config import BTRConfig
 from reader.load import ReaderSpec, load_reader
-from workers.actor import start_workers, stop_workers
+from workers.actor import size_workers, start_workers, stop_workers
 from workers.cluster import LOCAL_RAY, loopback_ray
 from workers.corpus import normalize
 from workers.indexer import calibrate_codec
@@ -31,7 +31,7 @@ def cluster_with_workers(tmp_path_factory, make_extractive_module, write_flow_in
     calibrate_codec(root / "staging", Path(corpus), load_reader(spec), 4)
     loopback_ray()
     ray.init(**LOCAL_RAY)
-    workers = start_workers(1, 0, str(root / "staging"), str(corpus), spec.to_dict(), str(root / "reader"), 4)
+    workers = start_workers(size_workers(1, 0), str(root / "staging"), str(corpus), spec.to_dict(), str(root / "reader"), 4)
     try:
         ray.get([w.__ray_ready__.remote() for w in workers.values()])
         yield ray_dashboard()

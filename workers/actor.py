@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import ray
 import torch
@@ -22,9 +23,12 @@ class IndexWorker:
     is gone and no other node has room), and the flow gives that shard to another worker.
     """
 
-    def __init__(self, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int, threads: int) -> None:
-        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs reserved
-        self.indexer = ShardIndexer(index_root, corpus, ReaderSpec(**spec), encoder, batch_size)
+    def __init__(
+        self, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int, sizing: dict,
+        level: int | None = None,
+    ) -> None:
+        torch.set_num_threads(sizing["torch_threads"])  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs reserved
+        self.indexer = ShardIndexer(index_root, corpus, ReaderSpec(**spec), encoder, batch_size, sizing["pool_threads"], level)
 
     def index(self, plan: dict) -> dict:
         return self.indexer.index(ShardPlan(**plan))
@@ -35,27 +39,62 @@ def gpu_share(gpus: int, count: int) -> float:
     or an equal share when there are more workers than GPUs (floored to Ray's 1e-4 resolution so the
     shares fit). A GPU worker's shard pipeline is bound by its CPU side (tokenize, binarize, compress,
     write: 94k tokens/s against 7.2M for the forward alone on an H200, ``results/workers-gpu-h200.json``),
-    so several workers per GPU keep it busier; before, a worker beyond the GPU count never started."""
+    so several workers per GPU kept it busier; before, a worker beyond the GPU count never started."""
     if gpus <= 0:
         return 0.0
     return 1.0 if count <= gpus else math.floor(10_000 * gpus / count) / 10_000
 
 
-def start_workers(
-    count: int, gpus: int, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int
-) -> dict[str, ray.actor.ActorHandle]:
-    """Start ``count`` named workers (one GPU each where there are GPUs, a share of one when there are
-    more workers than GPUs: ``gpu_share``).
+@dataclass(frozen=True)
+class Sizing:
+    """How a node's cores and GPUs are shared among index workers (``size_workers``)."""
 
-    The caller keeps the returned handles for as long as the workers should live: Ray collects a
-    named actor once no handle to it is left.
+    workers: int
+    cpus: int  # each worker reserves this many of Ray's CPUs
+    torch_threads: int  # intra-op threads of its forwards
+    pool_threads: int  # its coding pool (workers.pipeline)
+    gpu: float  # its share of a GPU (0 on CPU)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        device = f"{self.gpu:g} GPU" if self.gpu else "CPU only"
+        return (f"{self.workers} worker(s), each {device}, {self.cpus} CPU(s): {self.torch_threads} torch thread(s), "
+                f"{self.pool_threads} coding thread(s), 1 tokenizer thread")
+
+
+def size_workers(cpus: int, gpus: int, workers: int = 0, threads: int = 0) -> Sizing:
+    """Workers and their threads from the cluster's CPUs and GPUs; ``workers``, ``threads`` (CPUs a worker) override.
+
+    By default one worker per GPU (its pipeline keeps the GPU fed from one process; the forwards need no more
+    than a couple of host threads), the node's cores split among the workers, and on a GPU all but two of a
+    worker's cores (its device loop and tokenizer thread) code records. Without a GPU the forward is the
+    work: one worker, every core to torch, one coding thread (coding at the staging level costs ~1% of it).
     """
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)) // count)
+    count = workers or gpus or 1
+    share = threads or max(1, cpus // count)
+    if gpus:
+        return Sizing(count, share, min(2, share), max(1, share - 2), gpu_share(gpus, count))
+    return Sizing(count, share, share, 1, 0.0)
+
+
+def start_workers(
+    sizing: Sizing, index_root: str, corpus: str, spec: dict, encoder: str | None, batch_size: int,
+    level: int | None = None,
+) -> dict[str, ray.actor.ActorHandle]:
+    """Start ``sizing.workers`` named workers, each with its CPUs and share of a GPU (``size_workers``).
+
+    ``level``: the zstd level of their records (None: the codec's). The caller keeps the returned handles
+    for as long as the workers should live: Ray collects a named actor once no handle to it is left.
+    """
     workers = {}
-    for i in range(count):
+    for i in range(sizing.workers):
         name = f"{ACTOR_PREFIX}-{i}"
-        options = {"name": name, "get_if_exists": True, "num_gpus": gpu_share(gpus, count), "num_cpus": cpus}
-        workers[name] = IndexWorker.options(**options).remote(index_root, corpus, spec, encoder, batch_size, cpus)
+        options = {"name": name, "get_if_exists": True, "num_gpus": sizing.gpu, "num_cpus": sizing.cpus}
+        workers[name] = IndexWorker.options(**options).remote(
+            index_root, corpus, spec, encoder, batch_size, sizing.to_dict(), level
+        )
     return workers
 
 

@@ -1,0 +1,137 @@
+"""The pipelined shard worker (workers.pipeline) against the serial path it replaced (workers.build), and its sizing."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from reader.config import BTRConfig
+from reader.inputs import ReaderInputError
+from reader.load import ReaderSpec, load_reader
+from reader.retriever import Encoder, passage_text
+from storage.codec import Codec
+from storage.index import IndexWriter
+from storage.record import Passage, RecordFormat, decode_records
+from storage.shard import SHARDS, shard_name
+from workers.actor import size_workers
+from workers.build import encode_corpus
+from workers.corpus import normalize, read_rows
+from workers.indexer import ShardIndexer, calibrate_codec, plan_shards
+from workers.pipeline import ShardPipeline
+
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, make_extractive_module):
+    """A normalized corpus of empty (rejected), one-token, max-length and ordinary passages, and a tiny reader on disk."""
+    from reader.assets import wikipedia_sample
+
+    root = tmp_path_factory.mktemp("worker-pipeline")
+    reader = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=MAX_TOKENS), hidden_size=64)
+    reader.model.save_pretrained(root / "reader")
+    reader.tokenizer.save_pretrained(root / "reader")
+    rows = [{"id": f"p{i}", "title": p.title, "text": p.text} for i, p in enumerate(wikipedia_sample(40))]
+    rows[3]["text"] = ""  # empty: rejected before any worker sees it
+    rows[5]["text"] = "a"  # one token
+    rows[7]["text"] = " ".join(["river"] * 400)  # cut at the reader's maximum
+    rows[11]["text"] = "word " * 30 + "end"
+    with open(root / "corpus.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    normalized = normalize(str(root / "corpus.jsonl"), "jsonl", root / "work")
+    assert normalized.passages == 39 and normalized.rejects == 1
+    spec = ReaderSpec("extractive", str(root / "reader"), 2, MAX_TOKENS)
+    return root, normalized.path, spec
+
+
+def serial_shards(root, corpus_path, spec, shard_size: int) -> tuple[list[str], np.ndarray]:
+    """Today's serial path: encode_corpus, Encoder.embed, IndexWriter.write_shard, shard by shard."""
+    reader = load_reader(spec)
+    calibrate_codec(root, corpus_path, reader, 39)
+    writer, encoder = IndexWriter(root, reader.identity()), Encoder(spec.checkpoint)
+    digests, vectors = [], []
+    for plan in plan_shards(39, shard_size):
+        passages = read_rows(corpus_path, plan.first_row, plan.first_row + plan.rows)
+        records = encode_corpus(reader, passages, 4)
+        rows = ((p.id, p.title, p.text, r) for p, r in zip(passages, records))
+        digests.append(writer.write_shard(plan.shard_id, plan.first_row, rows).digest)
+        vectors.append(encoder.embed([passage_text(p) for p in passages]))
+    return digests, np.concatenate(vectors)
+
+
+def pipelined_shards(root, corpus_path, spec, shard_size: int, level: int | None) -> tuple[list[str], np.ndarray]:
+    calibrate_codec(root, corpus_path, load_reader(spec), 39)
+    indexer = ShardIndexer(str(root), str(corpus_path), spec, spec.checkpoint, batch_size=4, threads=3, level=level)
+    indexer.pipeline.depth = 2  # the bounded queues fill and drain many times over a shard
+    summaries = [indexer.index(plan) for plan in plan_shards(39, shard_size)]
+    vectors = np.concatenate([np.load(root / "embeddings" / f"{shard_name(p.shard_id)}.npy") for p in plan_shards(39, shard_size)])
+    return [s["shard"]["digest"] for s in summaries], vectors
+
+
+def test_the_pipelined_worker_writes_the_serial_paths_shards_byte_for_byte(corpus, tmp_path):
+    root, corpus_path, spec = corpus
+    serial, serial_vectors = serial_shards(tmp_path / "serial", corpus_path, spec, 16)
+    piped, piped_vectors = pipelined_shards(tmp_path / "piped", corpus_path, spec, 16, level=None)
+    assert len(serial) == 3 and piped == serial
+    # The indexer stores float16 vectors: the same as the serial path's float32 ones, rounded.
+    assert np.array_equal(piped_vectors, serial_vectors.astype(np.float16))
+
+
+def stored(root) -> list[tuple]:
+    """Every record of an index folder's shards, decoded: (pid, title, text, ids, bits, scale)."""
+    import lmdb
+
+    from storage.shard import block_records
+
+    codec = Codec.load(root / "codec")
+    fmt = RecordFormat(codec, 2, "mean_abs")
+    out = []
+    for folder in sorted((root / SHARDS).glob("shard-*")):
+        env = lmdb.open(str(folder), readonly=True, lock=False, subdir=True)
+        with env.begin() as txn:
+            values = [bytes(r) for _, block in txn.cursor() for r in block_records(block)]
+        env.close()
+        for p in decode_records(fmt, values, list(range(len(values))), ["x"] * len(values)):
+            out.append((p.pid, p.title, p.text, p.tokens.token_ids.tolist(), p.tokens.bits.numpy().tobytes(),
+                        p.tokens.scale.numpy().tobytes()))
+    return out
+
+
+def test_a_fast_staging_level_changes_the_bytes_but_not_what_they_decode_to(corpus, tmp_path):
+    root, corpus_path, spec = corpus
+    slow, _ = pipelined_shards(tmp_path / "slow", corpus_path, spec, 16, level=None)
+    fast, _ = pipelined_shards(tmp_path / "fast", corpus_path, spec, 16, level=1)
+    assert fast != slow  # level 1, not the codec's 19
+    assert stored(tmp_path / "fast") == stored(tmp_path / "slow")
+    assert len(stored(tmp_path / "fast")) == 39
+
+
+def test_a_passage_the_tokenizer_refuses_stops_the_shard_with_its_error_and_the_thread(corpus, tmp_path):
+    root, corpus_path, spec = corpus
+    reader = load_reader(spec)
+    codec = calibrate_codec(tmp_path, corpus_path, reader, 39)
+    fmt = IndexWriter(tmp_path, reader.identity()).format
+    pipeline = ShardPipeline(reader, Encoder(spec.checkpoint), fmt, batch_size=2, threads=2, depth=1)
+    passages = read_rows(corpus_path, 0, 20)
+    passages[13] = Passage("Blank", "   ", "blank")
+    before = threading.active_count()
+    with pytest.raises(ReaderInputError, match="blank"):
+        pipeline.run(passages)
+    pipeline.close()
+    assert threading.active_count() <= before  # the tokenizer thread was stopped, not left blocked on a full queue
+    assert codec["settings"]["level"] == 19
+
+
+def test_workers_are_sized_from_the_cluster_and_the_override_wins():
+    cpu = size_workers(cpus=2, gpus=0)
+    assert (cpu.workers, cpu.cpus, cpu.torch_threads, cpu.pool_threads, cpu.gpu) == (1, 2, 2, 1, 0.0)
+    gpu = size_workers(cpus=16, gpus=1)  # one worker feeds its GPU; all but two of its cores code records
+    assert (gpu.workers, gpu.cpus, gpu.torch_threads, gpu.pool_threads, gpu.gpu) == (1, 16, 2, 14, 1.0)
+    eight = size_workers(cpus=128, gpus=8)
+    assert (eight.workers, eight.cpus, eight.pool_threads, eight.gpu) == (8, 16, 14, 1.0)
+    shared = size_workers(cpus=16, gpus=1, workers=2, threads=4)
+    assert (shared.workers, shared.cpus, shared.torch_threads, shared.pool_threads, shared.gpu) == (2, 4, 2, 2, 0.5)
+    assert "2 worker(s), each 0.5 GPU, 4 CPU(s)" in shared.describe()
