@@ -65,16 +65,30 @@ def passage_string(passage: Passage) -> str:
     return PASSAGE_TEMPLATE.format(title=passage.title.strip(), text=passage.text.strip())
 
 
+def clean_text(text: str) -> str:
+    """The form every question and passage is read in: NFKC-normalized, outer whitespace stripped.
+
+    NFKC folds compatibility forms onto the characters the tokenizers know: fullwidth letters
+    ("ｗｈｏ" is "who"), ligatures, no-break and thin spaces, superscript digits.
+    """
+    return unicodedata.normalize("NFKC", text).strip()
+
+
 def is_blank(text: str) -> bool:
-    """Whether ``text`` holds nothing to read: only whitespace, control and format characters (NUL, zero-width space)."""
-    return all(char.isspace() or unicodedata.category(char) in ("Cc", "Cf", "Zs", "Zl", "Zp") for char in text)
+    """Whether ``text`` holds nothing to read: no letter and no digit once cleaned (``clean_text``).
+
+    The one rule for questions and passages: whitespace, control and format characters (NUL,
+    zero-width space), private-use characters, lone combining marks, punctuation, symbols and emoji
+    alone are empty.
+    """
+    return not any(unicodedata.category(char)[0] in "LN" for char in clean_text(text))
 
 
 def encode_question(tokenizer, layout: TokenLayout, question: str, max_tokens: int) -> list[int]:
     """Token ids of a question, its tail cut so that it fits ``max_tokens`` (see ``question_overflow``)."""
     if not isinstance(question, str) or is_blank(question):
         raise ReaderInputError("the question is empty")
-    body = tokenizer(QUERY_TEMPLATE.format(question=question.strip()), add_special_tokens=False)["input_ids"]
+    body = tokenizer(QUERY_TEMPLATE.format(question=clean_text(question)), add_special_tokens=False)["input_ids"]
     room = max_tokens - len(layout.query_prefix) - len(layout.query_suffix)
     if room < 1:
         raise ReaderInputError(f"max question length {max_tokens} leaves no room for text")
@@ -83,7 +97,7 @@ def encode_question(tokenizer, layout: TokenLayout, question: str, max_tokens: i
 
 def question_overflow(tokenizer, layout: TokenLayout, question: str, max_tokens: int) -> int:
     """How many of a question's tokens ``encode_question`` cuts off (0 when it fits)."""
-    body = tokenizer(QUERY_TEMPLATE.format(question=question.strip()), add_special_tokens=False)["input_ids"]
+    body = tokenizer(QUERY_TEMPLATE.format(question=clean_text(question)), add_special_tokens=False)["input_ids"]
     return max(0, len(body) + len(layout.query_prefix) + len(layout.query_suffix) - max_tokens)
 
 

@@ -18,7 +18,7 @@ import bz2
 import csv
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +26,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reader.assets import wikipedia_sample_path
+from reader.inputs import clean_text, is_blank
 from storage.record import Passage
 
 from .wikitext import split_words, strip_markup
 
 FORMATS = ("sample", "dpr", "jsonl", "parquet", "wikixml")
 MAX_TEXT_CHARS = 20_000  # longer is no passage: a parse gone wrong, or a whole article
+MAX_TITLE_CHARS = 1_000  # every answer carries the titles it read: a 5 MB title made each one 5 MB of JSON
+MAX_ID_BYTES = 1_000  # UTF-8; a record stores the id's length in 16 bits (65,535), and answers carry it
 SCHEMA = pa.schema([("id", pa.string()), ("title", pa.string()), ("text", pa.string())])
 
 
@@ -47,24 +50,77 @@ class Reject:
     reason: str
 
 
+@dataclass(frozen=True)
+class Record:
+    """A record as its format gave it, fields not yet checked (the corpus rules do that, in ``check``)."""
+
+    where: str
+    id: object
+    title: object
+    text: object
+
+
+def _field_text(name: str, value: object) -> str | Reject:
+    """A field as text, or why it is not (the Reject's ``where`` is filled in by ``check``)."""
+    if value is None:
+        return Reject("", f"missing field {name!r}")
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        return Reject("", f"field {name!r} is {type(value).__name__}, not text")
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON's "\ud800" escapes decode to a lone surrogate
+        return Reject("", f"field {name!r} is not valid Unicode (a lone surrogate at character {error.start})")
+    return text
+
+
 def check(pid, title, text, where: str) -> Passage | Reject:
-    """A Passage, or a Reject naming the first thing wrong with the record."""
+    """A Passage, or a Reject naming the first rule the record breaks: the corpus rules, for every format.
+
+    Each field must be text (an integer id is taken as text) and valid Unicode; title and text are
+    cleaned (``reader.inputs.clean_text``: NFKC, stripped), the id only stripped. The id must be 1 to
+    ``MAX_ID_BYTES`` UTF-8 bytes, the title at most ``MAX_TITLE_CHARS`` characters (it may be
+    empty), the text at most ``MAX_TEXT_CHARS`` and not blank by the rule questions meet
+    (``reader.inputs.is_blank``: some letter or digit). Unique ids are ``first_of_each_id``'s.
+    """
+    fields = {}
     for name, value in (("id", pid), ("title", title), ("text", text)):
-        if value is None:
-            return Reject(where, f"missing field {name!r}")
-        if not isinstance(value, (str, int)) or isinstance(value, bool):
-            return Reject(where, f"field {name!r} is {type(value).__name__}, not text")
-    text, title, pid = str(text).strip(), str(title).strip(), str(pid).strip()
+        field = _field_text(name, value)
+        if isinstance(field, Reject):
+            return Reject(where, field.reason)
+        fields[name] = field
+    pid, title, text = fields["id"].strip(), clean_text(fields["title"]), clean_text(fields["text"])
     if not pid:
         return Reject(where, "empty id")
-    if not text:
+    if len(pid.encode()) > MAX_ID_BYTES:
+        return Reject(where, f"id is {len(pid.encode()):,} UTF-8 bytes; the limit is {MAX_ID_BYTES:,}")
+    if len(title) > MAX_TITLE_CHARS:
+        return Reject(where, f"title is {len(title):,} characters; the limit is {MAX_TITLE_CHARS:,}")
+    if is_blank(text):  # nothing but control, format, private-use characters, marks or symbols
         return Reject(where, "empty text")
     if len(text) > MAX_TEXT_CHARS:
-        return Reject(where, f"text is {len(text)} characters; the limit is {MAX_TEXT_CHARS}")
+        return Reject(where, f"text is {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
     return Passage(title, text, pid)
 
 
-def _read_lines(path: Path, parse: Callable[[int, str], Passage | Reject | None]) -> Iterator[Passage | Reject]:
+def first_of_each_id(records: Iterable[Record | Reject]) -> Iterator[Passage | Reject]:
+    """Each record checked (``check``); a later record with an id already seen is a Reject ("duplicate id").
+
+    Keeping the first is what a resume needs (the same file gives the same passages) and what a
+    citation needs (one id, one passage). The ids seen are held in memory: about 80 bytes a passage.
+    """
+    seen: set[str] = set()
+    for record in records:
+        item = record if isinstance(record, Reject) else check(record.id, record.title, record.text, record.where)
+        if isinstance(item, Passage):
+            if item.id in seen:
+                item = Reject(record.where, f"duplicate id {item.id!r:.80}: the first record with this id is kept")
+            else:
+                seen.add(item.id)
+        yield item
+
+
+def _read_lines(path: Path, parse: Callable[[int, str], Record | Reject | None]) -> Iterator[Record | Reject]:
     """Decode a file line by line (one bad line is one reject, not a failed run) and parse each."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
@@ -78,46 +134,60 @@ def _read_lines(path: Path, parse: Callable[[int, str], Passage | Reject | None]
                 yield item
 
 
-def read_sample(path: Path | None) -> Iterator[Passage | Reject]:
-    with open(path or wikipedia_sample_path(), encoding="utf-8") as f:
-        articles = json.load(f)
-    for key, article in articles.items():
-        if not isinstance(article, dict):
-            yield Reject(f"article {key!r}", "not an object")
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs, in order, repeated keys kept (a dict keeps only the last)."""
+
+
+def _sample_records(path: Path | None) -> Iterator[Record | Reject]:
+    path = path or wikipedia_sample_path()
+    try:
+        with open(path, encoding="utf-8") as f:
+            articles = json.load(f, object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError) as error:  # the whole file is one JSON object: no record to skip to
+        raise CorpusError(f"{path}: not the sample's JSON ({str(error).splitlines()[0][:200]})") from None
+    if not isinstance(articles, _Pairs):
+        raise CorpusError(f"{path}: not the sample's JSON (an object of articles)")
+    for key, article in articles:
+        if not isinstance(article, _Pairs):
+            yield Reject(f"article {key!r:.200}", "not an object")
             continue
-        yield check(key, article.get("title"), article.get("extract"), f"article {key!r}")
+        article = dict(article)
+        yield Record(f"article {key!r:.200}", key, article.get("title"), article.get("extract"))
 
 
-def _dpr_line(number: int, line: str) -> Passage | Reject | None:
-    fields = next(csv.reader([line], delimiter="\t"), [])
+def _dpr_line(number: int, line: str) -> Record | Reject | None:
+    where = f"line {number}"
+    try:
+        fields = next(csv.reader([line], delimiter="\t"), [])
+    except csv.Error:  # a field past csv's own limit (131,072 characters): the length rules say which
+        fields = line.split("\t")
+        if len(fields) != 3:
+            return Reject(where, f"a field is over {csv.field_size_limit():,} characters; the text limit is {MAX_TEXT_CHARS:,}")
     if number == 1 and fields[:3] == ["id", "text", "title"]:
         return None  # the header
     if len(fields) != 3:
-        return Reject(f"line {number}", f"{len(fields)} tab-separated fields; expected 3 (id, text, title)")
-    return check(fields[0], fields[2], fields[1], f"line {number}")
+        return Reject(where, f"{len(fields)} tab-separated fields; expected 3 (id, text, title)")
+    return Record(where, fields[0], fields[2], fields[1])
 
 
-def _jsonl_line(number: int, line: str) -> Passage | Reject | None:
+def _jsonl_line(number: int, line: str) -> Record | Reject | None:
     if not line.strip():
         return None
+    where = f"line {number}"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        return Reject(f"line {number}", f"not JSON ({error.msg})")
+        return Reject(where, f"not JSON ({error.msg})")
+    except ValueError as error:  # a number past Python's 4,300 digits for integers
+        return Reject(where, f"not JSON this reads ({str(error).split(':')[0]})")
+    except RecursionError:  # arrays or objects nested past the parser's depth
+        return Reject(where, "not JSON this reads (nested too deeply)")
     if not isinstance(record, dict):
-        return Reject(f"line {number}", "not a JSON object")
-    return check(record.get("id"), record.get("title"), record.get("text"), f"line {number}")
+        return Reject(where, "not a JSON object")
+    return Record(where, record.get("id"), record.get("title"), record.get("text"))
 
 
-def read_dpr(path: Path) -> Iterator[Passage | Reject]:
-    return _read_lines(path, _dpr_line)
-
-
-def read_jsonl(path: Path) -> Iterator[Passage | Reject]:
-    return _read_lines(path, _jsonl_line)
-
-
-def read_parquet(path: Path) -> Iterator[Passage | Reject]:
+def _parquet_records(path: Path) -> Iterator[Record | Reject]:
     columns = ("id", "title", "text")
     parquet = pq.ParquetFile(path)
     missing = [c for c in columns if c not in parquet.schema_arrow.names]
@@ -126,8 +196,41 @@ def read_parquet(path: Path) -> Iterator[Passage | Reject]:
     row = 0
     for batch in parquet.iter_batches(columns=list(columns), batch_size=4096):
         for pid, title, text in zip(*(batch.column(c).to_pylist() for c in columns)):
-            yield check(pid, title, text, f"row {row}")
+            yield Record(f"row {row}", pid, title, text)
             row += 1
+
+
+def _wikixml_records(path: Path, words: int) -> Iterator[Record | Reject]:
+    try:
+        for page_id, title, wikitext in wiki_articles(path):
+            where = f"page {page_id} ({title!r:.200})"
+            chunks = split_words(clean_text(strip_markup(wikitext)), words)  # words counted as stored
+            if not chunks:
+                yield Reject(where, "no text after markup removal")
+            for n, chunk in enumerate(chunks):
+                yield Record(where, f"{page_id}-{n}", title, chunk)
+    except ET.ParseError as error:
+        yield Reject(f"{path.name}", f"XML stops parsing here ({error}); the rest of the file is skipped")
+
+
+def read_sample(path: Path | None) -> Iterator[Passage | Reject]:
+    """The bundled Wikipedia sample (or a file in its layout), under the corpus rules."""
+    return first_of_each_id(_sample_records(path))
+
+
+def read_dpr(path: Path) -> Iterator[Passage | Reject]:
+    """DPR's TSV (id, text, title), under the corpus rules."""
+    return first_of_each_id(_read_lines(path, _dpr_line))
+
+
+def read_jsonl(path: Path) -> Iterator[Passage | Reject]:
+    """One JSON object per line, under the corpus rules."""
+    return first_of_each_id(_read_lines(path, _jsonl_line))
+
+
+def read_parquet(path: Path) -> Iterator[Passage | Reject]:
+    """A Parquet file's id, title and text columns, under the corpus rules (CorpusError when one is missing)."""
+    return first_of_each_id(_parquet_records(path))
 
 
 def wiki_articles(path: Path) -> Iterator[tuple[str, str, str]]:
@@ -148,16 +251,8 @@ def wiki_articles(path: Path) -> Iterator[tuple[str, str, str]]:
 
 
 def read_wikixml(path: Path, words: int = 100) -> Iterator[Passage | Reject]:
-    try:
-        for page_id, title, wikitext in wiki_articles(path):
-            where = f"page {page_id} ({title!r})"
-            chunks = split_words(strip_markup(wikitext), words)
-            if not chunks:
-                yield Reject(where, "no text after markup removal")
-            for n, chunk in enumerate(chunks):
-                yield check(f"{page_id}-{n}", title, chunk, where)
-    except ET.ParseError as error:
-        yield Reject(f"{path.name}", f"XML stops parsing here ({error}); the rest of the file is skipped")
+    """A MediaWiki XML dump's articles in passages of ``words`` words, under the corpus rules."""
+    return first_of_each_id(_wikixml_records(path, words))
 
 
 def read_corpus(path: Path | str | None, fmt: str) -> Iterator[Passage | Reject]:
