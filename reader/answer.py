@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -33,7 +34,7 @@ from storage.shard import DamagedIndex, repair_hint
 
 from .config import MODES, check_mode
 from .fid import Generated
-from .inputs import ReaderInputError, is_blank, passage_string
+from .inputs import ReaderInputError, clean_text, is_blank, passage_string, read_json
 from .load import ReaderSpec, load_reader, quiet_library_logs
 from .retriever import Hit, Retriever
 
@@ -104,7 +105,7 @@ class Answerer:
             self.reader.pool = pool  # checked by the reader
         self.index = Index.open(index, expect=None if self.text_only else self.reader.identity())
         try:
-            self.retriever = Retriever(index)
+            self.retriever = Retriever(index, store=self.index)  # the version self.index opened
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
             raise DamagedIndex(
                 f"the retriever in {index} is missing or damaged ({str(error).splitlines()[0]}). {repair_hint(index)}"
@@ -140,10 +141,11 @@ class Answerer:
     def lookup(self, question: str, k: int = DEFAULT_K) -> Lookup:
         """Retrieve the top-k passages of one question and read their records (undecoded)."""
         timings: dict[str, float] = {}
+        retriever = self.retriever  # one index version for the whole lookup (reader.reload may move to another)
         with timed(timings, "retrieve"):
-            hits = self.retriever.search([question], k)[0]
+            hits = retriever.search([clean_text(question)], k)[0]  # the form the reader reads too
         with timed(timings, "fetch"):
-            raw = self.index.read([h.row for h in hits])
+            raw = retriever.store.read([h.row for h in hits])
         return Lookup(question, hits, raw, timings)
 
     def read(self, lookups: Sequence[Lookup], mode: str = "btr") -> list[dict]:
@@ -217,12 +219,12 @@ def question_lines(path: str) -> Iterator[tuple[int, str | None, str | None]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line.decode("utf-8"))
+                record = read_json(line.decode("utf-8"))
             except UnicodeDecodeError:
                 yield number, None, "not valid UTF-8"
                 continue
-            except json.JSONDecodeError as error:
-                yield number, None, f"not JSON ({error.msg})"
+            except ValueError as error:  # a 5,000-digit number or deep nesting too: this line's error, not the run's
+                yield number, None, str(error)
                 continue
             question = record.get("question") if isinstance(record, dict) else None
             if not isinstance(question, str):
@@ -292,5 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     return DAMAGED_INDEX if damaged else 2 if failed else 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """``main``, ended quietly when the reader of its output goes away (``| head``): exit status 141, as for SIGPIPE."""
+    try:
+        return main(argv)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the interpreter's last flush fails again
+        return 141
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

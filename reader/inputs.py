@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -82,6 +83,22 @@ def is_blank(text: str) -> bool:
     alone are empty.
     """
     return not any(unicodedata.category(char)[0] in "LN" for char in clean_text(text))
+
+
+def read_json(text: str) -> object:
+    """``text`` parsed as JSON; a ValueError saying why not in a few words (for a line of a file: one reject, not a crash).
+
+    Besides syntax, Python's parser refuses a number past 4,300 digits (a ValueError of its own) and
+    nesting past its depth (RecursionError): each is one more reason, never a traceback.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not JSON ({error.msg})") from None
+    except ValueError as error:
+        raise ValueError(f"not JSON this reads ({str(error).split(':')[0]})") from None
+    except RecursionError:
+        raise ValueError("not JSON this reads (nested too deeply)") from None
 
 
 def encode_question(tokenizer, layout: TokenLayout, question: str, max_tokens: int) -> list[int]:

@@ -122,3 +122,75 @@ def test_one_rule_for_empty_and_one_form_for_questions_and_passages():
         assert is_blank(blank), repr(blank)
     for text in ("a", "7", "\U0001f600 why", "Éire", "北京", "x\u0301"):
         assert not is_blank(text), repr(text)
+
+
+QUESTIONS = [f"What is {p.title}?" for p in GOOD[:40]]
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory, answering_index) -> Path:
+    """40 of the good passages indexed by the tiny saved reader, with a retriever."""
+    return answering_index(tmp_path_factory.mktemp("hardening") / "index", GOOD[:40])
+
+
+def fullwidth(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else "\u3000" if c == " " else c for c in text)
+
+
+BAD_LINES = [  # a line of a --questions file, and the error it gets in its place
+    (b'{"question": "Why?", "k": ' + b"9" * 5_000 + b"}", "not JSON this reads (Exceeds the limit (4300 digits)"),
+    (b"[" * 100_000 + b"]" * 100_000, "not JSON this reads (nested too deeply)"),
+    (b"{not json", "not JSON (Expecting property name"),
+    (b'{"question": "caf\xe9?"}', "not valid UTF-8"),
+    (b'{"question": 5}', 'needs a "question" string'),
+    (json.dumps({"question": "\U0001f600\U0001f4a9"}).encode(), "the question is empty"),
+    (json.dumps({"question": "\ue000\uf8ff"}).encode(), "the question is empty"),
+    (json.dumps({"question": "\u0301\u0308 \u0301"}).encode(), "the question is empty"),
+    (json.dumps({"question": "\x00\u200b"}).encode(), "the question is empty"),
+    (json.dumps({"question": "half \ud800 a pair"}).encode(), "the question is not valid UTF-8 text"),
+]
+
+
+def test_a_questions_file_with_10_bad_lines_of_100_gets_90_answers_10_errors_and_exit_2(small_index, tmp_path, capsys):
+    from reader.answer import main as answer_main
+
+    lines = [json.dumps({"question": q}).encode() for q in (QUESTIONS * 3)[:90]]
+    for n, (line, _) in enumerate(BAD_LINES):
+        lines.insert(9 * n + 4, line)
+    (tmp_path / "questions.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    status = answer_main(["--questions", str(tmp_path / "questions.jsonl"), "--index", str(small_index), "--k", "2"])
+    out, err = capsys.readouterr()
+    results = [json.loads(line) for line in out.splitlines()]
+    assert status == 2 and len(results) == 100
+    errors = [r for r in results if "error" in r]
+    assert [r["line"] for r in errors] == [9 * n + 5 for n in range(10)]
+    for result, (_, said) in zip(errors, BAD_LINES):
+        assert set(result) == {"line", "error"} and result["error"].startswith(said), result
+    assert sum("answer" in r for r in results) == 90 and err.count("error: line") == 10 and "Traceback" not in err
+
+
+def test_a_fullwidth_question_is_the_same_question(small_index):
+    from reader.answer import Answerer
+
+    answerer = Answerer(small_index)
+    question = QUESTIONS[3]
+    plain, wide = answerer.answer(question, 3), answerer.answer(fullwidth(question), 3)
+    assert fullwidth(question) != question and wide["question"] == fullwidth(question)
+    assert [p["id"] for p in wide["passages"]] == [p["id"] for p in plain["passages"]]
+    assert wide["answer"] == plain["answer"]
+
+
+def test_an_output_pipe_closed_early_ends_the_command_quietly(small_index, tmp_path):
+    import subprocess
+    import sys
+
+    # 200 answers are more than a pipe holds: the command is still writing when the reader goes away.
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in QUESTIONS * 5))
+    command = [sys.executable, "-m", "reader.answer", "--questions", str(tmp_path / "questions.jsonl"),
+               "--index", str(small_index), "--k", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parents[1])
+    head = process.stdout.read(50)  # what `| head -c 50` reads before it exits
+    process.stdout.close()
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, err
+    assert head.startswith(b'{"question": ') and err == ""

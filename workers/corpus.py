@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from reader.assets import wikipedia_sample_path
-from reader.inputs import clean_text, is_blank
+from reader.inputs import clean_text, is_blank, read_json
 from storage.record import Passage
 
 from .wikitext import split_words, strip_markup
@@ -175,13 +175,9 @@ def _jsonl_line(number: int, line: str) -> Record | Reject | None:
         return None
     where = f"line {number}"
     try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        return Reject(where, f"not JSON ({error.msg})")
-    except ValueError as error:  # a number past Python's 4,300 digits for integers
-        return Reject(where, f"not JSON this reads ({str(error).split(':')[0]})")
-    except RecursionError:  # arrays or objects nested past the parser's depth
-        return Reject(where, "not JSON this reads (nested too deeply)")
+        record = read_json(line)
+    except ValueError as error:
+        return Reject(where, str(error))
     if not isinstance(record, dict):
         return Reject(where, "not a JSON object")
     return Record(where, record.get("id"), record.get("title"), record.get("text"))
