@@ -55,7 +55,7 @@ from storage.shard import DamagedIndex
 
 from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, DEFAULT_MAX_K, Answerer, Lookup, bad_input_errors
 from .load import quiet_library_logs
-from .serve_http import HostCheck, allowed_hosts, uvicorn_config
+from .serve_http import RequestCheck, add_connection_flags, allowed_hosts, connection_options, public, uvicorn_config
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
@@ -174,9 +174,9 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
-    media = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()  # none is not JSON either
     if media != "application/json":  # a page elsewhere may post text/plain without asking: refused before any work
-        raise Refused(415, f"the body must be sent as Content-Type: application/json, not {media}")
+        raise Refused(415, f"the body must be sent as Content-Type: application/json, not {media or 'none'}")
     body = bytearray()
 
     async def receive() -> None:
@@ -201,7 +201,7 @@ async def read_body(request: Request, limits: Limits) -> bytes:
 
 def create_app(
     answerer: Answerer, max_batch: int = 16, window_ms: float = 5.0, limits: Limits = Limits(),
-    hosts: frozenset[str] | None = None, max_batch_passages: int = 400,
+    hosts: frozenset[str] | None = None, max_batch_passages: int = 400, token: str | None = None,
 ) -> Starlette:
     """The ASGI app: the page, POST /answer and GET /health over one Answerer and one Batcher.
 
@@ -214,10 +214,14 @@ def create_app(
     facts = {"passages": len(answerer.index), "reader": answerer.reader.identity().name,
              "split_layer": answerer.reader.split_layer}
 
+    private = (facts["reader"], answerer.index.root, Path(answerer.index.root).resolve())  # no absolute path in a reply
+    facts["reader"] = public(facts["reader"], *private)
+
     def damaged(error: DamagedIndex) -> JSONResponse:
+        message = public(str(error), *private)
         if not damage:
-            damage.append(str(error))
-        return refusal(503, str(error))
+            damage.append(message)
+        return refusal(503, message)
 
     async def question_of(request: Request) -> tuple[str, int, str]:
         """The question, k and mode of a request, refused (4xx) when they break a limit."""
@@ -286,7 +290,7 @@ def create_app(
     ]
     app = Starlette(
         routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
-        middleware=[Middleware(HostCheck, hosts=hosts)],
+        middleware=[Middleware(RequestCheck, hosts=hosts, token=token)],
     )
     app.state.batcher = batcher
     return app
@@ -312,9 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-question-chars", type=int, default=default.max_question_chars, help="longer questions: 400"
     )
+    add_connection_flags(parser)
     args = parser.parse_args(argv)
     try:
         limits = Limits(args.max_k, args.max_body_bytes, args.timeout_s, args.max_question_chars, args.body_timeout_s)
+        connection = connection_options(args)  # and a non-loopback bind needs a token
     except ValueError as error:
         parser.error(str(error))
     quiet_library_logs()
@@ -330,12 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     hosts = allowed_hosts(args.host, args.allow_host)
     try:
-        app = create_app(answerer, args.max_batch, args.window_ms, limits, hosts, args.max_batch_passages)
+        app = create_app(answerer, args.max_batch, args.window_ms, limits, hosts, args.max_batch_passages, args.token)
     except ValueError as error:  # --max-batch, --window-ms, --max-batch-passages
         parser.error(str(error))
     print(f"serving {args.index} on http://{args.host}:{args.port} (max batch {args.max_batch}; Host: "
           f"{', '.join(sorted(hosts)) if hosts else 'any'})", flush=True)
-    uvicorn.Server(uvicorn_config(app, args.host, args.port)).run()
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, connection)).run()
     return 0
 
 

@@ -9,6 +9,11 @@ indexed though the same string was refused as a question; fullwidth questions we
 from __future__ import annotations
 
 import json
+import selectors
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -194,3 +199,189 @@ def test_an_output_pipe_closed_early_ends_the_command_quietly(small_index, tmp_p
     err = process.stderr.read().decode()
     assert process.wait(timeout=300) == 141, err
     assert head.startswith(b'{"question": ') and err == ""
+
+
+# The service (cases 4, 5, 7, 12): idle connections, cross-site posts, tokens, what a reply says of this machine.
+
+@pytest.fixture(scope="module")
+def answerer(small_index):
+    from reader.answer import Answerer
+
+    return Answerer(small_index)
+
+
+def must_not_run(*args, **kwargs):
+    pytest.fail("the model or the index was reached")
+
+
+@contextmanager
+def serving(app, limits) -> Iterator[int]:
+    """``app`` on uvicorn as reader.serve runs it, with these connection limits, on a free loopback port."""
+    import threading
+
+    import uvicorn
+
+    from reader.loadtest import free_port
+    from reader.serve_http import uvicorn_config
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def closed_within(sockets: list[socket.socket], seconds: float) -> dict[socket.socket, bytes]:
+    """What each socket received before the service closed it, waiting at most ``seconds`` for all (bounded)."""
+    received = {s: b"" for s in sockets}
+    with selectors.DefaultSelector() as selector:
+        for s in sockets:
+            selector.register(s, selectors.EVENT_READ)
+        deadline = time.monotonic() + seconds
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    chunk = key.fileobj.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                if chunk:
+                    received[key.fileobj] += chunk
+                else:
+                    selector.unregister(key.fileobj)
+        still_open = [key.fileobj for key in selector.get_map().values()]
+    assert not still_open, f"{len(still_open)} of {len(sockets)} connections still open after {seconds} s"
+    return received
+
+
+def test_200_idle_connections_are_closed_within_the_header_timeout_and_answer_still_answers(answerer):
+    from reader.loadtest import request
+    from reader.serve import create_app
+    from reader.serve_http import ConnectionLimits
+
+    app = create_app(answerer)
+    limits = ConnectionLimits(header_timeout_s=2.0)
+    with serving(app, limits) as port:
+        silent = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(100)]
+        partial = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(100)]
+        for s in partial:
+            s.sendall(b"GET /hea")  # half a request line, then nothing
+        opened = time.monotonic()
+        status, reply = request(port, "POST", "/answer", {"question": QUESTIONS[0], "k": 2})  # while they are open
+        assert status == 200 and reply["answer"], reply
+        received = closed_within(silent + partial, limits.header_timeout_s + 20)  # generous: a shared 2-core machine
+        assert time.monotonic() - opened >= limits.header_timeout_s - 0.5  # closed by the deadline, not before
+        assert all(received[s] == b"" for s in silent)
+        for s in partial:
+            head, _, body = received[s].partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 408") and json.loads(body) == {
+                "error": "the request head did not arrive within 2 s (the service's --header-timeout-s)"}
+        assert request(port, "GET", "/health")[0] == 200
+        for s in silent + partial:
+            s.close()
+    app.state.batcher.close()
+
+
+def test_past_max_connections_the_connection_idle_longest_is_closed(answerer):
+    from reader.loadtest import request
+    from reader.serve import create_app
+    from reader.serve_http import ConnectionLimits
+
+    app = create_app(answerer)
+    with serving(app, ConnectionLimits(header_timeout_s=120, max_connections=20)) as port:
+        sockets = []
+        for _ in range(50):
+            sockets.append(socket.create_connection(("127.0.0.1", port), timeout=30))
+            time.sleep(0.01)  # one at a time: "idle longest" is well defined
+        status, reply = request(port, "POST", "/answer", {"question": QUESTIONS[0], "k": 2})
+        assert status == 200 and reply["answer"], reply
+        closed_within(sockets[:30], 20)  # the first 30 made room for the next ones, long before the header timeout
+        assert request(port, "GET", "/health")[0] == 200
+        for s in sockets:
+            s.close()
+    app.state.batcher.close()
+
+
+def test_a_post_from_another_sites_page_or_without_a_json_content_type_is_refused_before_the_model(answerer, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from reader.serve import create_app
+    from reader.serve_http import allowed_hosts
+
+    app = create_app(answerer, hosts=allowed_hosts("127.0.0.1"))
+    body = json.dumps({"question": QUESTIONS[0], "k": 2}).encode()
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        same = client.post("/answer", content=body, headers={"Content-Type": "application/json", "Origin": "http://127.0.0.1:8000"})
+        assert same.status_code == 200, same.text  # the service's own page
+        monkeypatch.setattr(answerer, "lookup", must_not_run)
+        for origin in ("https://evil.example", "null", "http://127.0.0.1:9999"):
+            reply = client.post("/answer", content=body, headers={"Content-Type": "application/json", "Origin": origin})
+            assert reply.status_code == 403 and f"from the page of another site ({origin})" in reply.json()["error"]
+        assert client.get("/health", headers={"Origin": "https://evil.example"}).status_code == 200  # reads run nothing
+        reply = client.post("/answer", content=body)  # no Content-Type: not taken as JSON
+        assert reply.status_code == 415 and reply.json() == {
+            "error": "the body must be sent as Content-Type: application/json, not none"}
+    app.state.batcher.close()
+
+
+def test_a_token_guards_every_request_but_the_health_probe(answerer):
+    from starlette.testclient import TestClient
+
+    from reader.serve import create_app
+
+    app = create_app(answerer, token="s3cret-token")
+    ask = {"question": QUESTIONS[0], "k": 2}
+    with TestClient(app) as client:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret-token"}):
+            reply = client.post("/answer", json=ask, headers=headers)
+            assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
+            assert reply.json() == {"error": "this service needs its token: send 'Authorization: Bearer TOKEN'"}
+        assert client.get("/health/deep").status_code == 401
+        assert client.get("/health").status_code == 200
+        reply = client.post("/answer", json=ask, headers={"Authorization": "Bearer s3cret-token"})
+        assert reply.status_code == 200 and reply.json()["answer"]
+    app.state.batcher.close()
+
+
+def test_a_non_loopback_bind_needs_a_token_or_the_explicit_flag(monkeypatch, capsys):
+    from reader.serve import main as serve_main
+    from reader.serve_http import check_bind
+
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_bind(host, None, False)
+    check_bind("0.0.0.0", "t", False)
+    check_bind("0.0.0.0", None, True)
+    with pytest.raises(ValueError, match="--host 192.168.1.5 is reachable from other machines"):
+        check_bind("192.168.1.5", None, False)
+    monkeypatch.delenv("BTR_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as stopped:  # refused before anything loads
+        serve_main(["--host", "0.0.0.0", "--index", "/nonexistent"])
+    assert stopped.value.code == 2 and "--insecure-no-auth" in capsys.readouterr().err
+    monkeypatch.setenv("BTR_TOKEN", "from-the-environment")
+    assert serve_main(["--host", "0.0.0.0", "--index", "/nonexistent"]) == 2  # past the bind check: no index there
+    assert "no index at /nonexistent" in capsys.readouterr().err
+
+
+def test_health_and_damage_replies_name_no_absolute_path(answerer, small_index, monkeypatch):
+    from starlette.testclient import TestClient
+
+    from reader.serve import create_app
+    from storage.shard import DamagedIndex
+
+    app = create_app(answerer)
+    with TestClient(app) as client:
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and not health["reader"].startswith("/"), health
+        missing = f"shard-00001 is missing ({small_index}/shards/shard-00001)"
+        monkeypatch.setattr(answerer.index, "check", lambda: (_ for _ in ()).throw(DamagedIndex(missing)))
+        reply = client.get("/health/deep")
+        assert reply.status_code == 503 and str(small_index.parent) not in reply.text
+        assert reply.json()["error"] == f"shard-00001 is missing ({small_index.name}/shards/shard-00001)"
+    app.state.batcher.close()
