@@ -111,6 +111,11 @@ class Manifest:
         except OSError as error:
             if not Path(root).is_dir():  # a wrong path is the user's, not the index's
                 raise IndexNotFound(f"no index at {root}: not a folder") from None
+            if isinstance(error, PermissionError):  # the index may be whole: this user may not read it
+                raise DamagedIndex(
+                    f"{path} cannot be read by this user ({os_fault(path, error)}); the index may be intact: give this "
+                    f"user read access to {root} and its files, or run as their owner"
+                ) from None
             raise damaged(f"unreadable: {os_fault(path, error)}") from None
         try:
             data = json.loads(raw)

@@ -385,3 +385,21 @@ def test_health_and_damage_replies_name_no_absolute_path(answerer, small_index, 
         assert reply.status_code == 503 and str(small_index.parent) not in reply.text
         assert reply.json()["error"] == f"shard-00001 is missing ({small_index.name}/shards/shard-00001)"
     app.state.batcher.close()
+
+
+def test_an_index_this_user_may_not_read_is_a_permission_problem_not_a_damaged_manifest(small_index, tmp_path, capsys, monkeypatch):
+    from reader.answer import main as answer_main
+
+    read_bytes = Path.read_bytes
+
+    def denied(path: Path) -> bytes:  # what a folder of mode 0 gives a user who is not root
+        if path.name == "manifest.json":
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    status = answer_main([QUESTIONS[0], "--index", str(small_index)])
+    out, err = capsys.readouterr()
+    assert status == 3 and out == "" and err.count("\n") == 1, err
+    assert "cannot be read by this user" in err and "Permission denied" in err and "read access" in err
+    assert "is damaged" not in err and "rerun the index flow" not in err
