@@ -29,6 +29,7 @@ from storage.merge_units import save_json
 from storage.record import Passage
 from storage.retriever_file import UNIT, check_vectors, exact_vectors, retriever_digests
 from storage.shard import DamagedIndex, repair_hint
+from storage.space import disk_full
 from storage.tasks import Runner, serial
 
 from .assets import minilm_path
@@ -166,7 +167,8 @@ def build_faiss(
         index.add(np.ascontiguousarray(part, dtype=np.float32))
         progress("add", done, len(parts))
     (folder / IVF_DATA).unlink(missing_ok=True)  # lists of an earlier build_faiss_apart
-    faiss.write_index(index, str(folder / FAISS_FILE))
+    with space_for(folder / FAISS_FILE, index_bytes(index)):
+        faiss.write_index(index, str(folder / FAISS_FILE))
     return _write_info(folder, factory, count, dimension, encoder_identity)
 
 
@@ -271,9 +273,10 @@ def build_faiss_apart(
     run(add_part, calls, lambda done, total: progress("add", done, total))
     for name in (FAISS_FILE, IVF_DATA):
         (folder / name).unlink(missing_ok=True)
-    with stdout_to_stderr():
+    with stdout_to_stderr(), space_for(folder / IVF_DATA, sum(Path(out).stat().st_size for out in outs)):
         merge_ondisk(index, outs, str((folder / IVF_DATA).resolve()))
-    faiss.write_index(index, str(folder / FAISS_FILE))
+    with space_for(folder / FAISS_FILE, index_bytes(index)):
+        faiss.write_index(index, str(folder / FAISS_FILE))
     shutil.rmtree(work)
     return _write_info(folder, plan["factory"], sum(lengths), plan["dimension"], encoder_identity)
 
@@ -281,8 +284,34 @@ def build_faiss_apart(
 def _write_index(index: faiss.Index, path: Path) -> None:
     """``index`` to ``path`` under a temporary name, then renamed: a part or trained index is whole or absent."""
     tmp = path.with_name(f".tmp-{path.name}")
-    faiss.write_index(index, str(tmp))
+    with space_for(path, index_bytes(index), partial=tmp):
+        faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
+
+
+AFTER_FULL_DISK = "Free space and rerun the flow: it keeps the sealed shards and the retriever's finished parts"
+
+
+@contextmanager
+def space_for(path: Path, needed: int, partial: Path | None = None) -> Iterator[None]:
+    """A write of up to ``needed`` bytes to ``path``: on a full disk, the partial file (``partial``, else ``path``)
+    is removed and the error is one OSError(ENOSPC) naming the file and the free space, not faiss's traceback."""
+    try:
+        yield
+    except (OSError, RuntimeError) as error:
+        full = disk_full(error, path, needed, AFTER_FULL_DISK)
+        if full is None:
+            raise
+        (partial or path).unlink(missing_ok=True)
+        raise full from None
+
+
+def index_bytes(index: faiss.Index) -> int:
+    """About the bytes ``faiss.write_index`` writes for ``index``: its vectors' codes (quantizers aside)."""
+    try:
+        return index.ntotal * index.sa_code_size()
+    except RuntimeError:  # a type that does not say
+        return 0
 
 
 def read_faiss(folder: Path) -> faiss.Index:

@@ -403,3 +403,37 @@ def test_an_index_this_user_may_not_read_is_a_permission_problem_not_a_damaged_m
     assert status == 3 and out == "" and err.count("\n") == 1, err
     assert "cannot be read by this user" in err and "Permission denied" in err and "read access" in err
     assert "is damaged" not in err and "rerun the index flow" not in err
+
+
+def test_a_full_disk_while_writing_the_retriever_is_one_line_naming_the_file_and_the_free_space(tmp_path, monkeypatch):
+    import errno
+
+    import faiss
+    import numpy as np
+
+    import reader.retriever as retriever_module
+
+    def full_disk(index, path: str) -> None:  # what faiss does when the disk fills: a short file, then its RuntimeError
+        Path(path).write_bytes(bytes(100))
+        raise RuntimeError(f"Error in faiss::FileIOWriter::operator() at io.cpp:126: Error: 'ret == (n)' failed: "
+                           f"write error in {path}: 100 != 960 (No space left on device)")
+
+    vectors = np.eye(30, 8, dtype=np.float32)
+    monkeypatch.setattr(faiss, "write_index", full_disk)
+    with pytest.raises(OSError) as caught:
+        retriever_module.build_faiss([vectors], tmp_path, {"name": "test"})
+    said = str(caught.value)
+    assert caught.value.errno == errno.ENOSPC and "\n" not in said and caught.value.__cause__ is None
+    assert said.startswith(f"[Errno 28] retriever.faiss: no space left on the device of {tmp_path} (")
+    assert "bytes free, the write needs up to 960;" in said and "rerun the flow" in said
+    assert not (tmp_path / "retriever.faiss").exists()  # the short file's space is given back
+    with pytest.raises(OSError, match=r"part-00000.faiss: no space left"):
+        retriever_module._write_index(faiss.IndexFlatIP(8), tmp_path / "part-00000.faiss")
+    assert list(tmp_path.iterdir()) == []
+
+    def other_fault(index, path: str) -> None:  # not the disk: faiss's own error, as before
+        raise RuntimeError(f"could not open {path} for writing: Permission denied")
+
+    monkeypatch.setattr(faiss, "write_index", other_fault)
+    with pytest.raises(RuntimeError, match="Permission denied"):
+        retriever_module.build_faiss([vectors], tmp_path, {"name": "test"})
