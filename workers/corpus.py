@@ -107,7 +107,7 @@ def first_of_each_id(records: Iterable[Record | Reject]) -> Iterator[Passage | R
     """Each record checked (``check``); a later record with an id already seen is a Reject ("duplicate id").
 
     Keeping the first is what a resume needs (the same file gives the same passages) and what a
-    citation needs (one id, one passage). The ids seen are held in memory: about 80 bytes a passage.
+    citation needs (one id, one passage). The ids seen are held in memory: 88 MB per million short ids.
     """
     seen: set[str] = set()
     for record in records:
