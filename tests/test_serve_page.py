@@ -102,7 +102,8 @@ def test_the_page_its_files_and_json_for_every_refusal(answerer):
         assert "/static/app.js" in page.text and "/static/style.css" in page.text
         assert client.get("/static/app.js").status_code == 200 and client.get("/static/style.css").status_code == 200
         for response, status in [(client.get("/nowhere"), 404), (client.get("/static/none.js"), 404),
-                                 (client.get("/answer"), 405), (client.post("/answer", content=b"{"), 400)]:
+                                 (client.get("/answer"), 405), (client.post("/answer", content=b"{"), 415),
+                                 (client.post("/answer", content=b"{", headers={"Content-Type": "application/json"}), 400)]:
             assert response.status_code == status and set(response.json()) == {"error"}
 
 
