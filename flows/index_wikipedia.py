@@ -14,9 +14,38 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flow's command-line flags (no heavy import: ``--help`` answers at once)."""
+    parser = argparse.ArgumentParser(prog="python -m flows.index_wikipedia", description=__doc__.splitlines()[0])
+    parser.add_argument("--index", default="indexes/wikipedia-sample")
+    parser.add_argument("--corpus", default=None)
+    parser.add_argument("--corpus-format", default="sample")
+    parser.add_argument("--shard-size", type=int, default=0, help="passages per shard (default: from the corpus size)")
+    parser.add_argument("--offline-merge", type=float, default=0.2)
+    parser.add_argument("--ray-address", default=None)
+    parser.add_argument("--reader-checkpoint", default=None, help="reader to index with (default: the trained default)")
+    parser.add_argument("--reader-family", choices=("extractive", "fid"), default="extractive",
+                        help="fid: a trained BTR-FiD checkpoint (flows.train_reader --family fid)")
+    parser.add_argument("--split-layer", type=int, default=None, help="k (default: the reader's own)")
+    parser.add_argument("--max-passage-tokens", type=int, default=320)
+    parser.add_argument("--retriever", default=None, help="passage encoder (default: all-MiniLM-L6-v2)")
+    parser.add_argument("--codec-sample", type=int, default=2000, help="passages the codec is fitted on")
+    parser.add_argument("--workers", type=int, default=0, help="Ray workers (default: one per GPU, else one)")
+    parser.add_argument("--worker-threads", type=int, default=0,
+                        help="CPUs each worker takes (default: the cluster's CPUs split among the workers)")
+    parser.add_argument("--update", action="store_true",
+                        help="publish the corpus as the next version of the index in --index (only changes are encoded)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and a bad flag answer before the imports below (prefect, torch: seconds)
+    build_parser().parse_args()
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -25,13 +54,14 @@ from prefect.artifacts import create_markdown_artifact
 from reader.inputs import stopword_ids
 from reader.load import ReaderSpec, load_reader
 from reader.retriever import build_faiss_apart
-from storage.codec import CodecSettings
+from storage.codec import CodecSettings, file_digest
+from storage.identity import IncompatibleIndex
 from storage.identity import ReaderIdentity
 from storage.index import INFO_FILE, MANIFEST, IndexWriter, Manifest
 from storage.offline import OfflineMerge
 from storage.shard import ShardInfo, default_shard_size
 from workers.cluster import cluster_runner
-from workers.corpus import normalize
+from workers.corpus import CorpusError, normalize
 from workers.indexer import (
     STAGING_LEVEL, ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards, resumed,
 )
@@ -39,24 +69,40 @@ from workers.offline import merge_on_cluster
 
 from .progress import PROGRESS_FILE, RUN_FILE, RunProgress, markdown_table
 from .shards import flow_cluster, index_shards, ray_runner
+from .update import Refused, update_index
 
 def check_plan(work: Path, plan: dict) -> None:
-    """Record what this index folder is being built from; refuse to resume a build of something else.
+    """Record what this index folder is being built from; refuse (Refused) to resume a build of something else.
 
     Resuming trusts sealed shards and the normalized corpus, so they must come from the same corpus
-    file (path, size, modification time), reader and shard settings.
+    (path and content digest: a file touched but not changed resumes), reader and shard settings.
     """
     path = work / "plan.json"
     if path.exists():
         earlier = json.loads(path.read_text())
         if earlier != plan:
             changed = sorted(k for k in plan.keys() | earlier.keys() if plan.get(k) != earlier.get(k))
-            raise ValueError(
+            raise Refused(
                 f"{work.parent} holds an unfinished or finished build with other settings ({', '.join(changed)} "
-                "differ); choose another index folder, or delete this one to start over"
+                "differ); choose another index folder, delete this one to start over, or add --update to publish "
+                "the new corpus as its next version"
             )
     else:
         path.write_text(json.dumps(plan, indent=1))
+
+
+def corpus_digest(source: Path | None, work: Path) -> str | None:
+    """sha256 of the corpus file, remembered in ``work`` with its size and modification time (not read again until they change)."""
+    if source is None or not source.exists():
+        return None
+    stat, cache = source.stat(), work / "corpus-digest.json"
+    key = {"path": str(source.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if {k: known.get(k) for k in key} == key:
+        return known["sha256"]
+    digest = file_digest(source)
+    cache.write_text(json.dumps(key | {"sha256": digest}))
+    return digest
 
 
 @task(name="normalize-corpus", cache_policy=NO_CACHE)
@@ -69,6 +115,9 @@ def normalize_corpus(corpus: str | None, corpus_format: str, work: str) -> dict:
         logger.info("corpus already normalized: %s passages, %s rejected", summary["passages"], summary["rejects"])
         return summary
     summary = asdict(normalize(corpus, corpus_format, work))
+    if summary["passages"] == 0:  # before the codec, Ray or any shard: nothing to index is the corpus's fault
+        raise Refused(f"{corpus or 'the corpus'}: no passages to index ({summary['rejects']} rejected; reasons in "
+                      f"{summary['rejects_path']})")
     (Path(work) / "corpus.json").write_text(json.dumps(summary))
     logger.info("corpus: %s passages, %s rejected (reasons in %s)", summary["passages"], summary["rejects"], summary["rejects_path"])
     return summary
@@ -145,10 +194,13 @@ def index_wikipedia(
     workers: int = 0,
     batch_size: int = 32,
     worker_threads: int = 0,
+    update: bool = False,
 ) -> dict:
     """Index a corpus (default: the bundled Wikipedia sample) into a BTR index folder.
 
     ``shard_size`` 0: from the corpus size (``storage.shard.default_shard_size``: 1,000 up to 4M passages).
+    ``update``: publish the corpus as the next version of the index already there (``flows.update``):
+    only its changed, added and deleted passages cost work; reader and retriever stay the index's.
     """
     OfflineMerge(offline_merge)  # validate before any work
     out = Path(index)
@@ -157,10 +209,14 @@ def index_wikipedia(
     work.mkdir(parents=True, exist_ok=True)
     spec = ReaderSpec(reader_family, reader_checkpoint, split_layer, max_passage_tokens).to_dict()
     source = Path(corpus) if corpus else None
-    stat = source.stat() if source is not None and source.exists() else None
+    if update:
+        default = ReaderSpec()  # the flags left at their defaults ask for nothing: the index's reader stays
+        asked = {k: v for k, v in spec.items() if v != getattr(default, k)}
+        return update_index(index, corpus, corpus_format, asked, retriever, shard_size, ray_address, workers, batch_size,
+                            corpus_digest(source, work), worker_threads)
     check_plan(work, {
         "corpus": str(source.resolve()) if source else None, "corpus_format": corpus_format,
-        "corpus_bytes": stat.st_size if stat else None, "corpus_mtime": stat.st_mtime if stat else None,
+        "corpus_sha256": corpus_digest(source, work),
         "reader": spec, "reader_weights": load_reader(ReaderSpec(**spec)).identity().weights_digest,
         "retriever": retriever, "shard_size": shard_size, "offline_merge": offline_merge,
         "codec_sample": codec_sample,
@@ -218,30 +274,17 @@ def index_wikipedia(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.index_wikipedia", description=__doc__.splitlines()[0])
-    parser.add_argument("--index", default="indexes/wikipedia-sample")
-    parser.add_argument("--corpus", default=None)
-    parser.add_argument("--corpus-format", default="sample")
-    parser.add_argument("--shard-size", type=int, default=0, help="passages per shard (default: from the corpus size)")
-    parser.add_argument("--offline-merge", type=float, default=0.2)
-    parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--reader-checkpoint", default=None, help="reader to index with (default: the trained default)")
-    parser.add_argument("--reader-family", choices=("extractive", "fid"), default="extractive",
-                        help="fid: a trained BTR-FiD checkpoint (flows.train_reader --family fid)")
-    parser.add_argument("--split-layer", type=int, default=None, help="k (default: the reader's own)")
-    parser.add_argument("--max-passage-tokens", type=int, default=320)
-    parser.add_argument("--retriever", default=None, help="passage encoder (default: all-MiniLM-L6-v2)")
-    parser.add_argument("--codec-sample", type=int, default=2000, help="passages the codec is fitted on")
-    parser.add_argument("--workers", type=int, default=0, help="Ray workers (default: one per GPU, else one)")
-    parser.add_argument("--worker-threads", type=int, default=0,
-                        help="CPUs each worker takes (default: the cluster's CPUs split among the workers)")
-    args = parser.parse_args(argv)
-    index_wikipedia(
+    args = build_parser().parse_args(argv)
+    try:
+        index_wikipedia(
         index=args.index, corpus=args.corpus, corpus_format=args.corpus_format, shard_size=args.shard_size,
         offline_merge=args.offline_merge, ray_address=args.ray_address, reader_checkpoint=args.reader_checkpoint,
         reader_family=args.reader_family, split_layer=args.split_layer, max_passage_tokens=args.max_passage_tokens, retriever=args.retriever,
-        codec_sample=args.codec_sample, workers=args.workers, worker_threads=args.worker_threads,
-    )
+        codec_sample=args.codec_sample, workers=args.workers, worker_threads=args.worker_threads, update=args.update,
+        )
+    except (Refused, CorpusError, IncompatibleIndex) as error:  # the input's fault: one line, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 if __name__ == "__main__":
     main()

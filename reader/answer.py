@@ -105,7 +105,7 @@ class Answerer:
             self.reader.pool = pool  # checked by the reader
         self.index = Index.open(index, expect=None if self.text_only else self.reader.identity())
         try:
-            self.retriever = Retriever(index)
+            self.retriever = Retriever(index, store=self.index)  # the version self.index opened
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
             raise DamagedIndex(
                 f"the retriever in {index} is missing or damaged ({str(error).splitlines()[0]}). {repair_hint(index)}"
@@ -141,10 +141,11 @@ class Answerer:
     def lookup(self, question: str, k: int = DEFAULT_K) -> Lookup:
         """Retrieve the top-k passages of one question and read their records (undecoded)."""
         timings: dict[str, float] = {}
+        retriever = self.retriever  # one index version for the whole lookup (reader.reload may move to another)
         with timed(timings, "retrieve"):
-            hits = self.retriever.search([clean_text(question)], k)[0]  # the form the reader reads too
+            hits = retriever.search([clean_text(question)], k)[0]  # the form the reader reads too
         with timed(timings, "fetch"):
-            raw = self.index.read([h.row for h in hits])
+            raw = retriever.store.read([h.row for h in hits])
         return Lookup(question, hits, raw, timings)
 
     def read(self, lookups: Sequence[Lookup], mode: str = "btr") -> list[dict]:

@@ -24,13 +24,14 @@ from faiss.contrib.ondisk import merge_ondisk
 from transformers import AutoModel, AutoTokenizer
 
 from storage.identity import weights_digest
-from storage.index import FAISS_FILE, INFO_FILE, IVF_DATA, Manifest
+from storage.index import FAISS_FILE, INFO_FILE, IVF_DATA, MANIFEST, Index, Manifest
 from storage.merge_units import save_json
 from storage.record import Passage
 from storage.retriever_file import UNIT, check_vectors, exact_vectors, retriever_digests
 from storage.shard import DamagedIndex, repair_hint
 from storage.space import disk_full
 from storage.tasks import Runner, serial
+from storage.versions import files_folder, load_deleted
 
 from .assets import minilm_path
 from .quantizer import train_ivf
@@ -281,6 +282,38 @@ def build_faiss_apart(
     return _write_info(folder, plan["factory"], sum(lengths), plan["dimension"], encoder_identity)
 
 
+def extend_faiss(source: Path, target: Path, embeddings: Sequence[Path], first_row: int) -> dict:
+    """An update's retriever: ``source``'s index (rows 0..first_row-1) with the vectors of ``embeddings`` (row order,
+    from ``first_row``) added under its trained quantizer, written to ``target``; ``source`` is left as it is.
+
+    Lists merged on disk (``build_faiss_apart``) are copied into memory first: adding to them would write the file
+    that readers of the previous version map. What it returns is ``extra.retriever`` for the new manifest.
+    """
+    index = faiss.read_index(str(source / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR if (source / IVF_DATA).exists() else 0)
+    if index.ntotal != first_row:
+        raise ValueError(f"the retriever in {source} holds {index.ntotal} passages; the update appends at row {first_row}")
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists):
+        lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        for number in range(ivf.nlist):
+            if size := ivf.invlists.list_size(number):
+                lists.add_entries(number, size, ivf.invlists.get_ids(number), ivf.invlists.get_codes(number))
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()  # the index owns them now
+    added = first_row
+    for path in embeddings:
+        vectors = np.ascontiguousarray(np.load(path, mmap_mode="r"), dtype=np.float32)
+        if ivf is None:
+            index.add(vectors)  # a flat index numbers its vectors in order: row = position
+        else:
+            index.add_with_ids(vectors, np.arange(added, added + len(vectors), dtype=np.int64))
+        added += len(vectors)
+    target.mkdir(parents=True, exist_ok=True)
+    _write_index(index, target / FAISS_FILE)
+    info = json.loads((source / INFO_FILE).read_text())
+    return _write_info(target, info["factory"], added, info["dimension"], info["encoder"])
+
+
 def _write_index(index: faiss.Index, path: Path) -> None:
     """``index`` to ``path`` under a temporary name, then renamed: a part or trained index is whole or absent."""
     tmp = path.with_name(f".tmp-{path.name}")
@@ -341,10 +374,17 @@ class Hit:
 
 
 class Retriever:
-    """Question -> index rows of the nearest passages."""
+    """Question -> index rows of the nearest passages (of the index's current version: its deleted rows skipped)."""
 
-    def __init__(self, folder: Path | str, encoder: Encoder | None = None, probes: int = 32) -> None:
+    def __init__(self, folder: Path | str, encoder: Encoder | None = None, probes: int = 32, store: Index | None = None) -> None:
+        """``folder``: an index (its current version's retriever) or a bare retriever folder. ``store``: the opened
+        index whose version to search (its manifest read once, so retriever and records are the same version);
+        kept as ``self.store`` for the lookups that read what this retriever found."""
         folder = Path(folder)
+        manifest = store.manifest if store is not None else (Manifest.load(folder) if (folder / MANIFEST).exists() else None)
+        self.store = store
+        self.root = folder
+        folder = files_folder(folder, manifest.extra) if manifest is not None else folder
         if not (folder / FAISS_FILE).exists():
             raise FileNotFoundError(f"no retriever index at {folder / FAISS_FILE}")
         self.folder = folder
@@ -355,10 +395,25 @@ class Retriever:
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = probes
         self.encoder = encoder or Encoder(self.info["encoder"]["name"], self.info["encoder"]["max_tokens"])
+        deleted = store.deleted if store is not None else (
+            load_deleted(self.root, manifest.extra, manifest.passages) if manifest is not None else np.zeros(0, np.int64))
+        self.params = self._skip(deleted)
+
+    def _skip(self, deleted: np.ndarray) -> faiss.SearchParameters | None:
+        """Search parameters that skip ``deleted`` rows (a bitmap of the live ones), None when nothing is deleted."""
+        if not len(deleted):
+            return None
+        live = np.ones(self.index.ntotal, dtype=bool)
+        live[deleted[deleted < len(live)]] = False
+        self._bitmap = np.packbits(live, bitorder="little")  # kept alive: faiss holds a pointer to it
+        selector = faiss.IDSelectorBitmap(len(self._bitmap), faiss.swig_ptr(self._bitmap))
+        if hasattr(self.index, "nprobe"):
+            return faiss.SearchParametersIVF(sel=selector, nprobe=self.index.nprobe)
+        return faiss.SearchParameters(sel=selector)
 
     def search(self, questions: Sequence[str], k: int) -> list[list[Hit]]:
         """The ``k`` best rows per question, best first; DamagedIndex for a score no pair of unit vectors gives."""
-        scores, rows = self.index.search(self.encoder.embed(list(questions)), k)
+        scores, rows = self.index.search(self.encoder.embed(list(questions)), k, params=self.params)
         if self.exact and not (np.abs(scores[rows >= 0]) <= 1 + UNIT).all():  # NaN too
             row = int(rows[~(np.abs(scores) <= 1 + UNIT) & (rows >= 0)][0])
             raise DamagedIndex(

@@ -55,6 +55,7 @@ from storage.shard import DamagedIndex
 
 from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, DEFAULT_MAX_K, Answerer, Lookup, bad_input_errors
 from .load import quiet_library_logs
+from .reload import VersionWatch
 from .serve_http import RequestCheck, add_connection_flags, allowed_hosts, connection_options, public, uvicorn_config
 
 STATIC = Path(__file__).parent / "static"
@@ -208,6 +209,7 @@ def create_app(
     ``hosts``: the Host names it answers (``serve_http.allowed_hosts``); None, any.
     """
     batcher = Batcher(answerer, max_batch, window_ms, max_batch_passages)
+    watch = VersionWatch(answerer)  # an update published to the index is served from the next request on
     errors = bad_input_errors()
     damage: list[str] = []  # what damage requests met (the first is kept); health reports it
     # What /health reports, computed once: the reader's name comes with a digest of all its weights.
@@ -242,7 +244,7 @@ def create_app(
         return question, body.get("k", DEFAULT_K), body.get("mode", "btr")
 
     async def answered(question: str, k: int, mode: str) -> dict:
-        lookup = await run_in_threadpool(answerer.lookup, question, k)  # retrieve + LMDB read
+        lookup = await run_in_threadpool(watch.lookup, question, k)  # retrieve + LMDB read
         return await asyncio.wrap_future(batcher.submit(lookup, mode))  # cancelled on timeout
 
     async def answer(request: Request) -> JSONResponse:
@@ -292,7 +294,7 @@ def create_app(
         routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error},
         middleware=[Middleware(RequestCheck, hosts=hosts, token=token)],
     )
-    app.state.batcher = batcher
+    app.state.batcher, app.state.watch = batcher, watch
     return app
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import lmdb
+import numpy as np
 import zstandard as zstd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -37,6 +38,7 @@ from .shard import (
     repair_hint, sealed_shard, shard_file, write_shard,
 )
 from .open_shards import open_shard
+from .versions import VersionRecord, load_deleted, version_number
 
 FORMAT_VERSION = 2  # 2: records packed in blocks of BLOCK_ROWS rows per LMDB value
 MANIFEST = "manifest.json"
@@ -146,6 +148,7 @@ class _RetrieverRecord(BaseModel):
 class _Extra(BaseModel):
     model_config = ConfigDict(extra="allow")
     retriever: _RetrieverRecord | None = None
+    version: VersionRecord | None = None  # an updated index (storage.versions); none: version 1
 
 
 class _ManifestSchema(BaseModel):
@@ -228,6 +231,9 @@ class Index:
         # is refused rather than read against this manifest and retriever.
         opened = manifest.shards if only is None else [manifest.shards[i] for i in only]
         self._inodes = check_shard_files(self.root, opened)
+        # Rows this version removed (an update's tombstones): never fetched; retrieval skips them too.
+        self.deleted = load_deleted(self.root, manifest.extra, manifest.passages)
+        self.version = version_number(manifest.extra)
 
     @classmethod
     def open(cls, root: Path | str, expect: ReaderIdentity | None = None, only: Sequence[int] | None = None) -> "Index":
@@ -276,9 +282,17 @@ class Index:
                 raise DamagedIndex(f"{shard.name} cannot be read ({error}). {repair_hint(self.root)}") from None
             yield env  # a read's own errors pass through to it
 
+    @property
+    def live(self) -> int:
+        """Passages this version answers from: its rows less its deleted ones."""
+        return len(self) - len(self.deleted)
+
     def _check_row(self, row: int) -> int:
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} is outside the index's {len(self)} passages")
+        at = np.searchsorted(self.deleted, row)
+        if at < len(self.deleted) and self.deleted[at] == row:
+            raise IndexError(f"row {row} was deleted by an update (version {self.version} of the index)")
         return row
 
     def read_raw(self, rows: Sequence[int]) -> list[bytes]:

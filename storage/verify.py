@@ -3,7 +3,8 @@
     python -m storage.verify INDEX
 
 Exit 0 when intact; 1, naming each bad shard and passage (or a damaged manifest or retriever), when
-not; 2 when there is no index. A shard of the wrong size is reported without being mapped (LMDB
+not; 2 when there is no index. An updated index is checked at its current version: every shard it
+lists, its retriever (``versions/NNNN``), and its deleted rows and passage digests against the manifest. A shard of the wrong size is reported without being mapped (LMDB
 would fault). The retriever's files are checked against the digests the manifest records (read in
 1 MB blocks); an index published before they were recorded gets a ``note:`` line instead.
 """
@@ -23,6 +24,7 @@ from .record import CorruptRecord, check_record, record_pid
 from .open_shards import open_shard
 from .shard import DATA, KEY, SHARDS, DamagedIndex, ShardInfo, block_records, os_fault, repair_hint, shard_file
 from .tasks import Runner, serial
+from .versions import files_folder, version_number, version_problems
 
 
 def verify(root: Path, run: Runner = serial) -> tuple[list[str], int]:
@@ -33,7 +35,8 @@ def verify(root: Path, run: Runner = serial) -> tuple[list[str], int]:
         Codec.load(root / CODEC, manifest.codec)
     except (OSError, ValueError, KeyError, TypeError, zstd.ZstdError) as error:
         problems.append(f"codec: {error}")
-    problems += retriever_problems(root, manifest)
+    problems += version_problems(root, manifest.extra, manifest.passages)  # an updated index's tombstones and digests
+    problems += retriever_problems(files_folder(root, manifest.extra), manifest)
     checked = 0
     for shard_problems, records in run(verify_shard, [(str(root), s.to_dict()) for s in manifest.shards]):
         problems += shard_problems
@@ -79,7 +82,8 @@ def verify_shard(root: str, info: dict) -> tuple[list[str], int]:
 
 
 def retriever_problems(root: Path, manifest: Manifest) -> list[str]:
-    """The retriever's files: present, readable, as the manifest's digests say, and over as many passages as it lists."""
+    """The retriever's files in ``root`` (the index's current version's folder): present, readable, as the manifest's
+    digests say, and over as many passages (rows) as it lists."""
     import faiss
 
     from .retriever_file import check_vectors
@@ -143,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(problems)} problem(s) in {args.index}. {repair_hint(args.index, verified=True)}", file=sys.stderr)
         return 1
     manifest = Manifest.load(args.index)
-    print(f"ok: {checked} records in {len(manifest.shards)} shards verified")
-    if (args.index / "retriever.faiss").exists() and not recorded_digests(manifest):
+    number = version_number(manifest.extra)
+    deleted = (manifest.extra.get("version") or {}).get("deleted", 0)
+    print(f"ok: {checked} records in {len(manifest.shards)} shards verified"
+          + (f" (version {number}: {deleted} rows deleted by updates)" if number > 1 else ""))
+    if (files_folder(args.index, manifest.extra) / "retriever.faiss").exists() and not recorded_digests(manifest):
         print("note: the manifest records no digest of the retriever (an index published before retriever digests "
               "were recorded): its header, size and a sample of its vectors were checked, not every byte; "
               "rerunning the index flow records one")

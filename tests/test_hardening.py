@@ -12,8 +12,6 @@ import json
 import selectors
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +21,7 @@ import pytest
 from reader.assets import wikipedia_sample
 from reader.inputs import clean_text, is_blank
 from storage.verify import main as verify_main
+from test_serve_page import serving
 from workers.corpus import MAX_TEXT_CHARS, Reject, normalize, read_corpus, read_rows
 
 GOOD = wikipedia_sample(200, min_words=30)
@@ -212,31 +211,6 @@ def answerer(small_index):
 
 def must_not_run(*args, **kwargs):
     pytest.fail("the model or the index was reached")
-
-
-@contextmanager
-def serving(app, limits) -> Iterator[int]:
-    """``app`` on uvicorn as reader.serve runs it, with these connection limits, on a free loopback port."""
-    import threading
-
-    import uvicorn
-
-    from reader.loadtest import free_port
-    from reader.serve_http import uvicorn_config
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def closed_within(sockets: list[socket.socket], seconds: float) -> dict[socket.socket, bytes]:

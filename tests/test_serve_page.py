@@ -20,7 +20,7 @@ from reader.assets import wikipedia_sample
 from reader.inputs import passage_string
 from reader.loadtest import free_port, request
 from reader.serve import Limits, create_app
-from reader.serve_http import uvicorn_config
+from reader.serve_http import ConnectionLimits, uvicorn_config
 
 PASSAGES = wikipedia_sample(40, min_words=30)
 QUESTION = f"What is {PASSAGES[0].title}?"
@@ -33,10 +33,10 @@ def answerer(tmp_path_factory, answering_index) -> Answerer:
 
 
 @contextmanager
-def serving(app) -> Iterator[int]:
+def serving(app, limits: ConnectionLimits = ConnectionLimits()) -> Iterator[int]:
     """``app`` on uvicorn on a free loopback port, in a thread of this process; yields the port."""
     port = free_port()
-    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port))  # as reader.serve runs it
+    server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, limits))  # as reader.serve runs it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

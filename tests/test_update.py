@@ -1,0 +1,259 @@
+"""`--update`: a changed corpus published as the next version of an index, through Prefect and Ray like a build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.update_corpus import changed_corpus
+from reader.retriever import Retriever, passage_text
+from storage.index import Index, Manifest
+from storage.record import Passage
+from storage.verify import main as verify_main
+from workers.indexer import FAULT_ENV
+
+from reader.config import BTRConfig
+
+PASSAGES, SHARD_SIZE = 36, 9
+EDITED, ADDED, DELETED = 3, 2, 2
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, make_extractive_module, write_flow_inputs, prefect_server):
+    """A lossless index of 36 passages built by the flow, and a changed corpus (3 edited, 2 added, 2 deleted)."""
+    reader = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)
+    root = write_flow_inputs(tmp_path_factory.mktemp("update"), reader, PASSAGES)
+    run(root, root / "base", "corpus.jsonl")
+    old = [Passage(r["title"], r["text"], r["id"]) for r in map(json.loads, open(root / "corpus.jsonl"))]
+    new, changes = changed_corpus(old, EDITED, ADDED, DELETED, seed=1)
+    with open(root / "new.jsonl", "w") as f:
+        for p in new:
+            f.write(json.dumps({"id": p.id, "title": p.title, "text": p.text}) + "\n")
+    return root, changes, {p.id: p for p in new}
+
+
+def run(root: Path, index: Path, corpus: str, update: bool = False) -> dict:
+    from flows.index_wikipedia import index_wikipedia
+
+    return index_wikipedia(
+        index=str(index), corpus=str(root / corpus), corpus_format="jsonl", reader_checkpoint=str(root / "reader"),
+        retriever=str(root / "reader"), max_passage_tokens=96, split_layer=2, shard_size=SHARD_SIZE, offline_merge=0.0,
+        codec_sample=PASSAGES, update=update,
+    )
+
+
+def files(index: Path) -> dict[str, bytes]:
+    """Every file of an index but the manifests' creation times and the work folder."""
+    out = {}
+    for path in sorted(index.rglob("*")):
+        if path.is_file() and ".work" not in path.parts and path.name not in ("run.json", "lock.mdb"):
+            data = path.read_bytes()
+            if path.name == "manifest.json":
+                manifest = json.loads(data)
+                manifest.pop("created")
+                data = json.dumps(manifest, sort_keys=True).encode()
+            out[str(path.relative_to(index))] = data
+    return out
+
+
+@pytest.fixture(scope="module")
+def updated(built, tmp_path_factory):
+    root, changes, _ = built
+    index = tmp_path_factory.mktemp("updated") / "index"
+    shutil.copytree(root / "base", index)
+    result = run(root, index, "new.jsonl", update=True)
+    return index, result
+
+
+def test_the_update_counts_its_changes_and_publishes_version_2_that_verifies(built, updated):
+    index, result = updated
+    assert {k: result[k] for k in ("version", "changed", "added", "deleted", "unchanged")} == {
+        "version": 2, "changed": EDITED, "added": ADDED, "deleted": DELETED, "unchanged": PASSAGES - EDITED - DELETED}
+    stored = Index.open(index)
+    assert len(stored) == PASSAGES + EDITED + ADDED and stored.live == PASSAGES - DELETED + ADDED
+    assert len(stored.deleted) == EDITED + DELETED
+    assert verify_main([str(index)]) == 0
+    base = Index.open(built[0] / "base")  # untouched rows: the very same records
+    kept = [row for row in range(PASSAGES) if row not in set(stored.deleted.tolist())]
+    assert len(kept) == PASSAGES - EDITED - DELETED and stored.read_raw(kept) == base.read_raw(kept)
+    assert not (index / ".work" / "update").exists()
+
+
+def test_deleted_and_replaced_passages_are_never_retrieved_or_fetched_and_new_text_is_found(built, updated):
+    root, changes, new = built
+    index, _ = updated
+    stored = Index.open(index)
+    retriever = Retriever(index, store=stored)
+    gone = set(changes["deleted"])
+    everything = retriever.search([f"What is {p.title}?" for p in new.values()], stored.live)
+    rows = {h.row for hits in everything for h in hits}
+    assert len(rows) == stored.live and not rows & set(stored.deleted.tolist())
+    assert not {p.pid for p in stored.fetch(sorted(rows))} & gone
+    with pytest.raises(IndexError, match="deleted by an update"):
+        stored.fetch([int(stored.deleted[0])])
+    for pid in [*changes["edited"], *changes["added"]]:  # a question that is the new text itself finds it first
+        top = retriever.search([passage_text(new[pid])], 1)[0][0]
+        [found] = stored.fetch([top.row])
+        assert found.pid == pid and ("catalogue number" in found.text) == (pid in changes["edited"])
+
+
+def test_unchanged_passages_answer_as_before(built, updated):
+    from reader.answer import Answerer
+
+    root, changes, new = built
+    index, _ = updated
+    before, after = Answerer(root / "base"), Answerer(index)
+    touched = set(changes["deleted"]) | set(changes["edited"])
+    unchanged = [p for pid, p in new.items() if pid not in touched and pid not in changes["added"]]
+    same = 0
+    for passage in unchanged:
+        a, b = (x.answer(f"What is {passage.title}?", k=3) for x in (before, after))
+        old_ids = [p["id"] for p in a["passages"] if p["id"] not in touched]
+        new_ids = [p["id"] for p in b["passages"] if p["id"] in {q.id for q in unchanged}]
+        common = min(len(old_ids), len(new_ids))
+        assert new_ids[:common] == old_ids[:common]  # the same vectors score the same: their order is kept
+        if [p["id"] for p in a["passages"]] == [p["id"] for p in b["passages"]]:
+            assert (a["answer"], a["source"], a["passages"]) == (b["answer"], b["source"], b["passages"])
+            same += 1
+    assert same >= len(unchanged) // 2
+
+
+def test_an_update_killed_midway_leaves_the_old_version_answering_and_a_rerun_gives_the_same_files(
+    built, updated, tmp_path, monkeypatch
+):
+    import flows.update as update
+
+    root, _, _ = built
+    index = tmp_path / "index"
+    shutil.copytree(root / "base", index)
+    before = files(index)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, f"{PASSAGES // SHARD_SIZE}:{marker}")  # the first new shard's worker is SIGKILLed
+    extend = update.extend_faiss
+
+    def stopped(*args, **kwargs):
+        raise RuntimeError("stopped before the retriever")
+
+    monkeypatch.setattr(update, "extend_faiss", stopped)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(root, index, "new.jsonl", update=True)
+    assert marker.exists(), "the fault was never injected"
+    assert Manifest.load(index).extra.get("version") is None and verify_main([str(index)]) == 0
+    assert {k: v for k, v in files(index).items() if k in before} == before  # nothing the old version reads changed
+    from reader.answer import Answerer
+
+    assert Answerer(index).answer("What is it?", k=2)["answer"] is not None
+    monkeypatch.setattr(update, "extend_faiss", extend)
+    monkeypatch.delenv(FAULT_ENV)
+    result = run(root, index, "new.jsonl", update=True)
+    assert result["version"] == 2
+    assert files(index) == files(updated[0])
+
+
+def test_the_same_corpus_again_publishes_nothing_and_another_reader_is_refused(built, updated, tmp_path):
+    root, _, _ = built
+    index = tmp_path / "index"
+    shutil.copytree(updated[0], index)
+    assert run(root, index, "new.jsonl", update=True) == {"index": str(index), "version": 2, "changed": 0, "added": 0,
+                                                          "deleted": 0, "unchanged": PASSAGES - DELETED + ADDED}
+    from flows.update import Refused, check_same_reader
+
+    with pytest.raises(Refused, match="split_layer"):
+        check_same_reader(Manifest.load(index), {"split_layer": 3}, None)
+
+
+def test_a_damaged_version_file_fails_verify(updated, tmp_path, capsys):
+    index = tmp_path / "index"
+    shutil.copytree(updated[0], index)
+    deleted = next(index.glob("versions/*/deleted.npy"))
+    rows = np.load(deleted)
+    np.save(open(deleted, "wb"), rows[:-1])
+    assert verify_main([str(index)]) == 1
+    assert "deleted.npy differs from the manifest" in capsys.readouterr().err
+    with pytest.raises(Exception, match="damaged"):
+        Index.open(index)
+
+
+def test_an_empty_corpus_and_another_corpus_into_a_built_folder_are_one_line_each_and_a_touched_corpus_resumes(
+    built, tmp_path, capsys
+):
+    from flows.index_wikipedia import main
+
+    root, _, _ = built
+    (tmp_path / "empty.jsonl").write_text('{"id": "x", "title": "t"}\n')  # its one record rejected
+    common = ["--corpus-format", "jsonl", "--reader-checkpoint", str(root / "reader"), "--retriever", str(root / "reader"),
+              "--max-passage-tokens", "96", "--split-layer", "2", "--shard-size", str(SHARD_SIZE), "--offline-merge", "0",
+              "--codec-sample", str(PASSAGES)]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--index", str(tmp_path / "e"), "--corpus", str(tmp_path / "empty.jsonl"), *common])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "no passages to index (1 rejected" in err and "Traceback" not in err
+    assert not (tmp_path / "e" / "shards").exists()
+    index = tmp_path / "index"
+    shutil.copytree(root / "base", index)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--index", str(index), "--corpus", str(root / "new.jsonl"), *common])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "choose another index folder" in err and "Traceback" not in err
+    os.utime(root / "corpus.jsonl", ns=(1, 1))  # same bytes, another modification time: the build resumes
+    result = run(root, index, "corpus.jsonl")
+    assert result["resumed_shards"] == PASSAGES // SHARD_SIZE
+
+
+def test_a_running_service_moves_to_the_new_version_under_load_without_failing_a_request(built, updated, tmp_path):
+    """Four clients ask without pause; the update's files appear, then its manifest is renamed in (as publishing
+    does); every request succeeds, the added passage is found once the manifest is there, and a deleted one never."""
+    import threading
+
+    from reader.answer import Answerer
+    from reader.loadtest import request
+    from reader.serve import create_app
+    from test_serve_page import serving
+
+    root, changes, new = built
+    index = tmp_path / "index"
+    shutil.copytree(root / "base", index)
+    added = new[next(iter(changes["added"]))]
+    app = create_app(Answerer(index), max_batch=4, window_ms=1)
+    statuses, seen, lock = [], [], threading.Lock()
+    asked, found, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def client(number: int) -> None:
+        for _ in range(200):  # bounded: the test ends on events, the loop on this count
+            if stop.is_set():
+                return
+            status, body = request(port, "POST", "/answer", {"question": passage_text(added), "k": 3})
+            ids = [p["id"] for p in body.get("passages", [])]
+            with lock:
+                statuses.append(status)
+                seen.append(ids)
+                if len(statuses) >= 8:
+                    asked.set()
+            if ids[:1] == [added.id]:
+                found.set()
+
+    with serving(app) as port:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        assert asked.wait(120), "the clients did not get going"
+        for name, data in files(updated[0]).items():  # the new version's files, then its manifest, renamed in
+            if name != "manifest.json" and not (index / name).exists():
+                (index / name).parent.mkdir(parents=True, exist_ok=True)
+                (index / name).write_bytes(data)
+        before = len(statuses)
+        shutil.copyfile(updated[0] / "manifest.json", index / ".manifest.json.tmp")
+        os.replace(index / ".manifest.json.tmp", index / "manifest.json")
+        assert found.wait(120), "the service never served the new version"
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+    assert set(statuses) == {200} and len(statuses) > before
+    assert app.state.watch.reloads == 1
+    on_new = [ids for ids in seen if ids[:1] == [added.id]]  # answered by version 2: no deleted passage cited
+    assert on_new and not {pid for ids in on_new for pid in ids} & set(changes["deleted"])
