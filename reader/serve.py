@@ -3,6 +3,8 @@
     python -m reader.serve [--index indexes/wikipedia-sample] [--port 8000] [--max-batch 16] [--window-ms 5]
                            [--max-k 100] [--max-body-bytes 65536] [--timeout-s 30] [--max-question-chars 2000]
                            [--body-timeout-s 10] [--max-batch-passages 400] [--allow-host NAME]
+                           [--header-timeout-s 10] [--keep-alive-s 5] [--max-connections 256]
+                           [--token TOKEN | $BTR_TOKEN] [--insecure-no-auth]
 
     GET  /        -> a page to ask questions from a browser (reader/static/, no build step, offline)
     POST /answer  {"question": "...", "k": 5, "mode": "btr"}  -> the same JSON as `reader.answer --json`
@@ -16,7 +18,9 @@ is idle, and runs the upper layers over all of them at once, in passes of at mos
 ``--max-batch-passages``. Every refusal is one line of JSON, ``{"error": ...}``: bad input 400 (a
 question over ``--max-question-chars``, counted before any tokenization, a k over ``--max-k``, JSON
 nested too deeply included), a Host header other than the bound address or ``--allow-host`` 400, a
-body that is not JSON by its Content-Type 415, a body over ``--max-body-bytes`` 413, one not arrived
+POST from another site's page (its Origin) 403, a request without the token (``--token``, required
+for a non-loopback ``--host``) 401, a body that is not JSON by its Content-Type (or has none) 415, a
+request head not whole within ``--header-timeout-s`` 408, a body over ``--max-body-bytes`` 413, one not arrived
 within ``--body-timeout-s`` 408, a request not answered within ``--timeout-s`` 504 (the batcher then
 skips it if its pass has not started), an unknown path 404, an internal error 500, and uvicorn's own
 400 for a request it cannot parse. A request that meets a damaged index (a shard truncated, missing

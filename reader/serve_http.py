@@ -146,6 +146,7 @@ class GuardedH11Protocol(H11Protocol):
     limits = ConnectionLimits()  # set per server by ``uvicorn_config``
     _head_timer: asyncio.TimerHandle | None = None
     _idle_since = 0.0
+    _warned_at = float("-inf")  # when the cap was last said in the log (shared by every connection)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -178,8 +179,11 @@ class GuardedH11Protocol(H11Protocol):
         """Close the connection idle longest (this one if every other is busy): idle sockets cannot crowd out requests."""
         idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c is not self and c._idle()]
         victim = min(idle, key=lambda c: c._idle_since) if idle else self
-        log.warning("%d connections open, over --max-connections %d: closed the one idle longest",
-                    len(self.connections), self.limits.max_connections)
+        now = self.loop.time()
+        if now - GuardedH11Protocol._warned_at >= 60:  # a flood of sockets is one line a minute, not one each
+            GuardedH11Protocol._warned_at = now
+            log.warning("%d connections open, over --max-connections %d: closing the one idle longest (said once a minute)",
+                        len(self.connections), self.limits.max_connections)
         victim.transport.close()
 
     def _arm_head_timer(self) -> None:
