@@ -19,17 +19,18 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from storage.shard import DamagedIndex
-
-from .answer import DAMAGED_INDEX, DEFAULT_K, Answerer, bad_input_errors
+# Light imports only (``--help`` answers at once); the query path is imported once the flags are parsed.
+from .answer import DAMAGED_INDEX, DEFAULT_K
 from .config import MODES
-from .inputs import ReaderInputError
-from .load import quiet_library_logs
+from .device import add_device_arguments
 from .normalize import exact_match, f1_score, has_answer, normalize_answer, paired_ratio_interval  # noqa: F401 (re-exported)
-from .supervision import read_examples
+
+if TYPE_CHECKING:
+    from .query import Answerer
 
 def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFAULT_K) -> dict:
     """Score ``mode`` on ``questions``: the summary, and ``exact``, one "1"/"0" per question in order.
@@ -37,6 +38,8 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
     ``exact`` lets two rows measured on the same questions be compared question by question
     (``paired_ratio_interval``), which says far more than two EM figures side by side.
     """
+    from .inputs import ReaderInputError  # loaded with the answerer already
+
     ems, f1s, recalls, latencies, refused, cut = [], [], [], [], 0, 0
     cited, titles = [0] * k, 0  # rank of the cited passage; answers that are a retrieved passage's title
     started = time.perf_counter()
@@ -89,11 +92,13 @@ def evaluate(answerer: Answerer, questions: list[dict], mode: str, k: int = DEFA
 
 def load_questions(path: Path | str, limit: int | None = None) -> list[dict]:
     """Question records (question, answers) from a JSONL file, the first ``limit`` of them."""
+    from .supervision import read_examples  # torch and the extractive family come with it
     records = [record for _, record in read_examples(path)]
     return records[:limit] if limit else records
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags (no heavy import: ``--help`` answers at once)."""
     parser = argparse.ArgumentParser(prog="python -m reader.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--index", required=True, help="index folder")
     parser.add_argument("--questions", required=True, help='JSONL of {"question", "answers"}')
@@ -103,11 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="read text with this checkpoint instead (baseline/split modes)")
     parser.add_argument("--pool", type=int, help="spans weighed per answer string (1 = the single best span; default: the reader's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    add_device_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from storage.shard import DamagedIndex  # the query path, now that the flags are good
+
+    from .load import quiet_library_logs
+    from .query import Answerer, bad_input_errors
+
     quiet_library_logs()
     try:
         questions = load_questions(args.questions, args.limit)
-        summary = evaluate(Answerer(args.index, args.checkpoint, args.pool), questions, args.mode, args.k)
+        answerer = Answerer(args.index, args.checkpoint, args.pool, device=args.device, dtype=args.dtype)
+        summary = evaluate(answerer, questions, args.mode, args.k)
     except DamagedIndex as error:  # before the bad-input errors: a corrupt record is also a ValueError
         print(f"error: {error}", file=sys.stderr)
         return DAMAGED_INDEX

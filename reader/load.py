@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .assets import minilm_path
 from .config import BTRConfig
-from .extractive import ExtractiveReader
-from .fid import FiDReader
-from .split import SplitReader
 
-FAMILIES = {"extractive": ExtractiveReader, "fid": FiDReader}
+if TYPE_CHECKING:
+    from .split import SplitReader
+
+# family -> (module, class): a family's module is imported when a reader of it is loaded, so an
+# extractive question never imports the T5 family (reader.fid), nor the other way round.
+FAMILIES = {"extractive": ("reader.extractive", "ExtractiveReader"), "fid": ("reader.fid", "FiDReader")}
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoint"  # the trained MiniLM reader (model card inside)
 BASE_ENCODER = "all-MiniLM-L6-v2"  # the packaged encoder the default was trained from (fresh span head)
 SETTINGS_FILE = "btr.json"
@@ -67,7 +71,8 @@ def load_reader(spec: ReaderSpec) -> SplitReader:
     """Build the reader a spec names (offline for the packaged checkpoints), in float32 on CPU."""
     if spec.family not in FAMILIES:
         raise ValueError(f"unknown reader family {spec.family!r}; expected one of {', '.join(FAMILIES)}")
-    family = FAMILIES[spec.family]
+    module, name = FAMILIES[spec.family]
+    family = getattr(importlib.import_module(module), name)
     checkpoint, local = resolve_checkpoint(spec)
     split_layer = spec.split_layer
     settings = checkpoint_settings(checkpoint)

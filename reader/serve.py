@@ -43,8 +43,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -57,10 +57,12 @@ from starlette.staticfiles import StaticFiles
 
 from storage.shard import DamagedIndex
 
-from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, DEFAULT_MAX_K, Answerer, Lookup, bad_input_errors
-from .load import quiet_library_logs
-from .reload import VersionWatch
+from .answer import DAMAGED_INDEX, DEFAULT_INDEX, DEFAULT_K, DEFAULT_MAX_K
+from .device import add_device_arguments
 from .serve_http import RequestCheck, add_connection_flags, allowed_hosts, connection_options, public, uvicorn_config
+
+if TYPE_CHECKING:  # the query path (torch, the reader) is imported once the flags are parsed: --help is instant
+    from .query import Answerer, Lookup
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger(__name__)
@@ -212,13 +214,17 @@ def create_app(
 
     ``hosts``: the Host names it answers (``serve_http.allowed_hosts``); None, any.
     """
+    from .query import bad_input_errors  # loaded with the answerer already: no cost here
+    from .reload import VersionWatch
+
     batcher = Batcher(answerer, max_batch, window_ms, max_batch_passages)
     watch = VersionWatch(answerer)  # an update published to the index is served from the next request on
     errors = bad_input_errors()
     damage: list[str] = []  # what damage requests met (the first is kept); health reports it
     # What /health reports, computed once: the reader's name comes with a digest of all its weights.
-    facts = {"passages": len(answerer.index), "reader": answerer.reader.identity().name,
-             "split_layer": answerer.reader.split_layer}
+    facts = {"passages": len(answerer.index), "reader": answerer.identity.name,
+             "split_layer": answerer.reader.split_layer, "device": str(answerer.reader.device),
+             "dtype": str(answerer.reader.dtype).removeprefix("torch.")}
 
     private = (facts["reader"], answerer.index.root, Path(answerer.index.root).resolve())  # no absolute path in a reply
     facts["reader"] = public(facts["reader"], *private)
@@ -302,7 +308,8 @@ def create_app(
     return app
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The service's flags (no heavy import: ``--help`` answers at once)."""
     parser = argparse.ArgumentParser(prog="python -m reader.serve", description=__doc__.splitlines()[0])
     parser.add_argument("--index", default=DEFAULT_INDEX)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
@@ -323,17 +330,28 @@ def main(argv: list[str] | None = None) -> int:
         "--max-question-chars", type=int, default=default.max_question_chars, help="longer questions: 400"
     )
     add_connection_flags(parser)
+    add_device_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         limits = Limits(args.max_k, args.max_body_bytes, args.timeout_s, args.max_question_chars, args.body_timeout_s)
         connection = connection_options(args)  # and a non-loopback bind needs a token
     except ValueError as error:
         parser.error(str(error))
+    import torch  # the query path, now that the flags are good
+
+    from .load import quiet_library_logs
+    from .query import Answerer, bad_input_errors
+
     quiet_library_logs()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        answerer = Answerer(args.index)
+        answerer = Answerer(args.index, device=args.device, dtype=args.dtype)
     except DamagedIndex as error:
         print(f"error: {error}", file=sys.stderr)
         return DAMAGED_INDEX
@@ -345,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         app = create_app(answerer, args.max_batch, args.window_ms, limits, hosts, args.max_batch_passages, args.token)
     except ValueError as error:  # --max-batch, --window-ms, --max-batch-passages
         parser.error(str(error))
-    print(f"serving {args.index} on http://{args.host}:{args.port} (max batch {args.max_batch}; Host: "
+    print(f"serving {args.index} on http://{args.host}:{args.port} (max batch {args.max_batch}; "
+          f"{answerer.reader.device} {str(answerer.reader.dtype).removeprefix('torch.')}; Host: "
           f"{', '.join(sorted(hosts)) if hosts else 'any'})", flush=True)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, connection)).run()
     return 0
