@@ -4,7 +4,8 @@
 #   bash bench/gpu_run.sh "$OUT"          # SMOKE=1 bash bench/gpu_run.sh /tmp/out: the same at toy sizes, on CPU
 #
 # Needs `python -m bench.gpu_readers prepare` (.gpu/: base encoder, data, retrieved evaluation sets,
-# a corpus slice) and the wheels the GPU image lacks in .whl/. Runs, in this order:
+# a corpus slice) and the wheels the GPU image lacks in .whl/. Runs, in this order: bench.workers alone
+# (issue 41: OUT/workers.json; WORKERS_ONLY=1 stops after it), then
 # side by side on the one GPU: bench.gpu_readers (issue 25: extractive chain + control from
 # all-MiniLM-L6-v2, sized to fit, evaluated on dev and test) and flows.fid_synthetic (issue 29; F, default
 # the CPU recipe at the small shape), each sized by --budget-s. (The first run's bench.workers and t5-base FiD are in
@@ -25,6 +26,18 @@ if ! $PY -c "import lmdb, zstandard, pydantic" 2>/dev/null; then
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=3
 (nvidia-smi || true; $PY -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available())") > "$LOGS/machine.txt" 2>&1
+
+# Issue 41, first and alone on the GPU: an indexing worker's shard against its two forwards, the host's side alone
+# (forwards replayed), today's pipeline beside the serial one, into OUT/workers.json (docs/scaling.md's GPU table).
+# The tokenizer's own threads are on here (they are what a worker's tokenizer thread runs on).
+if [ "$SMOKE" = 1 ]; then
+    W=${W:-"--passages 48 --rounds 1"}
+else
+    W=${W:-"--corpus .gpu/corpus.jsonl --format jsonl --passages 5000 --rounds 2 --batch-size 128"}
+fi
+env -u OMP_NUM_THREADS TOKENIZERS_PARALLELISM=true timeout "${WORKERS_TIMEOUT:-300}" $PY -m bench.workers $W --out "$OUT/workers.json" \
+    > "$LOGS/workers.log" 2>&1 || echo "bench.workers failed: see logs.tar.gz/workers.log"
+[ "${WORKERS_ONLY:-0}" = 1 ] && { tar -C "$LOGS" -czf "$OUT/logs.tar.gz" .; ls -la "$OUT"; exit 0; }
 
 if [ "$SMOKE" = 1 ]; then  # the script itself, at toy sizes, on a CPU
     X="--budget-s 20 --steps 6 --split-steps 6 --bits-steps 4 --control-steps 8 --batch-size 2 --eval-limit 3 --jobs 2 --profile"

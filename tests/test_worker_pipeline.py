@@ -62,19 +62,22 @@ def serial_shards(root, corpus_path, spec, shard_size: int) -> tuple[list[str], 
     return digests, np.concatenate(vectors)
 
 
-def pipelined_shards(root, corpus_path, spec, shard_size: int, level: int | None) -> tuple[list[str], np.ndarray]:
+def pipelined_shards(
+    root, corpus_path, spec, shard_size: int, level: int | None, threads: int = 3
+) -> tuple[list[str], np.ndarray]:
     calibrate_codec(root, corpus_path, load_reader(spec), 39)
-    indexer = ShardIndexer(str(root), str(corpus_path), spec, spec.checkpoint, batch_size=4, threads=3, level=level)
+    indexer = ShardIndexer(str(root), str(corpus_path), spec, spec.checkpoint, batch_size=4, threads=threads, level=level)
     indexer.pipeline.depth = 2  # the bounded queues fill and drain many times over a shard
     summaries = [indexer.index(plan) for plan in plan_shards(39, shard_size)]
     vectors = np.concatenate([np.load(root / "embeddings" / f"{shard_name(p.shard_id)}.npy") for p in plan_shards(39, shard_size)])
     return [s["shard"]["digest"] for s in summaries], vectors
 
 
-def test_the_pipelined_worker_writes_the_serial_paths_shards_byte_for_byte(corpus, tmp_path):
+@pytest.mark.parametrize("threads", [3, 0])  # a GPU worker's threads; a CPU worker's stages one after the other
+def test_the_pipelined_worker_writes_the_serial_paths_shards_byte_for_byte(corpus, tmp_path, threads):
     root, corpus_path, spec = corpus
     serial, serial_vectors = serial_shards(tmp_path / "serial", corpus_path, spec, 16)
-    piped, piped_vectors = pipelined_shards(tmp_path / "piped", corpus_path, spec, 16, level=None)
+    piped, piped_vectors = pipelined_shards(tmp_path / "piped", corpus_path, spec, 16, level=None, threads=threads)
     assert len(serial) == 3 and piped == serial
     # The indexer stores float16 vectors: the same as the serial path's float32 ones, rounded.
     assert np.array_equal(piped_vectors, serial_vectors.astype(np.float16))
@@ -127,7 +130,7 @@ def test_a_passage_the_tokenizer_refuses_stops_the_shard_with_its_error_and_the_
 
 def test_workers_are_sized_from_the_cluster_and_the_override_wins():
     cpu = size_workers(cpus=2, gpus=0)
-    assert (cpu.workers, cpu.cpus, cpu.torch_threads, cpu.pool_threads, cpu.gpu) == (1, 2, 2, 1, 0.0)
+    assert (cpu.workers, cpu.cpus, cpu.torch_threads, cpu.pool_threads, cpu.gpu) == (1, 2, 2, 0, 0.0)
     gpu = size_workers(cpus=16, gpus=1)  # one worker feeds its GPU; all but two of its cores code records
     assert (gpu.workers, gpu.cpus, gpu.torch_threads, gpu.pool_threads, gpu.gpu) == (1, 16, 2, 14, 1.0)
     eight = size_workers(cpus=128, gpus=8)

@@ -60,8 +60,8 @@ class Sizing:
 
     def describe(self) -> str:
         device = f"{self.gpu:g} GPU" if self.gpu else "CPU only"
-        return (f"{self.workers} worker(s), each {device}, {self.cpus} CPU(s): {self.torch_threads} torch thread(s), "
-                f"{self.pool_threads} coding thread(s), 1 tokenizer thread")
+        threads = f"{self.pool_threads} coding thread(s) and a tokenizer thread" if self.pool_threads else "no threads beside them"
+        return f"{self.workers} worker(s), each {device}, {self.cpus} CPU(s): {self.torch_threads} torch thread(s), {threads}"
 
 
 def size_workers(cpus: int, gpus: int, workers: int = 0, threads: int = 0) -> Sizing:
@@ -69,14 +69,14 @@ def size_workers(cpus: int, gpus: int, workers: int = 0, threads: int = 0) -> Si
 
     By default one worker per GPU (its pipeline keeps the GPU fed from one process; the forwards need no more
     than a couple of host threads), the node's cores split among the workers, and on a GPU all but two of a
-    worker's cores (its device loop and tokenizer thread) code records. Without a GPU the forward is the
-    work: one worker, every core to torch, one coding thread (coding at the staging level costs ~1% of it).
+    worker's cores (its device loop and tokenizer thread) code records. Without a GPU the forwards are the
+    work: one worker, every core to torch, and no threads beside them (``workers.pipeline.ShardPipeline``).
     """
     count = workers or gpus or 1
     share = threads or max(1, cpus // count)
     if gpus:
         return Sizing(count, share, min(2, share), max(1, share - 2), gpu_share(gpus, count))
-    return Sizing(count, share, share, 1, 0.0)
+    return Sizing(count, share, share, 0, 0.0)
 
 
 def start_workers(

@@ -79,7 +79,7 @@ class EmbedBatch:
 class Device:
     """The device's half of a shard: layers 1..k with the bits packed where they were computed, and the retriever."""
 
-    def __init__(self, reader: SplitReader, encoder: Encoder) -> None:
+    def __init__(self, reader: SplitReader, encoder: Encoder | None) -> None:
         self.reader, self.encoder = reader, encoder
 
     def lower(self, batch: LowerBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -123,26 +123,48 @@ class Replay:
         return next(self._embed)
 
 
+class Inline:
+    """The coding pool of a worker without threads: each task runs at once, in the caller."""
+
+    def submit(self, work: Callable, *args) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(work(*args))
+        except BaseException as error:  # noqa: BLE001 (raised again where the result is collected, as from a pool)
+            future.set_exception(error)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Nothing to stop."""
+
+
 @dataclass(frozen=True)
 class ShardOutput:
     """What a shard's pipeline hands the writer: records in row order, their token count, the retriever's vectors."""
 
     records: list[bytes]
     tokens: int
-    embeddings: np.ndarray
+    embeddings: np.ndarray  # [passages, 0] without an encoder
 
 
 class ShardPipeline:
     """Runs shards through tokenizer thread, device loop and coding pool; one per worker, reused for every shard."""
 
     def __init__(
-        self, reader: SplitReader, encoder: Encoder, fmt: RecordFormat, batch_size: int = 32, threads: int = 1,
+        self, reader: SplitReader, encoder: Encoder | None, fmt: RecordFormat, batch_size: int = 32, threads: int = 1,
         embed_batch_size: int = 64, device: Device | Replay | None = None, depth: int = DEPTH,
     ) -> None:
+        """``threads`` coding threads, and a tokenizer thread; 0: every stage in the caller, one after the other.
+
+        A CPU worker takes 0: its forwards hold every core, and threads beside them made them 2.4x slower
+        here (torch's OpenMP threads wait on a core another thread holds). ``encoder`` None: bits only, no
+        retriever vectors (``bench.workers`` times the bits' pipeline alone).
+        """
         self.reader, self.encoder, self.format = reader, encoder, fmt
         self.batch_size, self.embed_batch_size, self.depth = batch_size, embed_batch_size, depth
         self.device = device or Device(reader, encoder)
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="btr-code")
+        self.threaded = threads > 0
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="btr-code") if self.threaded else Inline()
         self.times = StageTimes()
 
     def close(self) -> None:
@@ -151,7 +173,8 @@ class ShardPipeline:
     def run(self, passages: Sequence[Passage], progress: Callable[[int, int], None] | None = None) -> ShardOutput:
         """Records (in input order) and retriever vectors of ``passages``; ``progress(passages, tokens)`` per lower batch."""
         records: list[bytes | None] = [None] * len(passages)
-        embeddings = np.empty((len(passages), self.encoder.dimension), dtype=np.float32)
+        width = self.encoder.dimension if self.encoder is not None else 0
+        embeddings = np.empty((len(passages), width), dtype=np.float32)
         pending: deque[Future] = deque()
         tokens = 0
         with closing(self._tokenized(passages)) as batches:  # an error here stops the tokenizer thread too
@@ -188,11 +211,14 @@ class ShardPipeline:
         for row, (position, n) in enumerate(zip(batch.chunk, batch.lengths)):
             p = passages[position]
             out.append((position, encode_arrays(self.format, p.id, p.title, p.text, ids[row, :n], bits[row, :n], scale[row, :n])))
-        self.times.add("code records (pool)", time.perf_counter() - start)
+        self.times.add("code records", time.perf_counter() - start)
         return out
 
     def _tokenized(self, passages: Sequence[Passage]) -> Iterator[LowerBatch | EmbedBatch]:
         """The shard's batches, tokenized by a thread ahead of the caller (at most ``depth`` waiting)."""
+        if not self.threaded:
+            yield from self._batches(passages)
+            return
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         done = object()
@@ -239,14 +265,16 @@ class ShardPipeline:
             padded, mask = pad(ids, self.reader.layout.pad_id)
             if torch.cuda.is_available() and self.reader.device.type == "cuda":
                 padded, mask = padded.pin_memory(), mask.pin_memory()
-            self.times.add("tokenize (thread)", time.perf_counter() - begin)
+            self.times.add("tokenize", time.perf_counter() - begin)
             yield LowerBatch(chunk, padded, mask, [len(i) for i in ids])
+        if self.encoder is None:
+            return
         texts = [passage_text(p) for p in passages]
         batches = self.encoder.batches(texts, self.embed_batch_size)
         while True:
             begin = time.perf_counter()
             item = next(batches, None)
-            self.times.add("tokenize (thread)", time.perf_counter() - begin)
+            self.times.add("tokenize", time.perf_counter() - begin)
             if item is None:
                 return
             yield EmbedBatch(*item)
