@@ -1,6 +1,7 @@
 """The data that defines the benchmark (flows.qa_sets, flows.distant, flows.qa_data.real_sets) on a
 fixture wheel made here: the checksum refusal, the hashed held-out split, the answer-in-sample
-filter, distant supervision, and that no test-set question reaches a file trained or tuned on."""
+filter, distant supervision (judged against a hand-made ranking and a plain substring check, not the code's own
+AnswerFinder), the generated questions' hard negative, and that no test-set question reaches a file trained or tuned on."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ import pytest
 
 import workers.corpus
 import flows.qa_sets as qa_sets
+from flows.distant import supervise
 from flows.progress import Steps
-from flows.qa_data import TRAIN_SETS, real_sets
+from flows.qa_data import TRAIN_SETS, LexicalNegatives, Question, real_sets
 from flows.qa_sets import JAR, WHEEL_FILE, AnswerFinder, QASetError, convert, fetch_wheel, held_out, sha256
 from storage.record import Passage
 from reader.normalize import normalize_answer
+from reader.retriever import Encoder, Hit, Retriever
 
 PASSAGES = [
     Passage("Paris", "Paris is the capital and largest city of France, on the Seine.", "0"),
@@ -137,5 +140,97 @@ def test_no_test_question_reaches_a_file_trained_or_tuned_on(wheel, tmp_path, mo
         passages = [Passage(p["title"], p["text"], p["id"]) for p in record["passages"]]
         assert [AnswerFinder([p]).contains(record["answers"]) for p in passages] == (
             [True] * record["positives"] + [False] * (len(passages) - record["positives"]))
-    dropped = summary["supervised"]["nq-dev-train"]
-    assert dropped["kept"] + dropped["no_positive_in_top"] == dropped["questions"] == len(lines(out / "nq-dev-train.jsonl"))
+    # Judged against the retriever's own top 3 and a plain substring check, not AnswerFinder: a question is kept
+    # exactly when one of its top 3 holds an answer, and its passages are those 3, holders first, each group in rank.
+    retriever = Retriever(out / "retriever", Encoder())
+    by_question = {r["question"]: r for r in training}
+    outcomes = set()
+    for name in TRAIN_SETS:
+        records = lines(out / f"{name}.jsonl")
+        kept = 0
+        for record, hits in zip(records, retriever.search([r["question"] for r in records], 3)):
+            top = [PASSAGES[h.row] for h in hits]
+            holders = [p for p in top if holds(p, record["answers"])]
+            if not holders:
+                assert record["question"] not in by_question, record["question"]
+                outcomes.add("dropped, held below the top 3" if any(holds(p, record["answers"]) for p in PASSAGES) else "dropped")
+                continue
+            outcomes.add("kept")
+            kept += 1
+            found = by_question[record["question"]]
+            assert found["positives"] == len(holders)
+            assert [p["id"] for p in found["passages"]] == [p.id for p in holders + [p for p in top if p not in holders]]
+        counts = summary["supervised"][name]
+        assert (counts["questions"], counts["kept"], counts["no_positive_in_top"]) == (len(records), kept, len(records) - kept)
+    assert outcomes == {"kept", "dropped", "dropped, held below the top 3"}  # every branch was judged
+
+
+def holds(passage: Passage, answers: list[str]) -> bool:
+    """Whether an answer occurs as whole words in the passage (title and text, SQuAD-normalized)."""
+    text = f" {normalize_answer(passage.title + ' ' + passage.text)} "
+    return any(f" {normalize_answer(a)} " in text for a in answers if normalize_answer(a))
+
+
+# Rows 0, 3 and 6 hold "Paris"; the retriever's ranking is fixed by hand below, so which passages are
+# positives (holders among the top `depth`) and negatives (the other passages of the top `depth`) is known.
+RANKED = [
+    Passage("Berlin", "Berlin is the capital of Germany.", "b0"),
+    Passage("Louvre", "The Louvre in Paris is the most visited museum.", "b1"),
+    Passage("Seine", "The Seine flows into the English Channel at Le Havre.", "b2"),
+    Passage("France", "France has its capital at Paris.", "b3"),
+    Passage("Madrid", "Madrid is the capital of Spain.", "b4"),
+    Passage("Rome", "Rome is the capital of Italy.", "b5"),
+    Passage("Notre-Dame", "Notre-Dame is a cathedral in Paris.", "b6"),
+    Passage("Lisbon", "Lisbon is the capital of Portugal.", "b7"),
+]
+RANKING = {
+    "capital of france?": [3, 2, 1, 5, 6, 0, 4, 7],  # holders 3 and 1 in the top 4; 6 only below it
+    "a cathedral in paris?": [5, 2, 4, 0, 6, 3, 1, 7],  # holders only below the top 4: dropped
+    "capital of atlantis?": [0, 4, 5, 7, 1, 2, 3, 6],  # no passage holds it: dropped
+}
+
+
+class RankedRetriever:
+    """The retriever's interface over RANKING: the first ``k`` rows of each question's hand-made ranking."""
+
+    def __init__(self) -> None:
+        self.depths: list[int] = []
+
+    def search(self, questions: list[str], k: int) -> list[list[Hit]]:
+        self.depths.append(k)
+        return [[Hit(row, 1.0 - rank / 10) for rank, row in enumerate(RANKING[q][:k])] for q in questions]
+
+
+def test_distant_supervision_takes_positives_and_negatives_from_the_retrieved_top_depth_only():
+    records = [{"question": "capital of france?", "answers": ["Paris"]},
+               {"question": "a cathedral in paris?", "answers": ["Notre-Dame cathedral", "Paris"]},
+               {"question": "capital of atlantis?", "answers": ["Poseidonia"]}]
+    assert [r for r in range(8) if holds(RANKED[r], ["Paris"])] == [1, 3, 6]  # the construction, checked
+    retriever = RankedRetriever()
+    out, counts = supervise(records, RANKED, retriever, AnswerFinder(RANKED), depth=4)
+    assert retriever.depths == [4]
+    assert counts == {"questions": 3, "kept": 1, "no_positive_in_top": 2, "depth": 4}
+    # Row 6 holds the answer but ranks 5th: not a positive. Rows 0, 4, 7 are not retrieved: not negatives.
+    [record] = out
+    assert record["question"] == "capital of france?" and record["answers"] == ["Paris"] and record["positives"] == 2
+    assert [p["id"] for p in record["passages"]] == ["b3", "b1", "b2", "b5"]
+    assert record["passages"][0] == {"id": "b3", "title": "France", "text": "France has its capital at Paris."}
+    # The caps keep the best-ranked of each group.
+    [capped], _ = supervise(records[:1], RANKED, RankedRetriever(), AnswerFinder(RANKED), depth=4,
+                            keep_positives=1, keep_negatives=1)
+    assert [p["id"] for p in capped["passages"]] == ["b3", "b2"] and capped["positives"] == 1
+
+
+def test_a_generated_question_s_hard_negative_shares_its_rarest_words_without_the_answer():
+    passages = [
+        Passage("Eiffel Tower", "Gustave Eiffel built the tower in 1889 in Paris.", "0"),  # the positive
+        Passage("Danube", "The Danube flows through ten countries.", "1"),  # shares no question word
+        Passage("Eiffel company", "The tower was finished in 1889 by the Eiffel company.", "2"),  # holds the answer
+        Passage("Maria Pia Bridge", "Gustave Eiffel also designed a bridge in Porto.", "3"),  # gustave + eiffel: rarest
+        Passage("Pisa", "The tower of Pisa leans.", "4"),  # tower only: a common word
+        Passage("Rome", "Another tower stands in Rome.", "5"),
+    ]
+    question = Question("Gustave Eiffel built the tower in what year?", "1889", "year", "Eiffel Tower")
+    assert LexicalNegatives(passages).negative(question, 0) == passages[3]
+    # Without the bridge, the best other passage without the answer is a tower sharing only "tower".
+    assert LexicalNegatives(passages[:3] + passages[4:]).negative(question, 0) == passages[4]
