@@ -37,11 +37,11 @@ def tokenizer():
 def make_fid(tokenizer):
     """Build a tiny FiD reader: 4 encoder layers, 3 decoder layers, d=32."""
 
-    def build(config: BTRConfig | None = None, d_model: int = 32, seed: int = 0) -> FiDReader:
+    def build(config: BTRConfig | None = None, d_model: int = 32, seed: int = 0, dropout: float = 0.0) -> FiDReader:
         torch.manual_seed(seed)
         t5 = T5Config(
             vocab_size=tokenizer.vocab_size, d_model=d_model, d_ff=64, d_kv=8, num_heads=4,
-            num_layers=4, num_decoder_layers=3, dropout_rate=0.0,
+            num_layers=4, num_decoder_layers=3, dropout_rate=dropout,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id, decoder_start_token_id=0,
         )
         return FiDReader(T5ForConditionalGeneration(t5).eval(), tokenizer, config)

@@ -18,9 +18,15 @@ def test_bench_prints_one_json_object_with_the_promised_keys(capsys):
     assert tokens["btr"]["last_layer"] < tokens["btr"]["input"] == tokens["baseline"]["input"]
 
 
-def test_bench_rejects_a_split_layer_beyond_the_encoder():
-    with pytest.raises(SystemExit):
-        main(["--shape", "tiny", "--split-layer", "7"])
+@pytest.mark.parametrize("layer", ["7", "-1"])
+def test_bench_rejects_a_split_layer_beyond_the_encoder(layer, capsys):
+    """The project's own refusal (argparse's exit 2 with its message), not any SystemExit: a bad flag name
+    or an unparsable value also exits 2, so the message is what shows the bound was checked."""
+    with pytest.raises(SystemExit) as exit:
+        main(["--shape", "tiny", "--split-layer", layer])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m bench.reader: error: --split-layer {layer} exceeds the tiny encoder's layers")
 
 
 def test_storage_bench_measures_the_default_readers_bits(capsys):

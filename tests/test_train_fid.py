@@ -265,9 +265,13 @@ def test_recovery_under_rms_calibration_targets_the_scale_free_state(make_fid, d
     assert recovery_loss(projection, signs, states, "mean_abs") > 1000  # what the BERT reader keeps
 
 
-def test_a_fid_stage_resumes_to_the_same_weights(make_fid, data, tmp_path, monkeypatch):
-    stage = Stage("bits", steps=8, batch_size=4, learning_rate=1e-3)
-    straight = make_fid(CONFIG).train()
+@pytest.mark.parametrize("kind", ["plain", "bits"])
+def test_a_fid_stage_resumes_to_bit_identical_weights_with_dropout_on(kind, make_fid, data, tmp_path, monkeypatch):
+    """Dropout 0.1 on every T5 layer: the resumed steps must draw the straight run's dropout masks, so the
+    weights are equal, not close."""
+    stage = Stage(kind, steps=8, batch_size=4, learning_rate=1e-3)
+    build = lambda seed=0: make_fid(CONFIG, seed=seed, dropout=0.1).train()  # noqa: E731
+    straight = build()
     train_stage(straight, stage, data, tmp_path / "straight", log=lambda _: None)
     calls = []
 
@@ -279,14 +283,19 @@ def test_a_fid_stage_resumes_to_the_same_weights(make_fid, data, tmp_path, monke
 
     monkeypatch.setattr(train_module, "stage_losses", failing_losses)
     with pytest.raises(KeyboardInterrupt):
-        train_stage(make_fid(CONFIG).train(), stage, data, tmp_path / "resumed", save_every=2, log=lambda _: None)
+        train_stage(build(), stage, data, tmp_path / "resumed", save_every=2, log=lambda _: None)
     monkeypatch.setattr(train_module, "stage_losses", stage_losses)
-    again, messages = make_fid(CONFIG, seed=7).train(), []
+    torch.manual_seed(123), random.seed(123)  # a new process: other generator states
+    again, messages = build(seed=7), []
     train_stage(again, stage, data, tmp_path / "resumed", save_every=2, log=messages.append)
-    assert messages[0] == "bits: resuming at step 4 of 8"
+    assert messages[0] == f"{kind}: resuming at step 4 of 8"
+    assert again.model.config.dropout_rate == 0.1
     for name, value in straight.model.state_dict().items():
-        assert torch.allclose(value, again.model.state_dict()[name], atol=1e-6), name
-    assert torch.load(tmp_path / "resumed" / "recovery.pt")["weight"].shape == (32, 32)
+        assert torch.equal(value, again.model.state_dict()[name]), name
+    if kind == "bits":
+        recovered = [torch.load(tmp_path / run / "recovery.pt") for run in ("straight", "resumed")]
+        assert recovered[0]["weight"].shape == (32, 32)
+        assert all(torch.equal(recovered[0][k], recovered[1][k]) for k in recovered[0])
 
 
 def test_train_reader_flow_trains_fid_and_refuses_a_missing_base(tmp_path, make_fid):
