@@ -33,7 +33,10 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TOKENIZERS_
 if [ "$SMOKE" = 1 ]; then
     W=${W:-"--passages 48 --rounds 1"}
 else
-    W=${W:-"--corpus .gpu/corpus.jsonl --format jsonl --passages 5000 --rounds 2 --batch-size 128"}
+    # The bundled sample and reader (only its shape matters); where .gpu/ travels, the committed checkpoint is
+    # emptied to fit the carry cap, so the same shape is read from .gpu/base.
+    [ -f .gpu/base/config.json ] && BASE="--checkpoint .gpu/base --split-layer 3" || BASE=""
+    W=${W:-"--passages 5000 --rounds 2 --batch-size 128 $BASE"}
 fi
 env -u OMP_NUM_THREADS TOKENIZERS_PARALLELISM=true timeout "${WORKERS_TIMEOUT:-300}" $PY -m bench.workers $W --out "$OUT/workers.json" \
     > "$LOGS/workers.log" 2>&1 || echo "bench.workers failed: see logs.tar.gz/workers.log"

@@ -39,15 +39,15 @@ import torch
 import storage.index
 import workers.indexer
 from reader import split as reader_split
+from reader.encoder import passage_text
 from reader.inputs import pad
 from reader.load import ReaderSpec, load_reader, quiet_library_logs
-from reader.retriever import passage_text
 from storage.shard import SHARDS
 from workers.build import encode_corpus
 from workers.corpus import normalize, read_rows
-from workers.actor import size_workers
 from workers.indexer import EMBEDDINGS, STAGING_LEVEL, ShardIndexer, ShardPlan
 from workers.pipeline import Device, Replay, ShardPipeline, StageTimes
+from workers.sizing import size_workers
 
 
 class Stages:
@@ -214,6 +214,7 @@ def measure(args, indexer: ShardIndexer, plan: ShardPlan, host: ShardPipeline) -
     recorded = record_serial(indexer, plan)
     clear(indexer)
     best: dict[str, tuple[float, dict]] = {}
+    written: dict[str, float] = {}
 
     def keep(name: str, tokens: int, seconds: float, stages: dict | None = None) -> None:
         if name not in best or tokens / seconds > best[name][0]:
@@ -232,10 +233,12 @@ def measure(args, indexer: ShardIndexer, plan: ShardPlan, host: ShardPipeline) -
                 start = time.perf_counter()
                 tokens = serial_shard(indexer, plan, embed=encoder is not None)
                 keep(f"serial {name}", tokens, time.perf_counter() - start, stages.seconds)
+            written[f"serial (zstd {indexer.writer.format.codec.settings.level})"] = shard_bytes_per_token(indexer)
             clear(indexer)
             start = time.perf_counter()
             tokens, seconds = pipelined(indexer, plan, worker, device, encoder)
             keep(f"pipelined {name}", tokens, time.perf_counter() - start, seconds)
+            written[f"pipelined (zstd {worker.format.codec.settings.level})"] = shard_bytes_per_token(indexer)
         clear(indexer)
         stages = Stages()
         for forward in recorded:
@@ -262,7 +265,14 @@ def measure(args, indexer: ShardIndexer, plan: ShardPlan, host: ShardPipeline) -
         },
         "host_side_speedup": round(rate["pipelined host side (forwards replayed)"] / rate["serial host side (forwards replayed)"], 2),
         "worker_speedup": round(rate["pipelined worker"] / rate["serial worker"], 3),
+        "shard_bytes_per_token": written,  # the shard file (records + LMDB), at each path's zstd level
     }
+
+
+def shard_bytes_per_token(indexer: ShardIndexer) -> float:
+    """Bytes of the shard a run just wrote (its data file, as sealed) per token."""
+    info = json.loads((indexer.root / SHARDS / "shard-00000" / "shard.json").read_text())
+    return round(info["bytes"] / info["tokens"], 3)
 
 
 def rss_mb() -> float:

@@ -26,7 +26,8 @@ from prefect.runtime import task_run
 from prefect_ray.context import remote_options
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.actor import index_or_lost, size_workers, start_workers, stop_workers, when_back
+from workers.actor import index_or_lost, start_workers, stop_workers, when_back
+from workers.sizing import size_workers
 from workers.cluster import LOCAL_RAY, cluster, loopback_ray
 from workers.progress import WORKER_FOLDER, in_flight
 from workers.quiet import quiet

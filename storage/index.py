@@ -46,6 +46,7 @@ CODEC = "codec"
 # The retriever's files (reader.retriever writes them; verify checks them against the manifest).
 FAISS_FILE = "retriever.faiss"
 INFO_FILE = "retriever.json"
+ADDED = ".in-retriever-part"  # beside a deleted embeddings file: its vectors are in a finished add unit's part
 IVF_DATA = "retriever.ivfdata"  # inverted lists merged on disk (build_faiss_apart)
 
 

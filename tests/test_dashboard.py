@@ -13,7 +13,8 @@ from flows.dashboard import auth_token, look
 from flows.shards import ray_dashboard
 from reader.config import BTRConfig
 from reader.load import ReaderSpec, load_reader
-from workers.actor import size_workers, start_workers, stop_workers
+from workers.actor import start_workers, stop_workers
+from workers.sizing import size_workers
 from workers.cluster import LOCAL_RAY, loopback_ray
 from workers.corpus import normalize
 from workers.indexer import calibrate_codec

@@ -186,7 +186,7 @@ def test_add_units_group_consecutive_files_few_enough_and_small_enough():
 
 
 def test_workers_beyond_the_gpu_count_share_the_gpus_instead_of_waiting_forever():
-    from workers.actor import gpu_share
+    from workers.sizing import gpu_share
 
     assert gpu_share(0, 4) == 0.0  # a CPU cluster asks for no GPU
     assert gpu_share(8, 8) == gpu_share(8, 3) == 1.0  # one GPU each, as before

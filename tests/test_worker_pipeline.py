@@ -16,11 +16,11 @@ from storage.codec import Codec
 from storage.index import IndexWriter
 from storage.record import Passage, RecordFormat, decode_records
 from storage.shard import SHARDS, shard_name
-from workers.actor import size_workers
 from workers.build import encode_corpus
 from workers.corpus import normalize, read_rows
 from workers.indexer import ShardIndexer, calibrate_codec, plan_shards
 from workers.pipeline import ShardPipeline
+from workers.sizing import size_workers
 
 MAX_TOKENS = 48
 

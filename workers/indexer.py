@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from reader.load import ReaderSpec, load_reader
-from reader.retriever import ADDED, Encoder
+from reader.encoder import Encoder
 from reader.split import SplitReader
 from storage.codec import Codec, CodecSettings, file_digest
-from storage.index import IndexWriter
+from storage.index import ADDED, IndexWriter
 from storage.shard import ShardInfo, shard_name, write_shard
 
 from .build import encode_corpus

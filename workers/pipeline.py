@@ -31,7 +31,7 @@ import torch
 
 from reader.binary import pack_states
 from reader.inputs import encode_passages, pad
-from reader.retriever import Encoder, passage_text
+from reader.encoder import Encoder, passage_text
 from reader.split import SplitReader
 from storage.record import Passage, RecordFormat, encode_arrays
 
