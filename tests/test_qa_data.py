@@ -4,7 +4,8 @@ embeddings reported part by part with the bytes a single call gives."""
 from __future__ import annotations
 
 import io
-import time
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -14,18 +15,33 @@ from flows.progress import Steps
 from reader.retriever import Encoder
 
 
+class Log(io.StringIO):
+    """A log that says (an event) when a heartbeat line is written: the test waits for it, not for a clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.beat = threading.Event()
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if "into this step" in text:
+            self.beat.set()
+        return written
+
+
 def test_a_long_step_says_how_far_it_is_every_few_seconds():
-    log = io.StringIO()
+    log = Log()
     steps = Steps(log, every=0.05)
     with steps.step("embedding") as step:
         step.counter("passages embedded")(1024, 10_033)
-        time.sleep(0.2)
+        assert log.beat.wait(60)
+    steps.every = 60.0  # a step that ends long before its first beat, however loaded the machine
     with steps.step("quick"):
         pass
     lines = log.getvalue().splitlines()
-    assert lines[0] == "[0s] embedding"
-    assert "passages embedded 1,024/10,033 (0s into this step)" in lines[1]
-    assert lines[-1] == "[0s] quick"  # a step that ends at once prints its line only
+    assert re.fullmatch(r"\[\d+s\] embedding", lines[0]), lines
+    assert re.fullmatch(r"\[\d+s\]     passages embedded 1,024/10,033 \(\d+s into this step\)", lines[1]), lines
+    assert re.fullmatch(r"\[\d+s\] quick", lines[-1]) and "still at it" not in log.getvalue(), lines  # its line only
 
 
 def test_embedding_in_parts_gives_the_single_calls_bytes_and_reports_each_part():

@@ -148,8 +148,15 @@ def test_a_question_over_the_limit_is_400_before_any_tokenization(answerer, monk
 
 
 def test_a_request_past_the_timeout_is_504_and_a_waiting_one_is_never_read(answerer, monkeypatch):
-    read = answerer.read
-    monkeypatch.setattr(answerer, "read", lambda lookups, mode: time.sleep(3) or read(lookups, mode))
+    """Events, not sleeps: the first question's pass is held until both requests have had their 504."""
+    read, reading, release = answerer.read, threading.Event(), threading.Event()
+
+    def held_read(lookups, mode):
+        reading.set()
+        assert release.wait(60), "the test never let the pass go"
+        return read(lookups, mode)
+
+    monkeypatch.setattr(answerer, "read", held_read)
     app = create_app(answerer, max_batch=1, window_ms=0, limits=Limits(timeout_s=1.0))
     submitted, batcher = [], app.state.batcher
     submit = batcher.submit
@@ -162,14 +169,14 @@ def test_a_request_past_the_timeout_is_504_and_a_waiting_one_is_never_read(answe
 
         first = threading.Thread(target=ask, args=(0,))
         first.start()
-        while not submitted:  # the first is in the (slow) batcher; the second waits behind it
-            time.sleep(0.01)
+        assert reading.wait(60)  # the first is being read (held); the second waits behind it
         ask(1)
         first.join()
         assert [status for status, _ in replies] == [504, 504]
         assert replies[1][1] == {"error": "no answer within 1 s (the service's --timeout-s)"}
         assert len(submitted) == 2 and submitted[1].cancelled()
-        submitted[0].result(timeout=30)  # the first was being read: it finishes, unseen
+        release.set()
+        submitted[0].result(timeout=60)  # the first was being read: it finishes, unseen
         monkeypatch.setattr(answerer, "read", read)
         status, again = request(port, "POST", "/answer", {"question": QUESTION, "k": 2})
         assert status == 200 and again["answer"]

@@ -6,24 +6,39 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from flows import services
 
 
-def _fake_service() -> subprocess.Popen:
-    """A process group like the server's: a leader (named like a prefect command) and a child."""
-    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
-    return subprocess.Popen([sys.executable, "-c", script, "prefect"], start_new_session=True)
+def _fake_service() -> tuple[subprocess.Popen, int]:
+    """A process group like the server's: a leader (named like a prefect command) and a child; and the
+    child's pid, which the leader prints once the child runs (a handshake, not a sleep)."""
+    script = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              "print(child.pid, flush=True); time.sleep(60)")
+    process = subprocess.Popen([sys.executable, "-c", script, "prefect"], start_new_session=True, stdout=subprocess.PIPE, text=True)
+    return process, int(process.stdout.readline())
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_stop_ends_each_process_group_it_started_and_forgets_it(tmp_path, monkeypatch):
     monkeypatch.setattr(services, "STATE", tmp_path / "services.json")
-    process = _fake_service()
-    time.sleep(0.5)
+    process, child = _fake_service()
     services.STATE.write_text(json.dumps({"port": 4200, "pids": [process.pid]}))
-    assert services.alive(process.pid)
+    assert services.alive(process.pid) and not ended(child)
     assert services.cmd_stop() == 0
-    assert process.wait(timeout=5) is not None and not services.STATE.exists()
+    assert process.wait(timeout=30) is not None and not services.STATE.exists()
+    deadline = time.monotonic() + 30  # the child got the group's SIGTERM too
+    while not ended(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ended(child)
     assert services.cmd_stop() == 0  # nothing left to stop: says so, not an error
 
 
