@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import pytest
 import torch
 from transformers import AutoTokenizer, BertConfig, BertForQuestionAnswering, T5Config, T5ForConditionalGeneration
@@ -26,6 +29,20 @@ PASSAGES = [
         Passage("France", "France is a country in Western Europe with a long history of kings.", "p5"),
     ],
 ]
+
+
+SKIP_BROWSER = "BTR_SKIP_BROWSER"  # set (not 0) on a machine that cannot have Chromium: the browser tests skip
+
+
+def chromium() -> str:
+    """Chromium's path. Without it a browser test fails, saying how to install it (`make test` does, as root),
+    unless BTR_SKIP_BROWSER is set: the page must not go untested where it lands for want of a browser."""
+    path = shutil.which("chromium")
+    if path is not None:
+        return path
+    if os.environ.get(SKIP_BROWSER, "") not in ("", "0"):
+        pytest.skip(f"chromium not installed and {SKIP_BROWSER} is set")
+    pytest.fail(f"chromium not installed: `make browser` installs it (as root), {SKIP_BROWSER}=1 skips the browser tests")
 
 
 @pytest.fixture(scope="session")

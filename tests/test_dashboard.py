@@ -1,9 +1,9 @@
 """The Ray dashboard a run prints can be opened: token authentication stays on, and past it Chromium
-shows the node and the run's IndexWorker actors (`make browser` installs Chromium)."""
+shows the node and the run's IndexWorker actors (`make browser` installs Chromium; without it the test fails,
+unless BTR_SKIP_BROWSER is set)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from flows.dashboard import auth_token, look
 from flows.shards import ray_dashboard
 from reader.config import BTRConfig
 from reader.load import ReaderSpec, load_reader
+from tests.conftest import chromium
 from workers.actor import start_workers, stop_workers
 from workers.sizing import size_workers
 from workers.cluster import LOCAL_RAY, loopback_ray
@@ -23,8 +24,7 @@ from workers.indexer import calibrate_codec
 @pytest.fixture(scope="module")
 def cluster_with_workers(tmp_path_factory, make_extractive_module, write_flow_inputs):
     """A local Ray as the flow starts it, with the flow's IndexWorker actors up (a tiny reader)."""
-    if shutil.which("chromium") is None:
-        pytest.skip("chromium not installed: make browser")
+    chromium()  # fails without it (or skips where BTR_SKIP_BROWSER is set), before Ray starts
     reader = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=64), hidden_size=32)
     root = write_flow_inputs(tmp_path_factory.mktemp("dashboard"), reader, 4)
     corpus = normalize(root / "corpus.jsonl", "jsonl", root / "work").path
