@@ -132,3 +132,23 @@ def test_an_index_folder_refuses_to_resume_a_build_of_something_else(tmp_path):
     check_plan(tmp_path, dict(plan))  # the same build resumes
     with pytest.raises(ValueError, match="corpus, shard_size differ"):
         check_plan(tmp_path, {**plan, "corpus": "/data/b.tsv", "shard_size": 500})
+
+
+def test_every_flag_of_the_index_command_says_what_it_does_and_its_default(monkeypatch):
+    """`--help` of flows.index_wikipedia: text and a default for every flag, and --corpus-format lists the formats
+    the corpus reader knows (the parser spells them out, so that --help imports neither pyarrow nor torch)."""
+    from flows.index_wikipedia import build_parser
+    from workers.corpus import FORMATS
+
+    parser = build_parser()
+    flags = [a for a in parser._actions if a.dest != "help"]
+    assert len(flags) == 15
+    for action in flags:
+        assert action.help and ("%(default)s" in action.help or "(default: " in action.help), action.option_strings
+    [fmt] = [a for a in flags if a.dest == "corpus_format"]
+    assert fmt.choices == FORMATS and all(f"{name}:" in fmt.help for name in FORMATS)
+    monkeypatch.setenv("COLUMNS", "1000")  # no word wrapped inside a default
+    options = parser.format_help().split("\noptions:\n")[1]
+    said = {block.split()[0]: " ".join(block.split()) for block in options.split("\n  --")}
+    assert said["index"].endswith("(default: indexes/wikipedia-sample)")
+    assert said["offline-merge"].endswith("(default: 0.2)") and said["update"].endswith("(default: off)")
