@@ -73,6 +73,34 @@ fi
 [ "${EXTRACTIVE_ONLY:-0}" = 1 ] || timeout "${FID_TIMEOUT:-500}" $PY -m flows.fid_synthetic --tokenizer .gpu/base \
     --data "$WORK/synthetic" --out "$WORK/fid-small" --threads 3 --train-questions "$TQ" $F --results "$OUT/fid-small.json" > "$LOGS/fid-small.log" 2>&1 &
 wait
+
+# ---- Issue 43: the query path on the GPU, after the jobs above (it has the GPU to itself) ----------------
+# bench.reader, the product's own query code: FiD at t5-base shapes (random weights: speed does not depend on
+# them) and the trained extractive default; every mode (btr against baseline), one question per model pass and
+# QB per pass, p50/p99 of a pass; --device auto (the GPU, bfloat16). QUERY=0 skips it; QF, QE, QB, QUERY_DEVICE,
+# QUERY_DTYPE override. Writes query-{fid,extractive}-b{1,QB}.json (logs in logs.tar.gz).
+if [ "${QUERY:-1}" = 1 ]; then
+    if [ "$SMOKE" = 1 ]; then
+        QF=${QF:-"--shape tiny --queries 4 --passages 2 --rounds 1 --answer-tokens 2"}
+        QE=${QE:-"--queries 4 --passages 2 --rounds 1 --passage-tokens 64"}
+        QB=${QB:-2}
+    else  # the extractive default's shape from .gpu/base where the committed checkpoint was emptied to travel
+        [ -f .gpu/base/config.json ] && QCK="--checkpoint .gpu/base --split-layer 3" || QCK=""
+        QF=${QF:-"--shape t5-base --queries 64 --passages 10 --rounds 3"}
+        QE=${QE:-"--queries 64 --passages 10 --rounds 3 $QCK"}
+        QB=${QB:-16}
+    fi
+    for family in fid extractive; do
+        [ "$family" = fid ] && QARGS=$QF || QARGS=$QE
+        for batch in 1 "$QB"; do
+            timeout "${QUERY_TIMEOUT:-150}" $PY -m bench.reader --json --family "$family" $QARGS --batch "$batch" \
+                --device "${QUERY_DEVICE:-auto}" --dtype "${QUERY_DTYPE:-auto}" > "$OUT/query-$family-b$batch.json" \
+                2> "$LOGS/query-$family-b$batch.log" || echo "bench.reader $family batch $batch failed: see logs.tar.gz"
+        done
+    done
+fi
+# ---- end of issue 43's step ---------------------------------------------------------------------------------
+
 if [ -f "$WORK/export/btr.json" ]; then
     tar -C "$WORK" -cf - export | split -b 15M - "$OUT/export.tar.part-"
 fi

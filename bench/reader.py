@@ -3,8 +3,8 @@
     python -m bench.reader --json [--family fid|extractive] [--device auto|cpu|cuda[:N]] [--dtype auto] [--batch N]
 
 fid (the default): a FiD reader with full t5-base shapes and random weights (speed does not depend
-on them); extractive: the trained default reader (reader/checkpoint) over the query path's own
-model function (``reader.query.run_reader``). Both take real passages from the bundled Wikipedia
+on them); extractive: the trained default reader (reader/checkpoint, or ``--checkpoint``) through the
+query path's own model pass (``reader.model_pass.run_reader``; neither faiss nor an index is needed). Both take real passages from the bundled Wikipedia
 sample, compute BTR's bits beforehand (the offline half), then time every mode in interleaved
 rounds through the product's own code path, ``--batch`` questions per model pass, on ``--device``
 (a GPU's work is waited for before each clock read). ``latency_ms``: p50 and p99 of one pass.
@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--family", choices=("fid", "extractive"), default="fid",
                         help="fid: random T5 of --shape; extractive: the trained default reader")
     parser.add_argument("--shape", default="t5-base", help="a T5 shape of reader.t5_shapes (fid; default t5-base)")
+    parser.add_argument("--checkpoint", help="extractive: a checkpoint of the same shape (default: the trained reader)")
     parser.add_argument("--split-layer", type=int, default=None, help="k (default: 3/4 of the layers, 9 of 12)")
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--passages", type=int, default=10, help="passages per query")
@@ -58,7 +59,7 @@ from reader.config import NO_MERGE, BTRConfig, RuntimeMerge
 from reader.device import resolve
 from reader.fid import FiDReader
 from reader.load import ReaderSpec, load_reader
-from reader.query import run_reader
+from reader.model_pass import run_reader
 from reader.t5_shapes import SHAPES, random_t5
 from storage.record import Passage
 
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> dict:
     if fid:
         reader = build_reader(args.shape, args.split_layer, args.passage_tokens, merge)
     else:
-        reader = load_reader(ReaderSpec(split_layer=args.split_layer, max_passage_tokens=args.passage_tokens))
+        spec = ReaderSpec(checkpoint=args.checkpoint, split_layer=args.split_layer, max_passage_tokens=args.passage_tokens)
+        reader = load_reader(spec)
     reader = reader.to(device=device, dtype=dtype)
     passages = sample_passages(args.queries * args.passages, min_words=int(args.passage_tokens * 0.8))
     groups = [passages[i * args.passages : (i + 1) * args.passages] for i in range(args.queries)]
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace) -> dict:
         "stored_bytes_per_token": reader.hidden_size // 8 + 2 + 4,  # bits + fp16 scale + int32 id
         "config": {
             "family": args.family,
-            **({"shape": args.shape, **SHAPES[args.shape]} if fid else {"checkpoint": "reader/checkpoint"}),
+            **({"shape": args.shape, **SHAPES[args.shape]} if fid else {"checkpoint": args.checkpoint or "reader/checkpoint"}),
             "split_layer": reader.split_layer,
             "queries": args.queries,
             "passages_per_query": args.passages,
@@ -231,8 +233,8 @@ def main(argv: list[str] | None = None) -> int | None:
           f"batch {args.batch}, {result['config']['device']} {result['config']['dtype']}")
     for name, stage in result["stage_ms_per_query"].items():
         latency = result["latency_ms"][name]
-        print(f"  {name:12s} {result[name + '_qps']:7.2f} q/s   encode {stage['encode']:7.1f} ms   decode {stage['decode']:7.1f} ms"
-              f"   pass p50 {latency['p50']:7.1f} ms  p99 {latency['p99']:7.1f} ms")
+        stages = f"encode {stage['encode']:7.1f} ms   decode {stage['decode']:7.1f} ms   " if args.family == "fid" else ""
+        print(f"  {name:12s} {result[name + '_qps']:7.2f} q/s   {stages}pass p50 {latency['p50']:7.1f} ms  p99 {latency['p99']:7.1f} ms")
     print(f"  speedup over baseline: btr {result['speedup']}x, split {result['split_speedup']}x"
           + (f", btr without merging {result['unmerged_speedup']}x" if "unmerged_speedup" in result else ""))
 

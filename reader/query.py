@@ -8,14 +8,10 @@ only that family); the commands import this module after parsing their flags.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
 from pydantic import TypeAdapter, ValidationError
 
 from storage.bits import IncompatibleRepresentation
@@ -29,23 +25,13 @@ from .config import check_mode
 from .device import resolve
 from .inputs import ReaderInputError, clean_text, passage_string
 from .load import ReaderSpec, load_reader
+from .model_pass import run_reader, timed
 from .retriever import Hit, Retriever
-
-if TYPE_CHECKING:
-    from .split import PassageLike, SplitReader
 
 
 def bad_input_errors() -> tuple[type[Exception], ...]:
     """Exceptions that mean bad input (question, index, options), reported without a traceback."""
     return ReaderInputError, IncompatibleIndex, IncompatibleRepresentation, CorruptRecord, FileNotFoundError, ValueError
-
-
-@contextmanager
-def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
-    """Add the wall time of the block to ``timings[stage]`` (milliseconds)."""
-    start = time.perf_counter()
-    yield
-    timings[stage] = timings.get(stage, 0.0) + 1000 * (time.perf_counter() - start)
 
 
 @dataclass
@@ -193,30 +179,6 @@ class Answerer:
         """One question: checked (k within ``max_k``, reader.answer's flag), looked up and read."""
         self.check(question, k, mode, max_k, "reader.answer's --max-k")
         return self.read([self.lookup(question, k)], mode)[0]
-
-
-def run_reader(
-    reader: SplitReader, questions: Sequence[str], groups: Sequence[Sequence[PassageLike]],
-    scores: Sequence[Sequence[float]], mode: str, timings: dict[str, float],
-) -> list:
-    """The model's part of a query, for a batch of questions: one pass, the reader's outputs (spans or Generated).
-
-    ``groups``: each question's passages (BinaryTokens in btr mode, text otherwise); ``scores``:
-    the retriever's. Adds milliseconds to ``timings``: decode (tokenizing, bits to floats), lower
-    (split mode), upper, extract or generate. ``bench.reader`` times this same function.
-    """
-    with timed(timings, "decode"):
-        batch = reader.prepare(questions, groups, scores)
-        with torch.inference_mode():
-            states = reader.passage_states(batch, mode) if mode == "btr" else None
-    with torch.inference_mode():
-        if mode == "split":  # continuous lower states, computed now from the passage text
-            with timed(timings, "lower"):
-                states = reader.passage_states(batch, mode)
-        with timed(timings, "upper"):
-            pairs = reader.encode_pairs(batch, mode, reader.encoder_merge_ratio(mode), passages=states)
-        with timed(timings, "extract" if hasattr(reader, "span_offsets") else "generate"):
-            return reader.read_out(batch, pairs, mode)
 
 
 def snippet(text: str, width: int = 160) -> str:

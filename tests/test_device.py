@@ -92,3 +92,18 @@ def test_bfloat16_gives_the_same_answers_and_scores_within_tolerance(answerers, 
     # the answers users see are the same
     assert [answerers["bfloat16"].answer(q, 5, mode)["answer"] for q in QUESTIONS[:4]] == [
         answerers["float32"].answer(q, 5, mode)["answer"] for q in QUESTIONS[:4]]
+
+
+def test_bench_reader_times_the_extractive_query_path_batched_on_the_device_asked(capsys):
+    from bench.reader import main as bench_main
+
+    bench_main(["--json", "--family", "extractive", "--queries", "4", "--passages", "2", "--passage-tokens", "64",
+                "--rounds", "1", "--batch", "2", "--device", "cpu", "--dtype", "bfloat16", "--threads", "1"])
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["latency_ms"]) == {"baseline", "split", "btr"}  # no run-time merging in an extractive reader
+    assert all(0 < v["p50"] <= v["p99"] for v in result["latency_ms"].values())
+    assert (result["config"]["family"], result["config"]["batch"], result["config"]["dtype"]) == ("extractive", 2, "bfloat16")
+    assert result["btr_qps"] > 0 and "decoder_memory_tokens" not in result
+    if not torch.cuda.is_available():  # refused before the reader loads
+        assert bench_main(["--family", "extractive", "--queries", "2", "--device", "cuda"]) == 2
+        assert capsys.readouterr().err.startswith("error: --device cuda: torch sees no CUDA GPU here")
