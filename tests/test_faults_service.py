@@ -22,7 +22,7 @@ from reader.assets import wikipedia_sample
 from reader.loadtest import request
 from reader.serve import Limits, create_app
 from reader.serve_http import allowed_hosts
-from test_serve_page import serving
+from test_serve_page import hold_reads, serving
 
 PASSAGES = wikipedia_sample(40, min_words=30)
 QUESTION = f"What is {PASSAGES[0].title}?"
@@ -151,15 +151,8 @@ def test_a_cross_origin_text_plain_post_and_a_control_only_question_are_refused_
 
 
 def test_after_a_504_the_passes_of_a_batch_not_yet_read_are_dropped(answerer, monkeypatch):
-    """Events, not sleeps: the first pass is held until every request has had its 504, then let go."""
-    read, reading, release = answerer.read, threading.Event(), threading.Event()
-
-    def held_read(lookups, mode):
-        reading.set()
-        assert release.wait(60), "the test never let the pass go"
-        return read(lookups, mode)
-
-    monkeypatch.setattr(answerer, "read", held_read)
+    """The first pass is held until every request has had its 504, then let go."""
+    reading, release = hold_reads(answerer, monkeypatch)
     # The batch closes when its four questions are in (max_batch 4; the window is only an upper bound, so a
     # loaded machine cannot split it); 10 passages a pass at k = 10: one question each.
     app = create_app(answerer, max_batch=4, window_ms=60_000, limits=Limits(timeout_s=3.0), max_batch_passages=10)

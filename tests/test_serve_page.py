@@ -148,8 +148,9 @@ def test_a_question_over_the_limit_is_400_before_any_tokenization(answerer, monk
     }
 
 
-def test_a_request_past_the_timeout_is_504_and_a_waiting_one_is_never_read(answerer, monkeypatch):
-    """Events, not sleeps: the first question's pass is held until both requests have had their 504."""
+def hold_reads(answerer: Answerer, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make each model pass wait for the test: (reading, set when a pass starts; release, for the test to set).
+    Events, not sleeps racing a timeout on a loaded machine."""
     read, reading, release = answerer.read, threading.Event(), threading.Event()
 
     def held_read(lookups, mode):
@@ -158,6 +159,13 @@ def test_a_request_past_the_timeout_is_504_and_a_waiting_one_is_never_read(answe
         return read(lookups, mode)
 
     monkeypatch.setattr(answerer, "read", held_read)
+    return reading, release
+
+
+def test_a_request_past_the_timeout_is_504_and_a_waiting_one_is_never_read(answerer, monkeypatch):
+    """The first question's pass is held until both requests have had their 504."""
+    read = answerer.read
+    reading, release = hold_reads(answerer, monkeypatch)
     app = create_app(answerer, max_batch=1, window_ms=0, limits=Limits(timeout_s=1.0))
     submitted, batcher = [], app.state.batcher
     submit = batcher.submit
