@@ -1,6 +1,6 @@
 """Answer questions from a BTR index, citing the passages each answer drew on.
 
-    python -m reader.answer "who directed 2001: A Space Odyssey?" [--index DIR] [--k 5] [--mode btr] [--json]
+    python -m reader.answer "who directed 2001: A Space Odyssey?" [--index DIR] [--k 5] [--mode btr] [--json] [--device cuda]
     python -m reader.answer --questions questions.jsonl [--index DIR] ...   (one JSON answer per line)
 
 Retrieves passages with the index's faiss retriever, reads their records from LMDB, decodes the
@@ -99,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.question is None) == (args.questions is None):
         parser.error("give a question or --questions FILE, not both")
-    from .inputs import ReaderInputError, is_blank  # the query path, now that the flags are good
+    from storage.shard import DamagedIndex  # the query path, now that the flags are good
+
+    from .inputs import ReaderInputError, is_blank
     from .load import quiet_library_logs
     from .query import Answerer, bad_input_errors
-    from storage.shard import DamagedIndex
 
     quiet_library_logs()
     errors = bad_input_errors()
