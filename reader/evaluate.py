@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary["index"] = args.index
+    summary["device"] = f"{answerer.reader.device} {str(answerer.reader.dtype).removeprefix('torch.')}"  # QPS depends on it
     if args.json:
         print(json.dumps(summary))
     else:

@@ -107,3 +107,13 @@ def test_bench_reader_times_the_extractive_query_path_batched_on_the_device_aske
     if not torch.cuda.is_available():  # refused before the reader loads
         assert bench_main(["--family", "extractive", "--queries", "2", "--device", "cuda"]) == 2
         assert capsys.readouterr().err.startswith("error: --device cuda: torch sees no CUDA GPU here")
+
+
+def test_evaluate_reports_the_device_and_dtype_it_measured_on(index, tmp_path, capsys):
+    from reader.evaluate import main as evaluate_main
+
+    path = tmp_path / "dev.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answers": [p.title]}) + "\n" for q, p in zip(QUESTIONS[:3], PASSAGES[::3])))
+    assert evaluate_main(["--index", str(index), "--questions", str(path), "--json", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["device"] == "cpu bfloat16" and summary["n"] == 3
