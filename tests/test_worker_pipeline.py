@@ -19,7 +19,7 @@ from storage.shard import SHARDS, shard_name
 from workers.build import encode_corpus
 from workers.corpus import normalize, read_rows
 from workers.indexer import ShardIndexer, calibrate_codec, plan_shards
-from workers.pipeline import ShardPipeline
+from workers.pipeline import Device, ShardPipeline
 from workers.sizing import size_workers
 
 MAX_TOKENS = 48
@@ -138,3 +138,31 @@ def test_workers_are_sized_from_the_cluster_and_the_override_wins():
     shared = size_workers(cpus=16, gpus=1, workers=2, threads=4)
     assert (shared.workers, shared.cpus, shared.torch_threads, shared.pool_threads, shared.gpu) == (2, 4, 2, 2, 0.5)
     assert "2 worker(s), each 0.5 GPU, 4 CPU(s)" in shared.describe()
+
+
+@pytest.mark.parametrize("fail_at", [("lower", 3), ("embed", 4)])  # the tokenizer ahead; done with its queue full
+def test_a_device_error_mid_shard_stops_the_shard_and_the_tokenizer_ahead_of_it(corpus, tmp_path, fail_at):
+    root, corpus_path, spec = corpus
+    reader = load_reader(spec)
+    calibrate_codec(tmp_path, corpus_path, reader, 39)
+    fmt = IndexWriter(tmp_path, reader.identity()).format
+    encoder = Encoder(spec.checkpoint)
+    device, calls = Device(reader, encoder), []
+    stage, at = fail_at
+
+    def failing(batch):
+        calls.append(batch)
+        if len(calls) == at:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return getattr(Device, stage)(device, batch)
+
+    setattr(device, stage, failing)
+    pipeline = ShardPipeline(reader, encoder, fmt, batch_size=2, threads=2, embed_batch_size=8, device=device, depth=1)
+    before, raised = threading.active_count(), []
+    run = threading.Thread(target=lambda: raised.append(pytest.raises(RuntimeError, pipeline.run, read_rows(corpus_path, 0, 39))))
+    run.start()
+    run.join(timeout=120)  # a tokenizer thread blocked on its full queue would hold the shard here for ever
+    assert not run.is_alive(), "the shard did not end after the device failed"
+    assert "illegal memory access" in str(raised[0].value) and len(calls) == at
+    pipeline.close()
+    assert threading.active_count() <= before

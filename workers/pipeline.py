@@ -6,10 +6,11 @@
     coding pool        codec encode and record packing, a lower batch a task (zstd releases the GIL)
     writer             the sealed LMDB shard, last (``storage.shard.write_shard``)
 
-The batches are the serial path's own (``workers.build.encode_corpus``, ``reader.retriever.Encoder.embed``),
+The batches are the serial path's own (``workers.build.encode_corpus``, ``reader.encoder.Encoder.embed``),
 so the floats, bits and vectors are the same, and at the same zstd level so are the records: the tests
 compare shard digests with the serial path's. The queue and the pool's backlog are bounded (``depth``
-batches each): memory is a shard's records plus a few batches, whatever the number of shards.
+batches each): memory is a shard's records plus a few batches, whatever the number of shards. Without
+threads (a CPU worker: ``workers.sizing``) the same stages run one after the other in the caller.
 
 ``Device`` is the device's half. ``Replay`` stands in for it with recorded outputs, so a benchmark can
 time the host's half alone (``bench.workers``).
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 
 from reader.binary import pack_states
-from reader.inputs import encode_passages, pad
 from reader.encoder import Encoder, passage_text
+from reader.inputs import encode_passages, pad
 from reader.split import SplitReader
 from storage.record import Passage, RecordFormat, encode_arrays
 
@@ -185,7 +186,10 @@ class ShardPipeline:
             self._collect(pending.popleft(), records)
         return ShardOutput(records, tokens, embeddings)  # type: ignore[arg-type]
 
-    def _step(self, batch, passages, records, embeddings, pending: deque, progress) -> None:
+    def _step(
+        self, batch: LowerBatch | EmbedBatch, passages: Sequence[Passage], records: list[bytes | None],
+        embeddings: np.ndarray, pending: deque[Future], progress: Callable[[int, int], None] | None,
+    ) -> None:
         """One batch through the device; a lower batch's coding handed to the pool (oldest collected past ``depth``)."""
         if isinstance(batch, EmbedBatch):
             embeddings[batch.chunk] = self.times.timed("device: retriever", self.device.embed, batch)
@@ -223,20 +227,24 @@ class ShardPipeline:
         stop = threading.Event()
         done = object()
 
+        def offer(item) -> bool:
+            """Queue ``item``, unless the caller stopped listening (then the thread ends instead of blocking)."""
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
         def produce() -> None:
             try:
                 for batch in self._batches(passages):
-                    while not stop.is_set():
-                        try:
-                            ready.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
+                    if not offer(batch):
                         return
-                ready.put(done)
+                offer(done)
             except BaseException as error:  # noqa: BLE001 (handed to the caller, which raises it)
-                ready.put(error)
+                offer(error)
 
         thread = threading.Thread(target=produce, name="btr-tokenize", daemon=True)
         thread.start()
