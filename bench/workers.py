@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", help="a corpus file (default: the bundled sample)")
     parser.add_argument("--format", default="sample", help="its format (workers.corpus: sample, jsonl, dpr, parquet, wikixml)")
     parser.add_argument("--checkpoint", help="reader checkpoint (default: the bundled reader); only its shape matters here")
+    parser.add_argument("--retriever", help="passage encoder (default: the packaged all-MiniLM-L6-v2)")
     parser.add_argument("--split-layer", type=int, help="k, for a checkpoint without btr.json")
     parser.add_argument("--flat-memory", action="store_true", help="RSS shard by shard over --passages (tiny random models)")
     parser.add_argument("--shard-size", type=int, default=1000, help="passages per shard for --flat-memory (default 1000)")
@@ -347,12 +348,13 @@ def main(argv: list[str] | None = None) -> int:
             spec = ReaderSpec(checkpoint=args.checkpoint, split_layer=args.split_layer)
             root = work / "index"
             workers.indexer.calibrate_codec(root, Path(corpus.path), load_reader(spec), 200)
-            indexer = ShardIndexer(str(root), corpus.path, spec, None, args.batch_size, sizing.pool_threads, STAGING_LEVEL)
+            indexer = ShardIndexer(str(root), corpus.path, spec, args.retriever, args.batch_size, sizing.pool_threads, STAGING_LEVEL)
             host = ShardPipeline(indexer.reader, indexer.encoder, indexer.pipeline.format, args.batch_size, as_gpu_worker.pool_threads)
             result = measure(args, indexer, ShardPlan(0, 0, min(args.passages, corpus.passages)), host)
             reader = indexer.reader
             result["config"] = {
                 "reader": args.checkpoint or "all-MiniLM-L6-v2 extractive (the default)", "split_layer": reader.split_layer,
+                "retriever": indexer.encoder.name,
                 "passages": min(args.passages, corpus.passages), "batch_size": args.batch_size, "rounds": args.rounds,
                 "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                 "worker_coding_threads": sizing.pool_threads, "host_side_coding_threads": as_gpu_worker.pool_threads,
