@@ -66,3 +66,20 @@ def test_an_extractive_question_does_not_import_the_t5_family(tmp_path, tmp_path
     assert '"answer"' in process.stdout
     assert "reader.extractive" in modules and "reader.query" in modules
     assert "reader.fid" not in modules and not any(name.startswith("transformers.models.t5") for name in modules)
+
+
+def test_every_console_script_answers_help_without_a_model_library():
+    """The commands ``pip install`` gives (pyproject's [project.scripts]), each called as its script calls it."""
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"btr-answer", "btr-serve", "btr-evaluate", "btr-index"} <= set(scripts)
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        code = (f"import sys\nsys.argv = [{name!r}, '--help']\nfrom {module} import {function}\ntry:\n    {function}()\n"
+                "except SystemExit as end:\n    assert end.code == 0, end.code\n"
+                f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage:" in out.stdout, (name, out.stderr[-1000:])
+        assert out.stdout.splitlines()[-1] == "[]", (name, out.stdout.splitlines()[-1])
