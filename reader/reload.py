@@ -22,7 +22,7 @@ from storage.index import MANIFEST, Index
 from .retriever import Retriever
 
 if TYPE_CHECKING:  # the service imports the query path once its flags are parsed
-    from .answer import Answerer, Lookup
+    from .query import Answerer, Lookup
 
 log = logging.getLogger(__name__)
 

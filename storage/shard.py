@@ -8,7 +8,6 @@ read-only without a lock file: nothing ever writes them again.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import json
 import math
@@ -24,6 +23,7 @@ import lmdb
 from pydantic import Field
 
 from .codec import file_digest
+from .space import disk_full
 
 KEY = struct.Struct(">Q")  # a block's first global row: fixed width, big-endian, so keys sort and loads append
 SHARDS = "shards"
@@ -186,16 +186,12 @@ def write_shard(root: Path, shard_id: int, first_row: int, records: Sequence[byt
 
 
 def _write_failed(error: Exception, name: str, tmp: Path, needed: int) -> NoReturn:
-    """Clear a failed write away and say why; a full disk (LMDB reports a short write as EIO) by name."""
-    free = shutil.disk_usage(tmp.parent).free
+    """Clear a failed write away and say why; a full disk (LMDB reports a short write as EIO) by name (``storage.space``)."""
+    full = disk_full(error, tmp.parent / name, needed,
+                     "Free space and rerun the flow: it keeps every shard already sealed and writes this one again")
     shutil.rmtree(tmp, ignore_errors=True)
-    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < needed:
-        raise OSError(
-            errno.ENOSPC,
-            f"{name}: no space left on the device of {tmp.parent} ({free:,} bytes free, the shard needs up to "
-            f"{needed:,}; the write failed with: {error}). Free space and rerun the flow: it keeps every shard "
-            "already sealed and writes this one again",
-        ) from error
+    if full is not None:
+        raise full from error
     raise error
 
 
