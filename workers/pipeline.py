@@ -271,7 +271,7 @@ class ShardPipeline:
             begin = time.perf_counter()
             ids = encode_passages(self.reader.tokenizer, self.reader.layout, [passages[i] for i in chunk], limit)
             padded, mask = pad(ids, self.reader.layout.pad_id)
-            if torch.cuda.is_available() and self.reader.device.type == "cuda":
+            if self.reader.device.type == "cuda":
                 padded, mask = padded.pin_memory(), mask.pin_memory()
             self.times.add("tokenize", time.perf_counter() - begin)
             yield LowerBatch(chunk, padded, mask, [len(i) for i in ids])
