@@ -17,10 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the index folder: written, resumed, or with --update given a new version (default: %(default)s)")
     parser.add_argument("--corpus", default=None, help="the corpus file (default: the bundled sample, 10,033 passages)")
     # The formats of workers.corpus.FORMATS (not imported here: --help answers before pyarrow and torch load).
-    parser.add_argument("--corpus-format", choices=("sample", "dpr", "jsonl", "parquet", "wikixml"), default="sample",
+    parser.add_argument("--corpus-format", choices=("auto", "sample", "dpr", "jsonl", "parquet", "wikixml"), default="auto",
                         help="jsonl: one {id, title, text} object per line; parquet: columns id, title, text; "
                              "dpr: DPR's psgs_w100.tsv (id, text, title); wikixml: a MediaWiki dump, .xml or .xml.bz2; "
-                             "sample: the bundled sample, no --corpus (default: %(default)s; docs/indexing.md)")
+                             "sample: the bundled sample's JSON; auto: the bundled sample without --corpus, else "
+                             "from the file's name (.jsonl, .parquet, .tsv, .xml, .xml.bz2, .json) "
+                             "(default: %(default)s; docs/indexing.md)")
     parser.add_argument("--shard-size", type=int, default=0,
                         help="passages per LMDB shard; 0: from the corpus size (default: %(default)s)")
     parser.add_argument("--offline-merge", type=float, default=0.2,

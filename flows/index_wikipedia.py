@@ -37,7 +37,7 @@ from storage.index import INFO_FILE, MANIFEST, IndexWriter, Manifest
 from storage.offline import OfflineMerge
 from storage.shard import ShardInfo, default_shard_size
 from workers.cluster import cluster_runner
-from workers.corpus import CorpusError, normalize
+from workers.corpus import CorpusError, corpus_format as format_of, normalize
 from workers.indexer import (
     STAGING_LEVEL, ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards, resumed,
 )
@@ -157,7 +157,7 @@ def publish(
 def index_wikipedia(
     index: str = "indexes/wikipedia-sample",
     corpus: str | None = None,
-    corpus_format: str = "sample",
+    corpus_format: str = "auto",
     reader_checkpoint: str | None = None,
     reader_family: str = "extractive",
     split_layer: int | None = None,
@@ -179,6 +179,7 @@ def index_wikipedia(
     only its changed, added and deleted passages cost work; reader and retriever stay the index's.
     """
     OfflineMerge(offline_merge)  # validate before any work
+    corpus_format = format_of(corpus, corpus_format)  # "auto": from the file's name; recorded as found
     out = Path(index)
     work = out / ".work"
     staging = work / "lossless" if offline_merge > 0 else out

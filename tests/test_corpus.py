@@ -146,9 +146,27 @@ def test_every_flag_of_the_index_command_says_what_it_does_and_its_default(monke
     for action in flags:
         assert action.help and ("%(default)s" in action.help or "(default: " in action.help), action.option_strings
     [fmt] = [a for a in flags if a.dest == "corpus_format"]
-    assert fmt.choices == FORMATS and all(f"{name}:" in fmt.help for name in FORMATS)
+    assert fmt.choices == ("auto", *FORMATS) and all(f"{name}:" in fmt.help for name in fmt.choices)
     monkeypatch.setenv("COLUMNS", "1000")  # no word wrapped inside a default
     options = parser.format_help().split("\noptions:\n")[1]
     said = {block.split()[0]: " ".join(block.split()) for block in options.split("\n  --")}
     assert said["index"].endswith("(default: indexes/wikipedia-sample)")
     assert said["offline-merge"].endswith("(default: 0.2)") and said["update"].endswith("(default: off)")
+
+
+def test_the_default_format_comes_from_the_corpus_file_name(tmp_path):
+    """--corpus-format auto (the default): a user's `--corpus x.jsonl` is read as JSONL, not as the sample's JSON
+    (which refused it, "not the sample's JSON", for want of a second flag); a name that says nothing is refused
+    with the flag to use."""
+    from workers.corpus import CorpusError, corpus_format, read_corpus
+
+    expected = {"a.jsonl": "jsonl", "A.JSONL": "jsonl", "w.parquet": "parquet", "psgs_w100.tsv": "dpr",
+                "dump.xml": "wikixml", "enwiki-pages.xml.bz2": "wikixml", "summaries.json": "sample"}
+    assert {name: corpus_format(tmp_path / name) for name in expected} == expected
+    assert corpus_format(None) == "sample" and corpus_format("a.jsonl", "dpr") == "dpr"  # a named format wins
+    with pytest.raises(CorpusError, match="--corpus-format"):
+        corpus_format(tmp_path / "corpus.txt")
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"id": "d", "title": "Danube", "text": "The Danube flows into the Black Sea."}\n')
+    [passage] = list(read_corpus(path, "auto"))
+    assert (passage.id, passage.title) == ("d", "Danube")

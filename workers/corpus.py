@@ -32,6 +32,9 @@ from storage.record import Passage
 from .wikitext import split_words, strip_markup
 
 FORMATS = ("sample", "dpr", "jsonl", "parquet", "wikixml")
+# "auto" (the commands' default): the bundled sample without a corpus file, else the format its name ends in.
+SUFFIXES = {".jsonl": "jsonl", ".parquet": "parquet", ".tsv": "dpr", ".xml": "wikixml", ".xml.bz2": "wikixml",
+            ".json": "sample"}
 MAX_TEXT_CHARS = 20_000  # longer is no passage: a parse gone wrong, or a whole article
 MAX_TITLE_CHARS = 1_000  # every answer carries the titles it read: a 5 MB title made each one 5 MB of JSON
 MAX_ID_BYTES = 1_000  # UTF-8; a record stores the id's length in 16 bits (65,535), and answers carry it
@@ -251,8 +254,25 @@ def read_wikixml(path: Path, words: int = 100) -> Iterator[Passage | Reject]:
     return first_of_each_id(_wikixml_records(path, words))
 
 
+def corpus_format(path: Path | str | None, fmt: str = "auto") -> str:
+    """The format to read ``path`` in: ``fmt`` itself, or for "auto" the one its name says (a clear error if none)."""
+    if fmt != "auto":
+        return fmt
+    if path is None:
+        return "sample"
+    name = Path(path).name.lower()
+    for suffix, found in sorted(SUFFIXES.items(), key=lambda item: -len(item[0])):  # .xml.bz2 before .xml
+        if name.endswith(suffix):
+            return found
+    raise CorpusError(
+        f"cannot tell the format of {path} from its name (known endings: {', '.join(SUFFIXES)}); "
+        f"name one with --corpus-format {{{','.join(FORMATS)}}}"
+    )
+
+
 def read_corpus(path: Path | str | None, fmt: str) -> Iterator[Passage | Reject]:
-    """Stream a corpus of format ``fmt``; a malformed record comes as a Reject, in order."""
+    """Stream a corpus of format ``fmt`` (or "auto"); a malformed record comes as a Reject, in order."""
+    fmt = corpus_format(path, fmt)
     if fmt not in FORMATS:
         raise CorpusError(f"unknown corpus format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if fmt == "sample":
