@@ -27,6 +27,7 @@ from .inputs import ReaderInputError, clean_text, passage_string
 from .load import ReaderSpec, load_reader
 from .model_pass import run_reader, timed
 from .retriever import Hit, Retriever
+from .spans import whole_name
 
 
 def bad_input_errors() -> tuple[type[Exception], ...]:
@@ -54,7 +55,7 @@ class Answerer:
 
     def __init__(
         self, index: Path | str, text_reader: str | None = None, pool: int | None = None,
-        device: str = "cpu", dtype: str = "auto",
+        device: str = "cpu", dtype: str = "auto", whole_names: bool = True,
     ) -> None:
         """Load the index and the reader that built it.
 
@@ -64,6 +65,8 @@ class Answerer:
         instead of its default. ``device``, ``dtype``: where the reader runs (``reader.device``: auto,
         cpu, cuda[:N]; auto, float32, bfloat16, float16); DeviceUnavailable (a ValueError) for a GPU
         this machine lacks. The commands default to ``auto``; this class to the CPU in float32.
+        ``whole_names``: an extracted span is widened to the whole name it stops inside
+        (``reader.spans.whole_name``); off: the reader's span as it chose it.
         """
         device, dtype = resolve(device, dtype)  # before any loading: a missing GPU is refused at once
         manifest = Manifest.load(Path(index))
@@ -79,6 +82,7 @@ class Answerer:
                 f"the shards may be intact: rerun the index flow on {index}"
             ) from None
         self.text_only = text_reader is not None
+        self.whole_names = whole_names
         if self.text_only:
             spec = ReaderSpec(spec.family, text_reader, None, spec.max_passage_tokens)
         reader = load_reader(spec)  # float32 on the CPU: the weights an index records the digest of
@@ -150,9 +154,11 @@ class Answerer:
             if not extracts:  # FiD: cite the passage the answer attended to most
                 text, source = output.text, output.passage
                 context = passage_string(group[source].passage)
-            else:  # a span: slice the text the reader read of the cited passage
+            else:  # a span: slice the text the reader read of the cited passage, widened to a whole name
                 source, passage = output.passage, group[output.passage].passage
-                context, span = passage_string(passage), reader.span_offsets(passage, output.start, output.end)
+                context = passage_string(passage)
+                span = reader.span_offsets(passage, output.start, output.end)
+                span = whole_name(context, *span) if self.whole_names else span
                 text = context[span[0] : span[1]]
             stages = lookup.timings | timings
             results.append(

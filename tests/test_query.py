@@ -274,3 +274,26 @@ def test_tune_answer_rescores_as_the_query_path_reads_and_refuses_test_sets(inde
     assert points[1]["sets"]["nq-dev-heldout-in-sample"]["cited_rank"][0] == len(records)  # a huge weight: rank 1
     assert tune_answer.main([*argv[:4], "--sets", "nq-test-in-sample"]) == 2
     assert "dev sets only" in capsys.readouterr().err
+
+
+def test_an_answer_is_the_reader_span_widened_to_whole_words_and_names(index):
+    """The query path widens the reader's span (reader.spans.whole_name); off, it answers the span as read.
+
+    Widened, no answer starts or ends inside a word, and each holds the span the reader chose, cited
+    from the same passage; the tiny random reader's "Reap, Cambodia, and" becomes "Siem Reap, ..."."""
+    answerer = Answerer(index)
+    questions = [f"Who or what is {p.title}?" for p in PASSAGES[:12]] + QUESTIONS
+    lookups = [answerer.lookup(q, 3) for q in questions]
+    widened = answerer.read(lookups, "btr")
+    answerer.whole_names = False
+    as_read = answerer.read(lookups, "btr")
+    grown = 0
+    for wide, read in zip(widened, as_read):
+        assert wide["source"] == read["source"] and wide["context"] == read["context"]
+        (first, last), (start, end) = wide["span"], read["span"]
+        assert first <= start and end <= last and wide["answer"] == wide["context"][first:last]
+        text = wide["context"]
+        assert first == 0 or not (text[first - 1].isalnum() and text[first].isalnum()), wide["answer"]
+        assert last == len(text) or not (text[last - 1].isalnum() and text[last].isalnum()), wide["answer"]
+        grown += (first, last) != (start, end)
+    assert grown, "no answer was widened: the test shows nothing (the random reader's spans changed?)"
