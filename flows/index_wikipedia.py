@@ -42,7 +42,9 @@ from workers.indexer import (
     STAGING_LEVEL, ShardPlan, calibrate_codec, consume_embeddings, embedding_files, embeddings_consumed, plan_shards, resumed,
 )
 from workers.offline import merge_on_cluster
+from workers.progress import read_json
 
+from .console import command_started, quiet_console, wall_time_line
 from .progress import PROGRESS_FILE, RUN_FILE, RunProgress, markdown_table
 from .shards import flow_cluster, index_shards, ray_runner
 from .update import Refused, update_index
@@ -103,7 +105,9 @@ def normalize_corpus(corpus: str | None, corpus_format: str, work: str) -> dict:
 def fit_codec(staging: str, corpus_path: str, spec: dict, sample: int) -> dict:
     """Codec prototypes and dictionary from a sample; the reader's identity for the manifest."""
     reader = load_reader(ReaderSpec(**spec))
+    kept = (Path(staging) / "codec" / "codec.json").exists()
     description = calibrate_codec(Path(staging), Path(corpus_path), reader, sample, CodecSettings())
+    get_run_logger().info("codec: %s", "kept from an earlier attempt" if kept else f"fitted on the first {sample:,} passages at most")
     return {"codec": description, "reader": reader.identity().to_dict()}
 
 
@@ -251,7 +255,9 @@ def index_wikipedia(
 
 
 def main(argv: list[str] | None = None) -> None:
+    began = command_started()
     args = build_parser().parse_args(argv)
+    quiet_console()
     try:
         index_wikipedia(
         index=args.index, corpus=args.corpus, corpus_format=args.corpus_format, shard_size=args.shard_size,
@@ -262,6 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     except (Refused, CorpusError, IncompatibleIndex) as error:  # the input's fault: one line, no traceback
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    record = read_json(Path(args.index) / ".work" / PROGRESS_FILE) or {}
+    print(wall_time_line(began, record.get("seconds")))
 
 if __name__ == "__main__":
     main()

@@ -167,7 +167,8 @@ class Printer:
         self.every, self.last, self.key, self.said_dashboard, self.width = every, 0.0, None, False, 0
 
     def show(self, record: dict) -> None:
-        if record.get("ray_dashboard") and not self.said_dashboard:
+        if record.get("ray_dashboard") and not self.said_dashboard and record["phase"] not in FINAL_PHASES:
+            # an ended run's Ray, when the run started it, is gone with it: no URL that answers nothing
             self._newline()
             self.stream.write(f"    Ray dashboard: {record['ray_dashboard']}\n")
             self.said_dashboard = True
@@ -262,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if record["phase"] in FINAL_PHASES:
         ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(record["updated"]))
-        print(f"this run ended ({record['phase']}) at {ended} and took {duration(took(record))}")
+        print(f"this run ended ({record['phase']}) at {ended}; its flow run took {duration(took(record))} "
+              "(the command that started it also spent its start-up: libraries, Prefect's temporary server)")
     record = follow(path)
     return 0 if record and record["phase"] == "done" else 1
 

@@ -32,6 +32,7 @@ from workers.cluster import LOCAL_RAY, cluster, loopback_ray
 from workers.progress import WORKER_FOLDER, in_flight
 from workers.quiet import quiet
 
+from .console import ray_logging_level, worker_console_env
 from .progress import Printer, RunProgress
 
 
@@ -53,7 +54,7 @@ class RayTaskRunner(prefect_ray.RayTaskRunner):
 
 def ray_env() -> dict:
     """What Ray's processes are started with: quiet, and reporting to this run's Prefect API."""
-    return {"env_vars": quiet() | {"PREFECT_API_URL": prefect_api_url()}}
+    return {"env_vars": quiet() | worker_console_env() | {"PREFECT_API_URL": prefect_api_url()}}
 
 
 def ray_runner(ray_address: str | None) -> RayTaskRunner:
@@ -69,7 +70,7 @@ def ray_runner(ray_address: str | None) -> RayTaskRunner:
 
 def flow_cluster(ray_address: str | None) -> AbstractContextManager:
     """The run's Ray, for every step from the shards on: the cluster at ``ray_address``, else a loopback one started here."""
-    return cluster(ray_address, runtime_env=ray_env())
+    return cluster(ray_address, runtime_env=ray_env(), logging_level=ray_logging_level())
 
 
 @task(name="index-shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE)

@@ -36,7 +36,7 @@ def direct_run(tmp_path_factory, make_extractive_module, write_flow_inputs):
          "--codec-sample", str(PASSAGES), "--offline-merge", "0"],
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )
-    output = done.stdout + done.stderr
+    output = done.stderr + done.stdout  # the order a terminal shows: the logs, then the command's last line
     assert done.returncode == 0, output[-3000:]
     return index, output, root / "prefect-home" / "prefect.db"
 
@@ -46,6 +46,20 @@ def test_one_prefect_server_and_nothing_lost_or_sent(direct_run):
     assert output.count("Starting temporary server") == 1, output[-3000:]
     assert "Error logging to API" not in output
     assert "telemetry" not in output.lower()  # Prefect logs each failed attempt to send it
+
+
+def test_the_terminal_gets_a_line_per_phase_and_the_wall_time_not_the_libraries_chatter(direct_run):
+    """Weight-loading bars, Ray's start-up lines, Prefect's engine lines and the console lines of the tasks in
+    Ray's processes stay off the terminal (the API keeps them: the test below); the last line is the wall time."""
+    _, output, _ = direct_run
+    lines = output.strip().splitlines()
+    for chatter in ("Loading weights", "Finished in state", "Beginning subflow", "Still processing items",
+                    "Token authentication", "Started a local Ray instance", "IndexWorker pid", "prefect.io/docs"):
+        assert chatter not in output, chatter
+    for phase in ("corpus: 30 passages", "codec: ", "Ray: ", "3/3 shards done", "retriever: ", "index ready at"):
+        assert sum(phase in line for line in lines) == 1, (phase, lines)
+    assert len(lines) <= 13, lines  # the phases above, 3 shard lines, the server's URL, the flow run's name
+    assert lines[-1].startswith("done in ") and "in the flow run" in lines[-1], lines[-1]
 
 
 def test_every_shard_task_run_and_its_log_lines_are_recorded_under_the_flow_run(direct_run):

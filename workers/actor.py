@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-
 import ray
 import torch
 
-from reader.load import ReaderSpec
+from reader.load import ReaderSpec, quiet_library_logs
 
 from .indexer import ShardIndexer, ShardPlan
+from .quiet import verbose
 from .sizing import Sizing
 
 ACTOR_PREFIX = "btr-index-worker"
@@ -27,6 +27,8 @@ class IndexWorker:
         level: int | None = None,
     ) -> None:
         torch.set_num_threads(sizing["torch_threads"])  # Ray sets OMP_NUM_THREADS=1 in workers; use the CPUs reserved
+        if not verbose():  # transformers' load reports (a retriever loaded from a QA checkpoint: a table of unused keys)
+            quiet_library_logs()
         self.indexer = ShardIndexer(index_root, corpus, ReaderSpec(**spec), encoder, batch_size, sizing["pool_threads"], level)
 
     def index(self, plan: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Nothing this project starts phones home: telemetry and usage reporting are off in every process.
+"""Nothing this project starts phones home or draws progress bars: telemetry off, library bars off, in every process.
 
 Applied when ``flows`` or ``workers`` is imported, before Prefect or Ray is, and inherited by every
 process they start (a temporary or local Prefect server, Ray's raylet and workers), so it holds
@@ -15,6 +15,8 @@ QUIET_ENV = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # the Prefect server's telemetry service
     "RAY_USAGE_STATS_ENABLED": "0",  # Ray's usage-stats reporting
     "HF_HUB_DISABLE_TELEMETRY": "1",  # Hugging Face Hub telemetry (loading by name still works)
+    # transformers' "Loading weights" bar, once per model load in every worker: 2 lines each in a run's log
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -23,3 +25,11 @@ def quiet() -> dict[str, str]:
     for name, value in QUIET_ENV.items():
         os.environ.setdefault(name, value)
     return {name: os.environ[name] for name in QUIET_ENV}
+
+
+VERBOSE_ENV = "BTR_VERBOSE"  # set (not 0): every library line on the terminal too (flows.console)
+
+
+def verbose() -> bool:
+    """Whether the user asked for the libraries' own lines (``BTR_VERBOSE=1``)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
