@@ -22,13 +22,15 @@ TEST = ("nq-test-in-sample", "trivia-test-in-sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.answer_spans", description=__doc__.splitlines()[0])
     parser.add_argument("--index", default="indexes/wikipedia-sample", help="index folder (default: %(default)s)")
     parser.add_argument("--qa", default="data/qa", help="where `make data` wrote the question sets (default: %(default)s)")
-    parser.add_argument("--sets", nargs="+", default=[*DEV, *TEST], help="question sets (default: dev, then test)")
+    parser.add_argument("--sets", nargs="+", default=[*DEV, *TEST],
+                        help=f"question sets, QA/NAME.jsonl (default: dev, then test: {' '.join([*DEV, *TEST])})")
     parser.add_argument("--limit", type=int, default=300, help="first N questions of each set (default: %(default)s)")
     parser.add_argument("--k", type=int, default=5, help="passages per question (default: %(default)s)")
-    parser.add_argument("--out", help="write the JSON here too")
+    parser.add_argument("--out", help="also write the JSON, with every changed answer, here (default: not written)")
     return parser
 
 

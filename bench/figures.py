@@ -88,10 +88,15 @@ def write(values: dict[str, str], root: Path = ROOT, figures: dict[str, dict] | 
     return changed
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.figures", description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite the pages' marked figures (default: check only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     values = figure_values()
     if args.write:
         for page in write(values):

@@ -212,42 +212,70 @@ def _evaluate_task(task: tuple) -> dict:
     return evaluate_reader(*task)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_readers", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     ready = commands.add_parser("prepare", help="here: base encoder, training data, retrieved evaluation sets")
-    ready.add_argument("--index", default="indexes/wikipedia-sample")
-    ready.add_argument("--data", default="data/qa")
-    ready.add_argument("--out", default=".gpu")
-    ready.add_argument("--test-limit", type=int, default=300)
+    ready.add_argument("--index", default="indexes/wikipedia-sample",
+                       help="the index whose retriever picks each question's passages (default: %(default)s)")
+    ready.add_argument("--data", default="data/qa",
+                       help="make data's folder: the question sets and real-train.jsonl (default: %(default)s)")
+    ready.add_argument("--out", default=".gpu",
+                       help="folder of what travels to the GPU machine: base encoder, training data, evaluation sets "
+                            "(default: %(default)s)")
+    ready.add_argument("--test-limit", type=int, default=300,
+                       help="the first N questions of each test set (default: %(default)s)")
     again = commands.add_parser("evaluate", help="only evaluate: stages of --out, or any checkpoint as FOLDER:MODE")
-    again.add_argument("--data", default=".gpu")
-    again.add_argument("--out", default="checkpoints/gpu-extractive")
-    again.add_argument("--readers", default="btr,control,split,plain")
-    again.add_argument("--sets", choices=("all", "dev"), default="all")
-    again.add_argument("--eval-limit", type=int)
-    again.add_argument("--jobs", type=int, default=1, help="readers evaluated at once, each in its own process")
-    again.add_argument("--results", required=True)
+    again.add_argument("--data", default=".gpu", help="prepare's folder (default: %(default)s)")
+    again.add_argument("--out", default="checkpoints/gpu-extractive",
+                       help="the run's stage checkpoints (default: %(default)s)")
+    again.add_argument("--readers", default="btr,control,split,plain",
+                       help="comma-separated readers evaluated, in this order: btr, control, split, plain (stages of "
+                            "--out) or any checkpoint as FOLDER:MODE (default: %(default)s)")
+    again.add_argument("--sets", choices=("all", "dev"), default="all",
+                       help="all: dev and test; dev: dev only (default: %(default)s)")
+    again.add_argument("--eval-limit", type=int, help="only the first N questions of each set (default: all)")
+    again.add_argument("--jobs", type=int, default=1,
+                       help="readers evaluated at once, each in its own process (default: %(default)s)")
+    again.add_argument("--results", required=True, help="write the results here, JSON (required)")
     run = commands.add_parser("run", help="on the GPU: train chain + control within the budget, evaluate")
-    run.add_argument("--data", default=".gpu")
-    run.add_argument("--out", default="checkpoints/gpu-extractive")
-    run.add_argument("--budget-s", type=float, default=300, help="training seconds (steps are scaled to fit; 0: as asked)")
+    run.add_argument("--data", default=".gpu", help="prepare's folder (default: %(default)s)")
+    run.add_argument("--out", default="checkpoints/gpu-extractive",
+                     help="folder of the stage checkpoints (default: %(default)s)")
+    run.add_argument("--budget-s", type=float, default=300,
+                     help="training seconds: the steps are scaled to fit; 0: the steps as asked (default: %(default)s)")
     run.add_argument("--learning-rate", type=float, help="every stage's peak rate (default: reader.train.LEARNING_RATES)")
-    run.add_argument("--readers", default="btr,control,split,plain", help="which to evaluate, in this order")
-    run.add_argument("--sets", choices=("all", "dev"), default="all", help="evaluate on dev and test, or dev only")
-    run.add_argument("--steps", type=int, default=8000, help="plain steps wanted (10x make train's 800)")
-    run.add_argument("--split-steps", type=int, default=10000)
-    run.add_argument("--bits-steps", type=int, default=4000)
-    run.add_argument("--control-steps", type=int, default=14000, help="split + bits, as make train")
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--span-distill", type=float, default=0.0, help="split stage: weight of the KL to plain's span distributions")
-    run.add_argument("--split-layer", type=int, default=SPLIT_LAYER, help="k: the encoder layers run offline (of 6)")
-    run.add_argument("--profile", action="store_true", help="print torch.profiler's table of a few plain steps first")
-    run.add_argument("--eval-limit", type=int, help="only the first N questions of each set (a smoke run)")
-    run.add_argument("--jobs", type=int, default=4, help="readers evaluated at once, each in its own process")
-    run.add_argument("--export", help="write btr's checkpoint here in fp16, with the weight chosen on dev")
-    run.add_argument("--results", default="results/gpu-extractive.json")
-    args = parser.parse_args(argv)
+    run.add_argument("--readers", default="btr,control,split,plain",
+                     help="comma-separated readers evaluated, in this order: btr, control, split, plain (stages of "
+                          "--out) or any checkpoint as FOLDER:MODE (default: %(default)s)")
+    run.add_argument("--sets", choices=("all", "dev"), default="all",
+                     help="all: dev and test; dev: dev only (default: %(default)s)")
+    run.add_argument("--steps", type=int, default=8000,
+                     help="plain stage steps wanted, 10x make train's 800 (default: %(default)s)")
+    run.add_argument("--split-steps", type=int, default=10000, help="split stage steps wanted (default: %(default)s)")
+    run.add_argument("--bits-steps", type=int, default=4000, help="bits stage steps wanted (default: %(default)s)")
+    run.add_argument("--control-steps", type=int, default=14000,
+                     help="control steps wanted, split + bits as make train (default: %(default)s)")
+    run.add_argument("--batch-size", type=int, default=32, help="questions per step (default: %(default)s)")
+    run.add_argument("--span-distill", type=float, default=0.0,
+                     help="split stage: weight of the KL to plain's span distributions (default: %(default)s)")
+    run.add_argument("--split-layer", type=int, default=SPLIT_LAYER,
+                     help="k: the encoder layers run offline, of 6 (default: %(default)s)")
+    run.add_argument("--profile", action="store_true",
+                     help="print torch.profiler's table of a few plain steps first (default: off)")
+    run.add_argument("--eval-limit", type=int, help="only the first N questions of each set, a smoke run (default: all)")
+    run.add_argument("--jobs", type=int, default=4,
+                     help="readers evaluated at once, each in its own process (default: %(default)s)")
+    run.add_argument("--export",
+                     help="write btr's checkpoint here in fp16, with the weight chosen on dev (default: no export)")
+    run.add_argument("--results", default="results/gpu-extractive.json",
+                     help="the results, JSON, rewritten as each reader ends (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_library_logs()
     if args.command == "prepare":
         print(json.dumps(prepare(args.index, Path(args.out), Path(args.data), args.test_limit)))

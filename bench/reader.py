@@ -27,22 +27,32 @@ from reader.device import add_device_arguments
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's flags (no heavy import: ``--help`` answers at once)."""
     parser = argparse.ArgumentParser(prog="python -m bench.reader", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, a summary)")
     parser.add_argument("--family", choices=("fid", "extractive"), default="fid",
-                        help="fid: random T5 of --shape; extractive: the trained default reader")
-    parser.add_argument("--shape", default="t5-base", help="a T5 shape of reader.t5_shapes (fid; default t5-base)")
+                        help="fid: random T5 of --shape; extractive: the trained default reader (default: %(default)s)")
+    parser.add_argument("--shape", default="t5-base",
+                        help="a T5 shape of reader.t5_shapes, for fid (default: %(default)s)")
     parser.add_argument("--checkpoint", help="extractive: a checkpoint of the same shape (default: the trained reader)")
     parser.add_argument("--split-layer", type=int, default=None, help="k (default: 3/4 of the layers, 9 of 12)")
-    parser.add_argument("--queries", type=int, default=5)
-    parser.add_argument("--passages", type=int, default=10, help="passages per query")
-    parser.add_argument("--passage-tokens", type=int, default=200, help="passage length limit")
-    parser.add_argument("--answer-tokens", type=int, default=5, help="greedy decoding steps per query (fid)")
-    parser.add_argument("--encoder-merge", type=float, default=0.2, help="r_p, intra-passage merge ratio (fid)")
-    parser.add_argument("--decoder-merge", type=float, default=0.2, help="cross-passage merge ratio (fid)")
-    parser.add_argument("--decoder-skip", type=int, default=3, help="g: every g-th decoder layer skips merging (fid)")
-    parser.add_argument("--batch", type=int, default=1, help="questions per model pass (default 1: one at a time)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--queries", type=int, default=5,
+                        help="questions timed per round, each over its own --passages (default: %(default)s)")
+    parser.add_argument("--passages", type=int, default=10, help="passages per query (default: %(default)s)")
+    parser.add_argument("--passage-tokens", type=int, default=200,
+                        help="passage length limit, in tokens (default: %(default)s)")
+    parser.add_argument("--answer-tokens", type=int, default=5,
+                        help="greedy decoding steps per query, fid (default: %(default)s)")
+    parser.add_argument("--encoder-merge", type=float, default=0.2,
+                        help="r_p, intra-passage merge ratio, fid (default: %(default)s)")
+    parser.add_argument("--decoder-merge", type=float, default=0.2,
+                        help="cross-passage merge ratio, fid (default: %(default)s)")
+    parser.add_argument("--decoder-skip", type=int, default=3,
+                        help="g: every g-th decoder layer skips merging, fid (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="questions per model pass; 1: one at a time (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds over every mode; the median counts (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (default: this machine's CPUs, %(default)s)")
     add_device_arguments(parser)
     return parser
 

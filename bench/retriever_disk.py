@@ -63,12 +63,19 @@ def measured_build(files: list[Path], out: Path, factory: str, tasks: int | None
             "embeddings_left_mb": round(folder_bytes(files[0].parent) / 2**20, 1)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.retriever_disk", description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=int, default=300, help=f"embedding files of {ROWS:,} vectors")
-    parser.add_argument("--factory", default="IVF2000,PQ48np", help="a faiss factory string (an IVF index)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
+    parser.add_argument("--shards", type=int, default=300,
+                        help=f"embedding files of {ROWS:,} random vectors (default: %(default)s)")
+    parser.add_argument("--factory", default="IVF2000,PQ48np",
+                        help="a faiss factory string, an IVF index (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, a line per build)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="btr-retriever-disk-") as work:
         (Path(work) / "embeddings").mkdir()
         files = embedding_files(Path(work) / "embeddings", args.shards)

@@ -62,12 +62,19 @@ def faiss_train_s(files: list[Path], factory: str) -> float:
     return round(time.perf_counter() - start, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.retriever_workers", description=__doc__.splitlines()[0])
-    parser.add_argument("--shards", type=int, default=1000, help="embedding files of 1,000 vectors")
-    parser.add_argument("--factory", action="append", help="faiss factory (repeatable; default: the IVF-Flat and IVF-PQ the flow picks)")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--shards", type=int, default=1000,
+                        help="embedding files of 1,000 random vectors (default: %(default)s)")
+    parser.add_argument("--factory", action="append",
+                        help="faiss factory, repeatable (default: the IVF-Flat and IVF-PQ the flow picks for the count)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, a line per factory)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     count = args.shards * 1000
     factories = args.factory or [f"IVF{ivf_lists(count)},Flat", ivfpq_factory(count, 384)]
     result = {"passages": count, "train_size": TRAIN_SIZE, "threads": faiss.omp_get_max_threads(), "builds": {}}

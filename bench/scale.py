@@ -138,25 +138,39 @@ def measure(cfg: dict, out: Path) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("--passages", type=int, default=5000, help="synthetic passages to index")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--passages", type=int, default=5000, help="synthetic passages to index (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, a summary)")
     parser.add_argument("--out", type=Path, help="work folder, kept (default: a temporary folder, removed)")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path goes to stderr)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the temporary folder; its path goes to stderr (default: off)")
     parser.add_argument("--shard-size", type=int, default=0, help="passages per shard (default: the flow's, from the count)")
     parser.add_argument("--workers", type=int, default=0,
-                        help="run the retriever builds, merge and verify as tasks on a loopback Ray of this many CPUs (0: one process)")
-    parser.add_argument("--words", type=int, default=100, help="words per passage (DPR's Wikipedia passages: 100)")
-    parser.add_argument("--max-tokens", type=int, default=320, help="passage token limit (the flow's default)")
-    parser.add_argument("--codec-sample", type=int, default=2000, help="passages the codec is fitted on (the flow's)")
-    parser.add_argument("--offline-ratio", type=float, default=0.2, help="r_o of the offline merge")
+                        help="run the retriever builds, merge and verify as tasks on a loopback Ray of this many CPUs; "
+                             "0: one process per step (default: %(default)s)")
+    parser.add_argument("--words", type=int, default=100,
+                        help="words per passage; DPR's Wikipedia passages have 100 (default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=320,
+                        help="passage token limit, the flow's default (default: %(default)s)")
+    parser.add_argument("--codec-sample", type=int, default=2000,
+                        help="passages the codec is fitted on, the flow's (default: %(default)s)")
+    parser.add_argument("--offline-ratio", type=float, default=0.2, help="r_o of the offline merge (default: %(default)s)")
     parser.add_argument("--merge-window", type=int, default=OfflineMerge().window,
-                        help="passages merged together (the flow's default); smaller shows the disk a window frees")
-    parser.add_argument("--fetch", type=int, default=40, help="passages per timed fetch (a query's worth)")
-    parser.add_argument("--draws", type=int, default=200, help="timed fetches")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="passages merged together, the flow's default; smaller shows the disk a window frees "
+                             "(default: %(default)s)")
+    parser.add_argument("--fetch", type=int, default=40,
+                        help="passages per timed fetch, a query's worth (default: %(default)s)")
+    parser.add_argument("--draws", type=int, default=200, help="timed fetches (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the synthetic passages, bits and vectors (default: %(default)s)")
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # a child process runs one step
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.step:
         return _child(args.step, args.out)

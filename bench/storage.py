@@ -157,20 +157,31 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.storage", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--reader", help="checkpoint whose lower layers make the bits (default: the default reader)")
-    parser.add_argument("--passages", type=int, default=2000, help="sample articles to index")
-    parser.add_argument("--passage-tokens", type=int, default=256, help="passage length limit")
-    parser.add_argument("--shard-size", type=int, default=500)
-    parser.add_argument("--level", type=int, default=19, help="zstd level")
-    parser.add_argument("--offline-ratio", type=float, default=0.2, help="r_o of the offline merge")
-    parser.add_argument("--fetch", type=int, default=40, help="passages per timed fetch (a query's worth)")
-    parser.add_argument("--fetch-tokens", type=int, default=200, help="fetch the passages closest to this length")
-    parser.add_argument("--repeats", type=int, default=50)
-    parser.add_argument("--out", type=Path, help="keep the index here (default: a temporary folder)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, a summary)")
+    parser.add_argument("--reader",
+                        help="checkpoint whose lower layers make the bits "
+                             "(default: the default reader, reader/checkpoint)")
+    parser.add_argument("--passages", type=int, default=2000, help="sample articles to index (default: %(default)s)")
+    parser.add_argument("--passage-tokens", type=int, default=256,
+                        help="passage length limit, in tokens (default: %(default)s)")
+    parser.add_argument("--shard-size", type=int, default=500, help="passages per LMDB shard (default: %(default)s)")
+    parser.add_argument("--level", type=int, default=19,
+                        help="zstd level of the codec and of the packed + zstd figure (default: %(default)s)")
+    parser.add_argument("--offline-ratio", type=float, default=0.2, help="r_o of the offline merge (default: %(default)s)")
+    parser.add_argument("--fetch", type=int, default=40,
+                        help="passages per timed fetch, a query's worth (default: %(default)s)")
+    parser.add_argument("--fetch-tokens", type=int, default=200,
+                        help="fetch the passages closest to this length, in tokens (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed fetches; the median counts (default: %(default)s)")
+    parser.add_argument("--out", type=Path, help="keep the index here (default: a temporary folder, removed)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = run(args, args.out or Path(tmp) / "index")
     if args.json:

@@ -172,11 +172,18 @@ class SyntheticCorpus:
         return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.synthetic", description=measure_bit_model.__doc__)
-    parser.add_argument("--passages", type=int, default=2000, help="sample articles to run the default reader over")
-    parser.add_argument("--min-count", type=int, default=20, help="tokens seen fewer times are left out of flip rates")
-    args = parser.parse_args(argv)
+    parser.add_argument("--passages", type=int, default=2000,
+                        help="sample articles to run the default reader over (default: %(default)s)")
+    parser.add_argument("--min-count", type=int, default=20,
+                        help="tokens seen fewer times are left out of the flip rates (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print(json.dumps(measure_bit_model(args.passages, args.min_count).to_dict(), indent=1))
     return 0
 

@@ -36,13 +36,23 @@ def one_passage_questions(count: int) -> list[dict]:
         return [lesson(json.loads(line), "passage") for line in (Path(folder) / "train.jsonl").read_text().splitlines()]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.t5_copy", description=__doc__.splitlines()[0])
-    parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adafactor")
-    parser.add_argument("--learning-rate", type=float, help="AdamW's rate (default 1e-3); Adafactor uses its relative step")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adafactor",
+                        help="adafactor: T5's own, relative steps; adamw: a fixed rate, --learning-rate "
+                             "(default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float,
+                        help="AdamW's rate; Adafactor uses its relative step (default: 1e-3)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps of 16 questions (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print only the mean loss of each 250-step window, indented "
+                             "(default: off: the loss every 25 steps too)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     model = random_t5("small", tokenizer, dropout_rate=0.0)

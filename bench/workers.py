@@ -318,22 +318,34 @@ def flat_memory(args, work: Path, threads: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__.splitlines()[0])
-    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--out", help="also write the result to this JSON file")
-    parser.add_argument("--passages", type=int, default=1000, help="passages in the shard (default 1000)")
-    parser.add_argument("--batch-size", type=int, default=32, help="lower-layer batch (default 32, the flow's)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternated rounds; the best of each row is kept (default 2)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as one JSON line (default: off, indented JSON)")
+    parser.add_argument("--out", help="also write the result to this JSON file (default: not written)")
+    parser.add_argument("--passages", type=int, default=1000, help="passages in the shard (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="lower-layer batch, the flow's (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternated rounds; the best of each row is kept (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=0, help="CPUs the worker takes (default: all; workers.actor.size_workers)")
     parser.add_argument("--corpus", help="a corpus file (default: the bundled sample)")
-    parser.add_argument("--format", default="sample", help="its format (workers.corpus: sample, jsonl, dpr, parquet, wikixml)")
+    parser.add_argument("--format", default="sample",
+                        help="how --corpus is read (workers.corpus): sample, jsonl, dpr, parquet, wikixml "
+                             "(default: %(default)s)")
     parser.add_argument("--checkpoint", help="reader checkpoint (default: the bundled reader); only its shape matters here")
     parser.add_argument("--retriever", help="passage encoder (default: the packaged all-MiniLM-L6-v2)")
-    parser.add_argument("--split-layer", type=int, help="k, for a checkpoint without btr.json")
-    parser.add_argument("--flat-memory", action="store_true", help="RSS shard by shard over --passages (tiny random models)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="passages per shard for --flat-memory (default 1000)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--split-layer", type=int,
+                        help="k, for a checkpoint without btr.json (default: the checkpoint's own)")
+    parser.add_argument("--flat-memory", action="store_true",
+                        help="measure RSS shard by shard over --passages instead, with tiny random models (default: off)")
+    parser.add_argument("--shard-size", type=int, default=1000,
+                        help="passages per shard for --flat-memory (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_library_logs()
 
     sizing = size_workers(os.cpu_count() or 1, torch.cuda.device_count(), 1, args.threads)

@@ -145,14 +145,23 @@ def look(
     return asyncio.run(_look(url, token if token is not None else auth_token(), page, expect or [], screenshot, timeout))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.dashboard", description=__doc__.splitlines()[0])
     parser.add_argument("url", help="the dashboard, e.g. http://127.0.0.1:8265")
-    parser.add_argument("--page", default="overview", help="overview, cluster, actors, jobs, ...")
-    parser.add_argument("--expect", action="append", default=[], help="text to wait for (repeatable)")
-    parser.add_argument("--screenshot", type=Path, default=None)
-    parser.add_argument("--timeout", type=float, default=60.0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--page", default="overview",
+                        help="the dashboard page: overview, cluster, actors, jobs, ... (default: %(default)s)")
+    parser.add_argument("--expect", action="append", default=[],
+                        help="text to wait for on the page, repeatable (default: none: the page once it shows any text)")
+    parser.add_argument("--screenshot", type=Path, default=None,
+                        help="save a PNG of the page here (default: no screenshot)")
+    parser.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds for Chromium to open the page and show every --expect text (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         text = look(args.url, args.page, args.expect, args.screenshot, timeout=args.timeout)
     except (FileNotFoundError, TimeoutError, RuntimeError, aiohttp.ClientError) as error:

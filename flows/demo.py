@@ -77,11 +77,18 @@ def run_deployment(env: dict[str, str], port: int) -> str:
     return state["type"]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--question", default=QUESTION)
-    parser.add_argument("--port", type=int, default=4200)
-    args = parser.parse_args(argv)
+    parser.add_argument("--question", default=QUESTION,
+                        help="the question answered from the new index (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=4200,
+                        help="the local Prefect server's port on 127.0.0.1 (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     services: list[subprocess.Popen] = []
     from reader.load import ReaderSpec, load_reader  # torch: after argparse, so --help stays fast
 

@@ -217,22 +217,38 @@ def offline_rows(args, questions: dict[str, list[dict]], passages: list[Passage]
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.evaluate_reader", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoints", default="checkpoints/real", help="train-reader output folder")
-    parser.add_argument("--data", default="data/qa", help="folder of the question sets (flows.qa_data)")
-    parser.add_argument("--sets", default=",".join(TEST_SETS), help="comma-separated set names (<data>/<name>.jsonl)")
-    parser.add_argument("--limit", type=int, default=300, help="the first N questions of each set")
+    parser.add_argument("--checkpoints", default="checkpoints/real",
+                        help="flows.train_reader's output folder, one subfolder per stage (default: %(default)s)")
+    parser.add_argument("--data", default="data/qa",
+                        help="folder of the question sets, from flows.qa_data (default: %(default)s)")
+    parser.add_argument("--sets", default=",".join(TEST_SETS),
+                        help="comma-separated set names, DATA/NAME.jsonl (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=300, help="the first N questions of each set (default: %(default)s)")
     parser.add_argument("--corpus", help="JSONL corpus to evaluate over (default: the bundled sample)")
-    parser.add_argument("--indexes", default="indexes", help="where the evaluation indexes go")
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages read per question (default {DEFAULT_K})")
-    parser.add_argument("--out", default="results/real-questions.json")
-    parser.add_argument("--skip-missing", action="store_true", help="measure the rows that can be (a partial table)")
-    parser.add_argument("--k-curve", help="comma-separated k values: the btr row's EM and latency at each")
-    parser.add_argument("--offline", help="comma-separated offline merge ratios: EM and bits/dim of --reader at each")
-    parser.add_argument("--reader", help="checkpoint for --offline (default: the committed reader)")
-    parser.add_argument("--pool", type=int, help="spans weighed per answer string (1 = the single best span; default: the reader's)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--indexes", default="indexes",
+                        help="where the evaluation indexes are built and kept (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="passages read per question (default: %(default)s)")
+    parser.add_argument("--out", default="results/real-questions.json", help="the results, JSON (default: %(default)s)")
+    parser.add_argument("--skip-missing", action="store_true",
+                        help="measure the rows that can be, a partial table "
+                             "(default: off: a missing required stage is an error)")
+    parser.add_argument("--k-curve",
+                        help="comma-separated k values: the btr row's EM and latency at each "
+                             "(default: off, the readers table)")
+    parser.add_argument("--offline",
+                        help="comma-separated offline merge ratios: EM and bits/dim of --reader at each "
+                             "(default: off, the readers table)")
+    parser.add_argument("--reader", help="checkpoint for --offline (default: the committed reader, reader/checkpoint)")
+    parser.add_argument("--pool", type=int,
+                        help="spans weighed per answer string; 1: the single best span (default: the reader's own)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_library_logs()
     names = [n for n in args.sets.split(",") if n]
     files = {n: Path(args.data) / f"{n}.jsonl" for n in names}

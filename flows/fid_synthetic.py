@@ -194,37 +194,54 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.fid_synthetic", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="data/synthetic", help="task folder (generated when missing)")
-    parser.add_argument("--out", default="checkpoints/fid-synthetic", help="stage checkpoints (and base/)")
+    parser.add_argument("--data", default="data/synthetic",
+                        help="task folder, generated when missing or when its task.json differs (default: %(default)s)")
+    parser.add_argument("--out", default="checkpoints/fid-synthetic",
+                        help="stage checkpoints, and base/ (default: %(default)s)")
     parser.add_argument("--base", help="start from this FiD checkpoint (default: a random T5 of --shape in OUT/base)")
-    parser.add_argument("--shape", choices=sorted(SPLIT_LAYERS), default="tiny", help="the random T5's shape (reader.t5_shapes)")
+    parser.add_argument("--shape", choices=sorted(SPLIT_LAYERS), default="tiny",
+                        help="the random T5's shape (reader.t5_shapes) (default: %(default)s)")
     parser.add_argument("--split-layer", type=int, help="k, the encoder layers run offline (default: the shape's, SPLIT_LAYERS)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the bundled all-MiniLM-L6-v2's)")
-    parser.add_argument("--people", type=int, default=1600)
-    parser.add_argument("--passages", type=int, default=4, help="passages per question")
-    parser.add_argument("--values", choices=("open", "typed"), default="open", help="the task's values (flows.synthetic_qa)")
+    parser.add_argument("--people", type=int, default=1600,
+                        help="people in the generated task (flows.synthetic_qa) (default: %(default)s)")
+    parser.add_argument("--passages", type=int, default=4, help="passages per question (default: %(default)s)")
+    parser.add_argument("--values", choices=("open", "typed"), default="open",
+                        help="the task's values (flows.synthetic_qa) (default: %(default)s)")
     parser.add_argument("--train-questions", type=int, help="fresh-fact training questions (default: --steps x --batch-size, "
                         "at least 100,000, so that the plain stage meets each once; 0: the fixed-fact task)")
     parser.add_argument("--warm-up", type=warm_up, default=WARM_UP, help="the curriculum before the plain stage, lesson:steps items "
-                        f"(lessons: {', '.join(LESSONS)}; 'none' for none), each a plain stage on one-passage questions")
-    parser.add_argument("--steps", type=int, default=2500, help="plain stage steps")
-    parser.add_argument("--split-steps", type=int, default=1500)
-    parser.add_argument("--bits-steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=32)
+                        f"(lessons: {', '.join(LESSONS)}; 'none' for none), each a plain stage on one-passage questions "
+                        "(default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=2500, help="plain stage steps (default: %(default)s)")
+    parser.add_argument("--split-steps", type=int, default=1500, help="split stage steps (default: %(default)s)")
+    parser.add_argument("--bits-steps", type=int, default=2000, help="bits stage steps (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="questions per step (default: %(default)s)")
     parser.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adamw",
-                        help="adamw (the tiny shape learns the task with it at 1e-3) or adafactor (T5's own; see docs/fid.md)")
+                        help="adamw (the tiny shape learns the task with it at 1e-3) or adafactor (T5's own; see "
+                             "docs/fid.md) (default: %(default)s)")
     parser.add_argument("--learning-rate", type=float, help="peak rate (default: 1e-2 for adafactor, relative to each "
                         "weight's scale; 1e-3 for adamw)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                        help="the rate after each stage's warm-up: constant (T5's own from scratch) or linear decay to 0")
-    parser.add_argument("--questions", type=int, default=480, help="dev questions evaluated")
-    parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--budget-s", type=float, help="scale the stages' steps to train in about this many seconds")
-    parser.add_argument("--results", default="results/fid-synthetic.json")
-    args = parser.parse_args(argv)
+                        help="the rate after each stage's warm-up: constant (T5's own from scratch) or linear decay to 0 "
+                             "(default: %(default)s)")
+    parser.add_argument("--questions", type=int, default=480, help="dev questions evaluated (default: %(default)s)")
+    parser.add_argument("--ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(RATIOS),
+                        help="comma-separated runtime merge ratios, each evaluated on btr "
+                             f"(default: {','.join(map(str, RATIOS))})")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    parser.add_argument("--budget-s", type=float,
+                        help="scale the stages' steps to train in about this many seconds "
+                             "(default: none, the steps as asked)")
+    parser.add_argument("--results", default="results/fid-synthetic.json", help="the results, JSON (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result = run(args)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps(result, indent=1) + "\n")

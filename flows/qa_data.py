@@ -241,17 +241,29 @@ def real_sets(out: Path, cache: Path, depth: int = 20, holdout: float = 0.1, ste
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.qa_data", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("data/qa"))
-    parser.add_argument("--cache", type=Path, default=Path("data/cache"), help="where the pyserini wheel is kept")
-    parser.add_argument("--depth", type=int, default=20, help="passages retrieved per training question")
-    parser.add_argument("--holdout", type=float, default=0.1, help="share of dev questions kept out of training")
-    parser.add_argument("--dev-share", type=float, default=0.1, help="share of articles held out (generated)")
-    parser.add_argument("--per-article", type=int, default=2, help="training questions per article (generated)")
-    parser.add_argument("--corpus-size", type=int, default=2000, help="passages in the evaluation corpus (generated)")
-    parser.add_argument("--generated-only", action="store_true", help="skip the human-written sets")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path("data/qa"),
+                        help="folder the question sets, corpus and data card are written to (default: %(default)s)")
+    parser.add_argument("--cache", type=Path, default=Path("data/cache"),
+                        help="where the pyserini wheel is kept (default: %(default)s)")
+    parser.add_argument("--depth", type=int, default=20,
+                        help="passages retrieved per training question (default: %(default)s)")
+    parser.add_argument("--holdout", type=float, default=0.1,
+                        help="share of dev questions kept out of training (default: %(default)s)")
+    parser.add_argument("--dev-share", type=float, default=0.1,
+                        help="share of articles held out, for the generated questions (default: %(default)s)")
+    parser.add_argument("--per-article", type=int, default=2,
+                        help="training questions per article, generated (default: %(default)s)")
+    parser.add_argument("--corpus-size", type=int, default=2000,
+                        help="passages in the evaluation corpus of the generated questions (default: %(default)s)")
+    parser.add_argument("--generated-only", action="store_true", help="skip the human-written sets (default: off)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     steps = Steps()
     with steps.step(f"generated questions from the sample's sentences ({args.out}/train.jsonl, dev.jsonl, corpus.jsonl)"):
         summary = {"generated": generate(args.out, args.dev_share, args.per_article, args.corpus_size)}

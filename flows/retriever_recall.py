@@ -101,12 +101,22 @@ def measure(qa: Path, probes: list[int], limit: int | None) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.retriever_recall", description=__doc__.splitlines()[0])
-    parser.add_argument("--qa", default="data/qa", help="make data's folder (the exact retriever over the sample, dev questions)")
-    parser.add_argument("--probes", default="32,8,128", help="inverted lists visited per query (the first: the default)")
-    parser.add_argument("--limit", type=int, default=None, help="first N questions of each set")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--qa", default="data/qa",
+                        help="make data's folder: the exact retriever over the sample, the dev questions "
+                             "(default: %(default)s)")
+    parser.add_argument("--probes", default="32,8,128",
+                        help="comma-separated inverted lists visited per query; the first is the query path's default "
+                             "(default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, help="first N questions of each set (default: all)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, a line per index type)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     qa = Path(args.qa)
     if not (qa / "retriever" / "retriever.faiss").exists():

@@ -157,14 +157,22 @@ def cmd_stop() -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(
         prog="python -m flows.services",
         description="Start (and leave up) or stop a local Prefect server, the btr-local work pool, the deployments and a worker.",
     )
-    parser.add_argument("action", choices=("start", "stop"))
-    parser.add_argument("--port", type=int, default=4200, help="the Prefect server's port on 127.0.0.1")
-    args = parser.parse_args(argv)
+    parser.add_argument("action", choices=("start", "stop"),
+                        help="start: the server, work pool, deployments and a worker, left running; stop: what start "
+                             "left running")
+    parser.add_argument("--port", type=int, default=4200,
+                        help="the Prefect server's port on 127.0.0.1 (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return cmd_start(args.port) if args.action == "start" else cmd_stop()
 
 

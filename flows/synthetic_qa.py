@@ -206,20 +206,31 @@ def generate(
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.synthetic_qa", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/synthetic", help="folder for train.jsonl and dev.jsonl")
-    parser.add_argument("--people", type=int, default=1600, help=f"people (at most {len(FIRST) * len(LAST)})")
-    parser.add_argument("--passages", type=int, default=4, help="passages per question (the answer's + distractors)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="data/synthetic",
+                        help="folder for train.jsonl and dev.jsonl (default: %(default)s)")
+    parser.add_argument("--people", type=int, default=1600,
+                        help=f"people, split into train and dev (at most {len(FIRST) * len(LAST)}) (default: %(default)s)")
+    parser.add_argument("--passages", type=int, default=4,
+                        help="passages per question, the answer's and distractors (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of people, facts and questions (default: %(default)s)")
     parser.add_argument("--values", choices=("open", "typed"), default="open",
-                        help="open: ~3,000 vocabulary words per relation; typed: each relation's short list (the earlier task)")
+                        help="open: ~3,000 vocabulary words per relation; typed: each relation's short list, the earlier "
+                             "task (default: %(default)s)")
     parser.add_argument("--train-questions", type=int, default=40000,
-                        help="training questions, each with fresh facts (0: one per stated fact, facts fixed per person)")
+                        help="training questions, each with fresh facts; 0: one per stated fact, facts fixed per person "
+                             "(default: %(default)s)")
     parser.add_argument("--tokenizer", help="folder whose tokenizer.json gives the open values (default: the bundled one)")
     parser.add_argument("--no-namesakes", action="store_true",
-                        help="distractors share neither name with the person asked about (an easier task: half the name tells)")
-    args = parser.parse_args(argv)
+                        help="distractors share neither name with the person asked about, an easier task: half the name "
+                             "tells (default: off)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         print(json.dumps(generate(Path(args.out), args.people, args.passages, seed=args.seed, namesakes=not args.no_namesakes,
                                   values=args.values, train_questions=args.train_questions, tokenizer=args.tokenizer)))

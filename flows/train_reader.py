@@ -95,33 +95,62 @@ def train_reader(
     return checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.train_reader", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=sorted(FAMILIES), default="extractive", help="reader family")
-    parser.add_argument("--train", default="data/qa/real-train.jsonl", help="QA JSONL (question, answers, passages?)")
-    parser.add_argument("--out", default="checkpoints/minilm-btr", help="folder of the stage checkpoints")
-    parser.add_argument("--base", default=BASE_ENCODER, help="checkpoint to start from (hub name or path)")
-    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
-    parser.add_argument("--split-steps", type=int, help="steps of the split stage (default --steps)")
-    parser.add_argument("--bits-steps", type=int, help="steps of the bits stage (default --steps)")
-    parser.add_argument("--control-steps", type=int, help="also continue the plain reader unsplit this long (plain+plain)")
-    parser.add_argument("--batch-size", type=int, default=8, help="questions per step")
-    parser.add_argument("--learning-rate", type=float, help="every stage's peak rate (default: reader.train.LEARNING_RATES)")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="extractive",
+                        help="reader family: extractive (a span head on an encoder) or fid (T5, generative; needs "
+                             "--base) (default: %(default)s)")
+    parser.add_argument("--train", default="data/qa/real-train.jsonl",
+                        help="training QA JSONL: question, answers and, optionally, passages (default: %(default)s)")
+    parser.add_argument("--out", default="checkpoints/minilm-btr",
+                        help="folder of the stage checkpoints, one subfolder per stage (default: %(default)s)")
+    parser.add_argument("--base", default=BASE_ENCODER,
+                        help="checkpoint to start from, a Hub name or a path (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage (default: %(default)s)")
+    parser.add_argument("--split-steps", type=int, help="steps of the split stage (default: --steps)")
+    parser.add_argument("--bits-steps", type=int, help="steps of the bits stage (default: --steps)")
+    parser.add_argument("--control-steps", type=int,
+                        help="also continue the plain reader unsplit this many steps, the fair baseline plain+plain "
+                             "(default: none, no control)")
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per step (default: %(default)s)")
+    parser.add_argument("--learning-rate", type=float,
+                        help="every stage's peak rate "
+                             "(default: reader.train.LEARNING_RATES: plain 1e-4, split 2e-4, bits 1e-4)")
     parser.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw",
-                        help="adafactor: T5's own (a T5 trained from scratch needs it: docs/fid.md)")
-    parser.add_argument("--passages-per-question", type=int, default=4, help="positive + negatives per question")
-    parser.add_argument("--max-passage-tokens", type=int, default=192, help="passage cut for training")
-    parser.add_argument("--split-layer", type=int, help="k (default 3/4 of the encoder layers)")
-    parser.add_argument("--no-distill", action="store_true", help="ablation: split stage without distillation")
-    parser.add_argument("--no-recovery", action="store_true", help="ablation: bits stage without recovery loss")
+                        help="adafactor: T5's own (a T5 trained from scratch needs it: docs/fid.md) "
+                             "(default: %(default)s)")
+    parser.add_argument("--passages-per-question", type=int, default=4,
+                        help="passages per question, the positive and negatives (default: %(default)s)")
+    parser.add_argument("--max-passage-tokens", type=int, default=192,
+                        help="passages are cut to this many tokens for training (default: %(default)s)")
+    parser.add_argument("--split-layer", type=int,
+                        help="k, the encoder layers run offline over passages alone (default: 3/4 of the encoder layers)")
+    parser.add_argument("--no-distill", action="store_true",
+                        help="ablation: the split stage without distillation (default: off)")
+    parser.add_argument("--no-recovery", action="store_true",
+                        help="ablation: the bits stage without the recovery loss (default: off)")
     parser.add_argument("--span-distill", type=float, default=0.0,
-                        help="split stage: weight of the KL to the plain reader's start/end distributions (extractive)")
-    parser.add_argument("--index", help="retrieve passages from this index for lines that have none")
-    parser.add_argument("--export", help="also write the final checkpoint here in fp16")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast on CPU too (AVX-512 BF16: faster)")
-    parser.add_argument("--heads", action="store_true", help="add question-word match and passage relevance (reader.heads)")
-    parser.add_argument("--max-positives", type=int, default=2, help="passages holding an answer per question")
-    parser.add_argument("--question-word", action="store_true", help="a positive must share a content word with the question")
+                        help="split stage: weight of the KL to the plain reader's start/end distributions (extractive) "
+                             "(default: %(default)s)")
+    parser.add_argument("--index",
+                        help="retrieve passages from this index for lines that have none "
+                             "(default: none: every line must carry passages)")
+    parser.add_argument("--export", help="also write the final checkpoint here in fp16 (default: no export)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast on the CPU too; AVX-512 BF16 makes it faster "
+                             "(default: off: bf16 on a GPU only)")
+    parser.add_argument("--heads", action="store_true",
+                        help="add the question-word match and passage relevance heads (reader.heads) (default: off)")
+    parser.add_argument("--max-positives", type=int, default=2,
+                        help="passages holding an answer per question (default: %(default)s)")
+    parser.add_argument("--question-word", action="store_true",
+                        help="a positive passage must share a content word with the question (default: off)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.family != "extractive" and args.base == BASE_ENCODER:
         parser.error(f"--family {args.family} needs --base (a Hub name such as t5-base, or a path)")

@@ -66,18 +66,29 @@ def write_rule(folder: Path, rule: dict) -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.tune_answer", description=__doc__.splitlines()[0])
-    parser.add_argument("--index", required=True, help="an index built by the reader to tune")
-    parser.add_argument("--data", default="data/qa")
-    parser.add_argument("--sets", default=",".join(DEV_SETS))
-    parser.add_argument("--limit", type=int, help="the first N questions of each set")
-    parser.add_argument("--k", type=int, default=DEFAULT_K)
-    parser.add_argument("--relevance", default="0,0.5,1,2", help="relevance_weight values")
-    parser.add_argument("--retrieval", default="0,5,10,20,40", help="retrieval_weight values")
-    parser.add_argument("--write", action="store_true", help="write the best point into the reader's btr.json")
-    parser.add_argument("--out", help="also save every point as JSON here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--index", required=True, help="an index built by the reader to tune (required)")
+    parser.add_argument("--data", default="data/qa",
+                        help="folder of the question sets, DATA/NAME.jsonl (default: %(default)s)")
+    parser.add_argument("--sets", default=",".join(DEV_SETS),
+                        help="comma-separated dev set names; test sets are refused (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="the first N questions of each set (default: all)")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="passages read per question (default: %(default)s)")
+    parser.add_argument("--relevance", default="0,0.5,1,2",
+                        help="comma-separated relevance_weight values of the grid (default: %(default)s)")
+    parser.add_argument("--retrieval", default="0,5,10,20,40",
+                        help="comma-separated retrieval_weight values of the grid (default: %(default)s)")
+    parser.add_argument("--write", action="store_true",
+                        help="write the best point into the btr.json of the index's reader and the training stages "
+                             "beside it (default: off, only print)")
+    parser.add_argument("--out", help="also save every point as JSON here (default: not saved)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     quiet_library_logs()
     names = [n for n in args.sets.split(",") if n]
     if any("-test" in n for n in names):

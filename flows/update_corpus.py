@@ -44,17 +44,28 @@ def changed_corpus(passages: list[Passage], edited: int, added: int, deleted: in
     return out, changes
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.update_corpus", description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default=None, help="the corpus (default: the bundled sample)")
-    parser.add_argument("--corpus-format", default="sample")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N passages (an index of a slice)")
-    parser.add_argument("--out", type=Path, required=True, help="the new corpus (JSONL)")
-    parser.add_argument("--edited", type=int, default=50)
-    parser.add_argument("--added", type=int, default=30)
-    parser.add_argument("--deleted", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--corpus-format", default="sample",
+                        help="how --corpus is read (workers.corpus): sample, jsonl, dpr, parquet, wikixml, or auto: from "
+                             "the file's name (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N passages, for an index built of a slice (default: all)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the new corpus, JSONL; NEW.changes.json is written beside it (required)")
+    parser.add_argument("--edited", type=int, default=50,
+                        help="passages edited: a sentence appended (default: %(default)s)")
+    parser.add_argument("--added", type=int, default=30,
+                        help="passages added, each joining sentences of two passages that stay (default: %(default)s)")
+    parser.add_argument("--deleted", type=int, default=20, help="passages deleted (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random choice of passages (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     passages = [p for p in read_corpus(args.corpus, args.corpus_format) if not isinstance(p, Reject)][: args.limit]
     new, changes = changed_corpus(passages, args.edited, args.added, args.deleted, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)

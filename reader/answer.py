@@ -81,15 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's flags (no heavy import: ``--help`` answers at once)."""
     parser = argparse.ArgumentParser(prog="python -m reader.answer", description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", help="the question (or use --questions)")
-    parser.add_argument("--questions", help='JSONL file of {"question": ...} lines (- for stdin); one JSON answer per line')
-    parser.add_argument("--index", default=DEFAULT_INDEX, help=f"index folder (default {DEFAULT_INDEX})")
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages to read (default {DEFAULT_K})")
+    parser.add_argument("--questions",
+                        help='JSONL file of {"question": ...} lines (- for stdin); one JSON answer per line '
+                             "(default: the one question given)")
+    parser.add_argument("--index", default=DEFAULT_INDEX, help="index folder (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="passages to read (default: %(default)s)")
     parser.add_argument(
         "--max-k", type=int, default=DEFAULT_MAX_K,
-        help=f"the most --k may ask for (default {DEFAULT_MAX_K}; memory grows with k: 10,033 passages took over 10 GB)",
+        help="the most --k may ask for; memory grows with k: 10,033 passages took over 10 GB (default: %(default)s)",
     )
-    parser.add_argument("--mode", choices=MODES, default="btr")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--mode", choices=MODES, default="btr",
+                        help="btr: passages from the index's 1-bit tokens; split: their text through the lower layers at "
+                             "question time, no bits; baseline: the unsplit reader over question + passage text "
+                             "(default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, text)")
     add_device_arguments(parser)
     return parser
 

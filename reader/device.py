@@ -34,9 +34,11 @@ def device_name(text: str) -> str:
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """``--device`` and ``--dtype`` (both ``auto`` by default) for a command that runs a reader."""
     parser.add_argument("--device", type=device_name, default="auto", metavar="auto|cpu|cuda[:N]",
-                        help="where the reader runs (default auto: the first CUDA GPU if torch sees one, else the CPU)")
+                        help="where the reader runs; auto: the first CUDA GPU if torch sees one, else the CPU "
+                             "(default: %(default)s)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="reader weights and activations (default auto: bfloat16 on a GPU that computes it, else float32)")
+                        help="reader weights and activations; auto: bfloat16 on a GPU that computes it, else float32 "
+                             "(default: %(default)s)")
 
 
 def resolve(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:

@@ -100,14 +100,20 @@ def load_questions(path: Path | str, limit: int | None = None) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags (no heavy import: ``--help`` answers at once)."""
     parser = argparse.ArgumentParser(prog="python -m reader.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--index", required=True, help="index folder")
-    parser.add_argument("--questions", required=True, help='JSONL of {"question", "answers"}')
-    parser.add_argument("--mode", choices=MODES, default="btr")
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"passages per question (default {DEFAULT_K})")
-    parser.add_argument("--limit", type=int, help="only the first N questions")
-    parser.add_argument("--checkpoint", help="read text with this checkpoint instead (baseline/split modes)")
-    parser.add_argument("--pool", type=int, help="spans weighed per answer string (1 = the single best span; default: the reader's)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--index", required=True, help="index folder (required)")
+    parser.add_argument("--questions", required=True, help='JSONL of {"question", "answers"} (required)')
+    parser.add_argument("--mode", choices=MODES, default="btr",
+                        help="btr: passages from the index's 1-bit tokens; split: their text through the lower layers at "
+                             "question time, no bits; baseline: the unsplit reader over question + passage text "
+                             "(default: %(default)s)")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="passages per question (default: %(default)s)")
+    parser.add_argument("--limit", type=int, help="only the first N questions (default: all)")
+    parser.add_argument("--checkpoint",
+                        help="read text with this checkpoint instead, in baseline and split modes "
+                             "(default: the index's reader)")
+    parser.add_argument("--pool", type=int,
+                        help="spans weighed per answer string; 1: the single best span (default: the reader's own)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, one line per figure)")
     add_device_arguments(parser)
     return parser
 

@@ -210,20 +210,36 @@ def run(index: str, questions: list[str], clients: list[int], requests: int, tim
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m reader.loadtest", description=__doc__.splitlines()[0])
-    parser.add_argument("--index", default=DEFAULT_INDEX)
-    parser.add_argument("--questions", help='JSONL of {"question": ...} (default: from passage titles)')
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=48, help="requests per phase")
-    parser.add_argument("--time-limit", type=float, default=120, help="seconds per phase at most")
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--max-batch", type=int, default=16)
-    parser.add_argument("--json", action="store_true")
-    parser.add_argument("--health-pollers", type=int, default=0, help="measure /answer with N /health pollers instead")
-    parser.add_argument("--poll-interval", type=float, default=0.0, help="seconds between one poller's polls (0: back to back)")
-    parser.add_argument("--rounds", type=int, default=3, help="alone/polled alternations of --health-pollers")
-    args = parser.parse_args(argv)
+    parser.add_argument("--index", default=DEFAULT_INDEX,
+                        help="index folder the service answers from (default: %(default)s)")
+    parser.add_argument("--questions",
+                        help='JSONL of {"question": ...} lines '
+                             "(default: What is TITLE? for the first 64 passage titles)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16],
+                        help="client counts, one phase each: that many threads post questions back to back "
+                             "(default: 1 4 16)")
+    parser.add_argument("--requests", type=int, default=48, help="requests answered per phase (default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=120, help="seconds per phase at most (default: %(default)s)")
+    parser.add_argument("--k", type=int, default=5, help="passages per question (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="the batched service's questions per model pass; the unbatched one takes 1 "
+                             "(default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (default: off, a table)")
+    parser.add_argument("--health-pollers", type=int, default=0,
+                        help="measure /answer with N processes polling /health instead; 0: the client phases "
+                             "(default: %(default)s)")
+    parser.add_argument("--poll-interval", type=float, default=0.0,
+                        help="seconds between one poller's polls; 0: back to back (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alone/polled alternations of --health-pollers (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not Path(args.index, "manifest.json").exists():
         print(f"error: no index at {args.index}; run `make demo` or pass --index", file=sys.stderr)
         return 2

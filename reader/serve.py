@@ -311,24 +311,32 @@ def create_app(
 def build_parser() -> argparse.ArgumentParser:
     """The service's flags (no heavy import: ``--help`` answers at once)."""
     parser = argparse.ArgumentParser(prog="python -m reader.serve", description=__doc__.splitlines()[0])
-    parser.add_argument("--index", default=DEFAULT_INDEX)
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--index", default=DEFAULT_INDEX, help="index folder (default: %(default)s)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 127.0.0.1: this machine only (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     parser.add_argument("--allow-host", action="append", default=[], metavar="NAME",
-                        help="another Host name to answer to, besides the bound address (repeat; '*' for any)")
-    parser.add_argument("--max-batch", type=int, default=16, help="questions per model pass (1 = no batching)")
+                        help="another Host name to answer to, besides the bound address (repeat; '*' for any) "
+                             "(default: the bound address only)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="questions per model pass; 1: no batching (default: %(default)s)")
     parser.add_argument("--max-batch-passages", type=int, default=400,
-                        help="passages per model pass: a larger batch is read in several, and a timed-out request is dropped between them")
-    parser.add_argument("--window-ms", type=float, default=5.0, help="how long an idle batcher waits for company")
+                        help="passages per model pass: a larger batch is read in several, and a timed-out request is "
+                             "dropped between them (default: %(default)s)")
+    parser.add_argument("--window-ms", type=float, default=5.0,
+                        help="milliseconds an idle batcher waits for company (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     default = Limits()
-    parser.add_argument("--max-k", type=int, default=default.max_k, help="most passages one request may ask for")
-    parser.add_argument("--max-body-bytes", type=int, default=default.max_body_bytes, help="larger bodies: 413")
-    parser.add_argument("--timeout-s", type=float, default=default.timeout_s, help="slower answers: 504")
-    parser.add_argument("--body-timeout-s", type=float, default=default.body_timeout_s, help="slower request bodies: 408")
-    parser.add_argument(
-        "--max-question-chars", type=int, default=default.max_question_chars, help="longer questions: 400"
-    )
+    parser.add_argument("--max-k", type=int, default=default.max_k,
+                        help="most passages one request may ask for (default: %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=default.max_body_bytes,
+                        help="bytes a request body may have; larger bodies: 413 (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=float, default=default.timeout_s,
+                        help="seconds an answer may take; slower answers: 504 (default: %(default)s)")
+    parser.add_argument("--body-timeout-s", type=float, default=default.body_timeout_s,
+                        help="seconds a request body may take to arrive; slower bodies: 408 (default: %(default)s)")
+    parser.add_argument("--max-question-chars", type=int, default=default.max_question_chars,
+                        help="characters a question may have; longer questions: 400 (default: %(default)s)")
     add_connection_flags(parser)
     add_device_arguments(parser)
     return parser

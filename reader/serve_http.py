@@ -220,15 +220,17 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     """``reader.serve``'s flags for connections and access: timeouts, the cap, the token."""
     default = ConnectionLimits()
     parser.add_argument("--header-timeout-s", type=float, default=default.header_timeout_s,
-                        help="a connection whose request head is not whole by then is closed (408 if it sent part)")
+                        help="seconds for a request head to arrive whole; past it the connection is closed, with a 408 "
+                             "if part came (default: %(default)s)")
     parser.add_argument("--keep-alive-s", type=float, default=default.keep_alive_s,
-                        help="an idle connection is closed this long after its last answer")
+                        help="seconds an idle connection stays open after its last answer (default: %(default)s)")
     parser.add_argument("--max-connections", type=int, default=default.max_connections,
-                        help="connections open at once; past it the one idle longest is closed")
+                        help="connections open at once; past it the one idle longest is closed (default: %(default)s)")
     parser.add_argument("--token", default=os.environ.get(TOKEN_ENV) or None,
-                        help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}); needed for a non-loopback --host")
+                        help=f"require 'Authorization: Bearer TOKEN'; needed for a non-loopback --host "
+                             f"(default: ${TOKEN_ENV} if set, else none: no token asked)")
     parser.add_argument("--insecure-no-auth", action="store_true",
-                        help="serve a non-loopback --host without a token: anyone who reaches it may ask")
+                        help="serve a non-loopback --host without a token: anyone who reaches it may ask (default: off)")
 
 
 def connection_options(args: argparse.Namespace) -> ConnectionLimits:

@@ -129,10 +129,15 @@ def recorded_digests(manifest: Manifest) -> dict[str, str]:
     return (manifest.extra.get("retriever") or {}).get("digests") or {}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m storage.verify", description=__doc__.splitlines()[0])
     parser.add_argument("index", type=Path, help="index folder (with manifest.json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         problems, checked = verify(args.index)
     except DamagedIndex as error:  # the manifest itself

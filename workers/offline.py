@@ -48,20 +48,30 @@ def index_tokenizer(root: Path):
     return AutoTokenizer.from_pretrained(path, local_files_only=local)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m workers.offline", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="offline-merge a lossless index into a new folder")
-    merge.add_argument("source", type=Path)
-    merge.add_argument("destination", type=Path)
-    merge.add_argument("--ratio", type=float, default=0.2, help="r_o, the share of each token's occurrences merged")
-    merge.add_argument("--scratch", type=Path, help="scratch folder, kept if the merge fails (a rerun resumes)")
+    merge.add_argument("source", type=Path, help="the lossless index folder to merge")
+    merge.add_argument("destination", type=Path, help="the new, merged index folder")
+    merge.add_argument("--ratio", type=float, default=0.2,
+                       help="r_o, the share of each token's occurrences merged (default: %(default)s)")
+    merge.add_argument("--scratch", type=Path,
+                       help="scratch folder, kept if the merge fails so that a rerun resumes "
+                            "(default: a temporary folder, removed)")
     check = commands.add_parser("verify", help="verify an index, a task per shard")
-    check.add_argument("index", type=Path)
+    check.add_argument("index", type=Path, help="the index folder to verify")
     for command in (merge, check):
-        command.add_argument("--ray-address", help="a running cluster (default: start a loopback one)")
-        command.add_argument("--cpus", type=int, default=None, help="CPUs of the loopback cluster (default: all)")
-    args = parser.parse_args(argv)
+        command.add_argument("--ray-address",
+                             help="a running cluster to join (default: start a loopback one for the command)")
+        command.add_argument("--cpus", type=int, default=None,
+                             help="CPUs of the loopback cluster (default: all of this machine's)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     with cluster(args.ray_address, args.cpus):
         if args.command == "merge":
             stopwords = stopword_ids(index_tokenizer(args.source))
