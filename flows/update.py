@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,20 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from reader.inputs import stopword_ids
 from reader.load import ReaderSpec, load_reader
 from reader.retriever import extend_faiss
 from storage.codec import file_digest
-from storage.index import CODEC, FAISS_FILE, INFO_FILE, IVF_DATA, MANIFEST, Index, Manifest
-from storage.shard import DATA, SHARDS, ShardInfo, default_shard_size, shard_name
+from storage.index import CODEC, FAISS_FILE, INFO_FILE, IVF_DATA, MANIFEST, Index, IndexWriter, Manifest
+from storage.offline import OfflineMerge
+from storage.shard import DATA, SHARDS, ShardInfo, default_shard_size, shard_name, shard_number
 from storage.versions import (
     DIGEST_SCHEMA, digest_table, files_folder, load_deleted, match, passage_digests, prune, read_passages, version_name,
     version_number, write_version_files,
 )
 from workers.corpus import SCHEMA, normalize
-from workers.indexer import EMBEDDINGS, ShardPlan
+from workers.indexer import EMBEDDINGS, STAGING_LEVEL, ShardPlan
+from workers.offline import index_tokenizer, merge_on_cluster
 
 from .progress import PROGRESS_FILE, RunProgress
 from .shards import flow_cluster, index_shards, ray_runner
@@ -152,11 +156,12 @@ def plan_update(index: str, corpus: str | None, corpus_format: str, corpus_diges
                                                                  digests[encode])]), work / "digests.parquet")
     np.save(work / "removed.npy", changes.removed_rows)
     size = shard_size or manifest.extra.get("shard_size") or default_shard_size(len(encode))
-    next_id = max((int(s.name.split("-")[1]) for s in manifest.shards), default=-1) + 1
+    next_id = max((shard_number(s.name) for s in manifest.shards), default=-1) + 1
     plans = [ShardPlan(next_id + i, first, min(size, first_row + len(encode) - first)).__dict__
              for i, first in enumerate(range(first_row, first_row + len(encode), size))]
     return {"version": number, "first_row": first_row, "counts": counts, "plans": plans, "spec": spec, "encoder": encoder,
-            "staging": str(work / "staging"), "corpus": str(delta), "manifest": file_digest(root / MANIFEST)}
+            "staging": str(work / "staging"), "corpus": str(delta), "manifest": file_digest(root / MANIFEST),
+            "merge": merge_setting(manifest) is not None}
 
 
 def stage_codec(root: Path, staging: Path) -> None:
@@ -165,6 +170,32 @@ def stage_codec(root: Path, staging: Path) -> None:
         staging.mkdir(parents=True, exist_ok=True)
         shutil.copytree(root / CODEC, staging / ".tmp-codec")
         os.replace(staging / ".tmp-codec", staging / CODEC)
+
+
+def merge_setting(manifest: Manifest) -> OfflineMerge | None:
+    """The offline merge the index's shards went through (its settings as recorded), or None for a lossless index."""
+    recorded = manifest.extra.get("offline_merge")
+    if not recorded or not recorded.get("ratio"):
+        return None
+    return OfflineMerge(**{f.name: recorded[f.name] for f in fields(OfflineMerge) if f.name in recorded})
+
+
+def merge_new_shards(root: Path, manifest: Manifest, settings: OfflineMerge, staging: Path, infos: list[ShardInfo]) -> tuple[Path, list[ShardInfo]]:
+    """The update's lossless shards merged as the index's were, in a window of their own, with the index's codec.
+
+    A token's occurrences in the new passages merge among themselves (a window: ``storage.offline``),
+    at the index's ratio; the merged shards are written with the index's codec (its dictionary is
+    not trained again), so the index stays one codec. On the flow's Ray; a rerun resumes the merge.
+    Returns the folder of the merged shards and their infos.
+    """
+    work = staging.parent
+    # the staged shards as an index part (rows from the update's first), for the merge
+    IndexWriter(staging, manifest.reader).publish(infos, extra={}, first_row=infos[0].first_row)
+    merged = work / "merged"
+    stage_codec(root, merged)
+    merged_manifest = merge_on_cluster(staging, merged, stopword_ids(index_tokenizer(root)), settings,
+                                       scratch=work / "merge", codec_final=True)
+    return merged, list(merged_manifest.shards)
 
 
 def _link_shard(staging: Path, root: Path, info: ShardInfo) -> None:
@@ -194,8 +225,11 @@ def publish_update(index: str, planned: dict, shards: list[dict]) -> dict:
     if file_digest(root / MANIFEST) != planned["manifest"]:
         raise Refused(f"{root} was changed by another run since this update was planned; run the update again")
     infos = sorted((ShardInfo.from_dict(s) for s in shards), key=lambda s: s.first_row)
+    settings, source = merge_setting(manifest), staging
+    if settings is not None and infos:  # a merged index gets merged new shards: its bits/dim stays what it was
+        source, infos = merge_new_shards(root, manifest, settings, staging, infos)
     for info in infos:
-        _link_shard(staging, root, info)
+        _link_shard(source, root, info)
     number, folder = planned["version"], root / version_name(planned["version"])
     embeddings = [staging / EMBEDDINGS / f"{shard_name(p['shard_id'])}.npy" for p in planned["plans"]]
     retriever = extend_faiss(files_folder(root, manifest.extra), folder, embeddings, planned["first_row"])
@@ -246,7 +280,7 @@ def update_index(
                 fanned = index_shards.with_options(task_runner=ray_runner(ray_address))(
                     plans=planned["plans"], staging=planned["staging"], corpus_path=planned["corpus"], spec=planned["spec"],
                     encoder=planned["encoder"], workers=workers, batch_size=batch_size, progress_path=str(progress.path),
-                    worker_threads=worker_threads,
+                    worker_threads=worker_threads, level=STAGING_LEVEL if planned["merge"] else None,  # the merge codes them again
                 )
                 results = fanned["shards"]
                 progress = RunProgress.load(progress.path)

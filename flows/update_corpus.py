@@ -48,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's flags, built without running it (tests/test_help_texts.py reads their help)."""
     parser = argparse.ArgumentParser(prog="python -m flows.update_corpus", description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default=None, help="the corpus (default: the bundled sample)")
-    parser.add_argument("--corpus-format", default="sample",
-                        help="how --corpus is read (workers.corpus): sample, jsonl, dpr, parquet, wikixml, or auto: from "
-                             "the file's name (default: %(default)s)")
+    parser.add_argument("--corpus-format", default="auto",
+                        help="how --corpus is read (workers.corpus): sample, jsonl, dpr, parquet, wikixml, or auto: the "
+                             "bundled sample without --corpus, else from the file's name (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None,
                         help="only the first N passages, for an index built of a slice (default: all)")
     parser.add_argument("--out", type=Path, required=True,

@@ -203,10 +203,13 @@ class IndexWriter:
         """A shard already sealed intact by an earlier run (a resumed job skips it)."""
         return sealed_shard(self.root, shard_id)
 
-    def publish(self, shards: Sequence[ShardInfo], extra: dict | None = None) -> Manifest:
-        """Write the manifest listing ``shards``, which must cover rows 0..N-1 without gaps."""
+    def publish(self, shards: Sequence[ShardInfo], extra: dict | None = None, first_row: int = 0) -> Manifest:
+        """Write the manifest listing ``shards``, which must cover rows ``first_row``.. without gaps.
+
+        ``first_row`` > 0: a part of an index (an update's new shards, merged on their own before they join it).
+        """
         ordered = sorted(shards, key=lambda s: s.first_row)
-        expected = 0
+        expected = first_row
         for shard in ordered:
             if shard.first_row != expected:
                 raise ValueError(f"{shard.name} starts at row {shard.first_row}; expected {expected} (a shard is missing)")
@@ -289,7 +292,8 @@ class Index:
         return len(self) - len(self.deleted)
 
     def _check_row(self, row: int) -> int:
-        if not 0 <= row < len(self):
+        first = self._starts[0] if self._starts else 0  # 0, but for a part of an index (``IndexWriter.publish``)
+        if not first <= row < first + len(self):
             raise IndexError(f"row {row} is outside the index's {len(self)} passages")
         at = np.searchsorted(self.deleted, row)
         if at < len(self.deleted) and self.deleted[at] == row:

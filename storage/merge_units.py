@@ -21,7 +21,7 @@ import torch
 from .index import Index, IndexWriter
 from .open_shards import close_shards
 from .record import record_token_ids
-from .shard import ShardInfo
+from .shard import ShardInfo, shard_number
 from .token_merge import OfflineMerge, merge_occurrences
 
 # A token's occurrences go to buckets in pieces of this many chunks (65,536 occurrences, 4 MB at
@@ -257,13 +257,13 @@ def rewrite_shard(scratch: str, destination: str, shard_id: int) -> dict:
     marker = unit_file(Path(scratch), "rewritten", shard_id, ".json")
     plan, index, _ = _context(Path(scratch))
     writer = IndexWriter(destination, index.manifest.reader)
-    position = plan["first_shard"] + shard_id
+    shard = _source_shard(plan, index, shard_id)
+    number = shard_number(shard.name)  # the source's own: its position in a build, its id in an update's part
     if marker.exists():  # sealed by an earlier attempt of this merge, and still intact
-        info = writer.sealed(position)
+        info = writer.sealed(number)
         if info is not None and info.to_dict() == json.loads(marker.read_text()):
             return info.to_dict()
-    shard = _source_shard(plan, index, shard_id)
-    info = writer.write_shard(position, shard.first_row, merged_passages(Path(scratch), shard_id))
+    info = writer.write_shard(number, shard.first_row, merged_passages(Path(scratch), shard_id))
     save_json(marker, info.to_dict())
     return info.to_dict()
 

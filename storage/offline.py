@@ -80,7 +80,8 @@ def _start(scratch: Path, plan: dict) -> None:
 
 
 def _merge_window(
-    folder: Path, index: Index, destination: Path, run: Runner, progress: Progress, before: dict[str, int], totals: dict[str, int]
+    folder: Path, index: Index, destination: Path, run: Runner, progress: Progress, before: dict[str, int], totals: dict[str, int],
+    codec_final: bool = False,
 ) -> tuple[IndexWriter, list, int]:
     """The passes over one started window folder: the destination's writer, the window's shard infos and changed tokens.
 
@@ -99,7 +100,7 @@ def _merge_window(
     for i in range(shards):  # every bucket is merged: the partition is no longer needed
         unit_file(folder, "part", i, ".bin").unlink(missing_ok=True)
     marker = folder.parent / CODEC_MARKER
-    if marker.exists():
+    if marker.exists() or codec_final:  # trained on an earlier window, or the destination's own (an update's)
         writer = IndexWriter(destination, index.manifest.reader)
     else:  # same prototypes; the dictionary is trained again on merged residuals, which differ from lossless ones
         merged = itertools.chain.from_iterable(merged_passages(folder, i) for i in range(shards))
@@ -125,7 +126,9 @@ def _merge(
         if not done.exists():
             _start(window, {**plan, "first_shard": positions.start, "shards": len(positions), "buckets": buckets})
             before = dict.fromkeys(totals, positions.start) | {"merge": sum(bucket_counts[:number])}
-            writer, window_infos, window_changed = _merge_window(window, index, destination, run, progress, before, totals)
+            writer, window_infos, window_changed = _merge_window(
+                window, index, destination, run, progress, before, totals, plan.get("codec_final", False)
+            )
             save_json(done, {"shards": window_infos, "changed": window_changed})
         record = json.loads(done.read_text())
         infos += record["shards"]
@@ -139,13 +142,14 @@ def _merge(
     extra = {**index.manifest.extra, "offline_merge": {
         **asdict(settings), "bucket_files": sum(bucket_counts), "stopwords": len(plan["stopwords"]), "changed_tokens": changed,
     }}
-    return writer.publish([ShardInfo.from_dict(i) for i in infos], extra=extra)
+    shards = [ShardInfo.from_dict(i) for i in infos]
+    return writer.publish(shards, extra=extra, first_row=min((s.first_row for s in shards), default=0))
 
 
 def merge_index(
     source: Path | str, destination: Path | str, stopwords: set[int], settings: OfflineMerge | None = None,
     workdir: Path | str | None = None, progress: Progress | None = None, run: Runner = serial,
-    scratch: Path | str | None = None, consume_source: bool = False,
+    scratch: Path | str | None = None, consume_source: bool = False, codec_final: bool = False,
 ) -> Manifest:
     """Write an offline-compressed copy of the index at ``source`` to ``destination``.
 
@@ -153,7 +157,9 @@ def merge_index(
     (default: a temporary folder in ``workdir``) is kept if the merge fails, so that a rerun with
     the same one resumes. ``progress(pass, done, total)`` is called after each unit of each pass.
     ``consume_source`` deletes each window's source shards once its merged shards are sealed (the
-    source is left unreadable: for a staging copy only).
+    source is left unreadable: for a staging copy only). ``codec_final``: ``destination`` already holds
+    the codec its shards are written with (an update's new shards join an index coded with it), so
+    no dictionary is trained again.
     """
     settings = settings or OfflineMerge()
     progress = progress or (lambda *_: None)
@@ -163,7 +169,7 @@ def merge_index(
     plan = {
         "source": str(Path(source).resolve()), "source_shards": source_digest, "settings": asdict(settings),
         "stopwords": sorted(stopwords), "span": settings.chunk * PIECE_CHUNKS, "consume_source": consume_source,
-    }
+    } | ({"codec_final": True} if codec_final else {})
     _start(folder, plan)
     try:
         manifest = _merge(index, folder, Path(destination), settings, plan, run, progress)

@@ -87,6 +87,11 @@ def shard_name(shard_id: int) -> str:
     return f"shard-{shard_id:05d}"
 
 
+def shard_number(name: str) -> int:
+    """The id in a shard's name: ``shard_name``'s inverse."""
+    return int(name.split("-")[1])
+
+
 class DamagedIndex(RuntimeError):
     """The index's files are damaged, or changed under a running reader: the index's fault, never the question's."""
 

@@ -165,13 +165,16 @@ def brute_force_packed(bits: np.ndarray, prototype: np.ndarray, ratio: float) ->
     return packed(np.array(brute_force_merge(signs.tolist(), proto.tolist(), ratio)[0]).reshape(signs.shape))
 
 
-def reference_merge(index: Index, stopwords: set[int], settings: OfflineMerge, rows: range | None = None) -> list[np.ndarray]:
+def reference_merge(
+    index: Index, stopwords: set[int], settings: OfflineMerge, rows: range | None = None, prototypes: np.ndarray | None = None
+) -> list[np.ndarray]:
     """The offline merge of ``rows`` (all) alone, in memory, as specified: each token's occurrences in (row, position)
-    order, chunk by chunk, through the brute-force merge (not the code under test)."""
+    order, chunk by chunk, through the brute-force merge (not the code under test). ``prototypes``: another codec's
+    (an update's passages merge with their index's), else the index's own."""
     stored = index.fetch(rows if rows is not None else range(len(index)))
     ids = np.concatenate([p.tokens.token_ids.numpy() for p in stored])
     bits = np.concatenate([p.tokens.bits.numpy() for p in stored])  # (row, position) order already
-    prototypes = index.format.codec.prototypes
+    prototypes = index.format.codec.prototypes if prototypes is None else prototypes
     for token in np.unique(ids):
         where = np.flatnonzero(ids == token)
         if token in stopwords:

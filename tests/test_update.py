@@ -25,7 +25,8 @@ EDITED, ADDED, DELETED = 3, 2, 2
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, make_extractive_module, write_flow_inputs, prefect_server):
-    """A lossless index of 36 passages built by the flow, and a changed corpus (3 edited, 2 added, 2 deleted)."""
+    """An index of 36 passages built by the flow at the demo's offline merge (0.2), and a changed corpus (3 edited, 2
+    added, 2 deleted)."""
     reader = make_extractive_module(BTRConfig(split_layer=2, max_passage_tokens=96), hidden_size=64)
     root = write_flow_inputs(tmp_path_factory.mktemp("update"), reader, PASSAGES)
     run(root, root / "base", "corpus.jsonl")
@@ -42,7 +43,7 @@ def run(root: Path, index: Path, corpus: str, update: bool = False) -> dict:
 
     return index_wikipedia(
         index=str(index), corpus=str(root / corpus), corpus_format="jsonl", reader_checkpoint=str(root / "reader"),
-        retriever=str(root / "reader"), max_passage_tokens=96, split_layer=2, shard_size=SHARD_SIZE, offline_merge=0.0,
+        retriever=str(root / "reader"), max_passage_tokens=96, split_layer=2, shard_size=SHARD_SIZE, offline_merge=0.2,
         codec_sample=PASSAGES, update=update,
     )
 
@@ -82,6 +83,41 @@ def test_the_update_counts_its_changes_and_publishes_version_2_that_verifies(bui
     kept = [row for row in range(PASSAGES) if row not in set(stored.deleted.tolist())]
     assert len(kept) == PASSAGES - EDITED - DELETED and stored.read_raw(kept) == base.read_raw(kept)
     assert not (index / ".work" / "update").exists()
+
+
+def test_the_new_passages_are_merged_as_a_window_of_their_own_with_the_index_codec(built, updated):
+    """An update of a merged index (the demo's 0.2) stores its new passages merged, not lossless: their bits are the
+    brute-force merge (tests/test_offline.py's reference) of the serial path's lossless bits of the same passages, in
+    the same order; the index's codec is the one it was built with, byte for byte."""
+    from reader.inputs import stopword_ids
+    from reader.load import ReaderSpec, load_reader
+    from storage.offline import OfflineMerge
+    from test_offline import reference_merge
+    from workers.build import build_index
+    from workers.corpus import normalize, read_rows
+
+    root, changes, new = built
+    index, _ = updated
+    assert files(index)["codec/codec.json"] == files(root / "base")["codec/codec.json"]
+    assert {k: v for k, v in files(index).items() if k.startswith("codec/")} == {
+        k: v for k, v in files(root / "base").items() if k.startswith("codec/")}
+    stored = Index.open(index)
+    assert stored.manifest.extra["offline_merge"]["ratio"] == 0.2
+    added = stored.fetch(range(PASSAGES, len(stored)))
+    assert sorted(p.pid for p in added) == sorted([*changes["edited"], *changes["added"]])
+    loaded = load_reader(ReaderSpec("extractive", str(root / "reader"), 2, 96))
+    normalized = {p.id: p for p in read_rows(normalize(str(root / "new.jsonl"), "jsonl", root / "reference-new-corpus").path,
+                                             0, len(new))}  # as the flow reads it
+    build_index(root / "reference-new", loaded, [normalized[p.pid] for p in added], shard_size=SHARD_SIZE)
+    lossless = Index.open(root / "reference-new")
+    expected = reference_merge(lossless, stopword_ids(loaded.tokenizer), OfflineMerge(0.2),
+                               prototypes=stored.format.codec.prototypes)  # the index's codec, not the reference's own
+    reference = lossless.fetch(range(len(added)))
+    assert sum(not np.array_equal(e, r.tokens.bits.numpy()) for e, r in zip(expected, reference)) >= len(added) // 2
+    for got, want, bits in zip(added, reference, expected):
+        assert (got.pid, got.text) == (want.pid, want.text)
+        assert np.array_equal(got.tokens.token_ids, want.tokens.token_ids)
+        assert np.array_equal(got.tokens.bits.numpy(), bits)
 
 
 def test_deleted_and_replaced_passages_are_never_retrieved_or_fetched_and_new_text_is_found(built, updated):
@@ -200,9 +236,10 @@ def test_an_empty_corpus_and_another_corpus_into_a_built_folder_are_one_line_eac
         main(["--index", str(index), "--corpus", str(root / "new.jsonl"), *common])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "choose another index folder" in err and "Traceback" not in err
-    os.utime(root / "corpus.jsonl", ns=(1, 1))  # same bytes, another modification time: the build resumes
-    result = run(root, index, "corpus.jsonl")
-    assert result["resumed_shards"] == PASSAGES // SHARD_SIZE
+    os.utime(root / "corpus.jsonl", ns=(1, 1))  # same bytes, another modification time: the same corpus, run again
+    base = files(index)
+    result = run(root, index, "corpus.jsonl")  # (a merged index keeps no lossless shards to resume from: all again)
+    assert result["passages"] == PASSAGES and files(index) == base  # accepted as the same corpus, the same bytes out
 
 
 def test_a_running_service_moves_to_the_new_version_under_load_without_failing_a_request(built, updated, tmp_path):

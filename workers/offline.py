@@ -25,10 +25,12 @@ from .cluster import cluster, cluster_runner
 def merge_on_cluster(
     source: Path | str, destination: Path | str, stopwords: set[int], settings: OfflineMerge | None = None,
     workdir: Path | str | None = None, progress: Progress | None = None, scratch: Path | str | None = None,
-    consume_source: bool = False,
+    consume_source: bool = False, codec_final: bool = False,
 ) -> Manifest:
     """``storage.offline.merge_index`` with every pass's units as tasks on the connected Ray cluster."""
-    return merge_index(source, destination, stopwords, settings, workdir, progress, cluster_runner(), scratch, consume_source)
+    return merge_index(
+        source, destination, stopwords, settings, workdir, progress, cluster_runner(), scratch, consume_source, codec_final
+    )
 
 
 def verify_on_cluster(root: Path) -> tuple[list[str], int]:
