@@ -252,10 +252,15 @@ def follow(path: Path, done=lambda: False, interval: float = 1.0, printer: Print
         printer.close()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's flags, built without running it."""
     parser = argparse.ArgumentParser(prog="python -m flows.progress", description="Print an indexing run's progress.")
     parser.add_argument("index", type=Path, help="the index folder the run writes")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     path = args.index / ".work" / PROGRESS_FILE
     record = read_json(path)
     if record is None:

@@ -1,8 +1,7 @@
 """`--help` of every command: each flag says what it does and its default.
 
 Each module's ``build_parser()`` is built in this process (the heavy modules' imports, torch, Prefect and faiss
-among them, take a few seconds in all); flows.progress builds its parser inside main(), so it runs as
-``python -m flows.progress --help``. The help is rendered as a user sees it, 1,000 columns wide, so that
+among them, take a few seconds in all). The help is rendered as a user sees it, 1,000 columns wide, so that
 no word of a default is wrapped onto another line.
 """
 
@@ -10,14 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("reader", "flows", "storage", "workers", "bench")
@@ -28,10 +23,10 @@ IN_PROCESS = [
     "flows.fid_synthetic", "flows.retriever_recall",
     "storage.verify", "workers.offline",
     "bench.reader", "bench.storage", "bench.workers", "bench.scale", "bench.answer_spans", "bench.figures",
+    "bench.update_sample", "flows.progress",
     "bench.gpu_readers", "bench.retriever_disk", "bench.retriever_workers", "bench.synthetic", "bench.t5_copy",
     "bench.wikitext",
 ]
-SUBPROCESS = ["flows.progress"]  # its parser is built inside main()
 BUILT_ELSEWHERE = {"flows.index_args": "flows.index_wikipedia"}  # the module whose parser `python -m` shows
 UNSAID = ("(default: None)", "(default: False)", "(default: [])", "(default: )")  # a default that tells nothing
 
@@ -84,7 +79,7 @@ def test_every_command_with_a_parser_is_checked_here():
         ".".join(path.relative_to(ROOT).with_suffix("").parts)
         for package in PACKAGES for path in (ROOT / package).glob("*.py") if "ArgumentParser(" in path.read_text()
     }
-    assert {BUILT_ELSEWHERE.get(module, module) for module in modules} == set(IN_PROCESS) | set(SUBPROCESS)
+    assert {BUILT_ELSEWHERE.get(module, module) for module in modules} == set(IN_PROCESS)
 
 
 def test_every_flag_says_what_it_does_and_its_default(monkeypatch):
@@ -98,19 +93,6 @@ def test_every_flag_says_what_it_does_and_its_default(monkeypatch):
             found += problems(name, parser)
     assert not found, "\n".join(found)
     assert flags > 300  # every parser was read (there are about 320 arguments)
-
-
-@pytest.mark.parametrize("module", SUBPROCESS)
-def test_help_of_a_command_that_builds_its_parser_in_main(module):
-    process = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60,
-                             cwd=ROOT, env=os.environ | {"COLUMNS": "1000"})
-    assert process.returncode == 0, process.stderr[-2000:]
-    said = entries(process.stdout.split("\n\n", 2)[2])  # after the usage and the description
-    assert "-h" in said and len(said) > 1
-    for flag, entry in said.items():
-        assert len(entry.split()) > 1 + flag.startswith("-"), f"{module} {flag}: no help"
-        if flag.startswith("-") and flag != "-h":
-            assert "(default: " in entry and not any(unsaid in entry for unsaid in UNSAID), f"{module} {flag}: {entry}"
 
 
 def test_the_token_flag_never_shows_the_token(monkeypatch):
