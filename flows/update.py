@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from reader.inputs import stopword_ids
@@ -117,7 +117,6 @@ def _start_work(work: Path, plan: dict) -> None:
 def plan_update(index: str, corpus: str | None, corpus_format: str, corpus_digest: str | None, spec: dict | None,
                 encoder: str | None, shard_size: int) -> dict:
     """Normalize the new corpus, match it against the current version, write the corpus of the passages to encode."""
-    logger = get_run_logger()
     root = Path(index)
     manifest = Manifest.load(root)
     spec, encoder = check_same_reader(manifest, spec, encoder)
@@ -134,8 +133,6 @@ def plan_update(index: str, corpus: str | None, corpus_format: str, corpus_diges
     ids, digests = corpus_digests(Path(summary["path"]))
     changes = match(current_passages(root, manifest), ids, digests)
     counts = changes.counts()
-    logger.info("update to version %s: %s changed, %s added, %s deleted, %s unchanged", number, counts["changed"],
-                counts["added"], counts["deleted"], counts["unchanged"])
     first_row, encode = manifest.passages, changes.encode
     # The workers read a shard's rows by their row numbers: rows before the update's first are left empty.
     delta = work / "delta.parquet"
@@ -245,10 +242,8 @@ def publish_update(index: str, planned: dict, shards: list[dict]) -> dict:
     published.save(root)  # the commit point: readers opening the index from now on get this version
     removed = prune(root, number, (FAISS_FILE, INFO_FILE, IVF_DATA))
     shutil.rmtree(work)
-    get_run_logger().info("published version %s: %s passages (%s rows, %s deleted)%s", number, published.passages - len(deleted),
-                          published.passages, len(deleted), f"; removed {', '.join(removed)}" if removed else "")
     return {"index": str(root), "version": number, "passages": published.passages - len(deleted), "rows": published.passages,
-            "deleted_rows": len(deleted), "tokens": published.tokens, "new_shards": len(infos)} | planned["counts"]
+            "deleted_rows": len(deleted), "tokens": published.tokens, "new_shards": len(infos), "removed": removed} | planned["counts"]
 
 
 @flow(name="update-index", log_prints=True)
@@ -264,10 +259,12 @@ def update_index(
         progress.phase("matching the new corpus")
         planned = plan_update(index, corpus, corpus_format, corpus_digest, spec, retriever, shard_size)
         counts = planned["counts"]
-        print(f"update of {root}: {counts['changed']} changed, {counts['added']} added, {counts['deleted']} deleted, "
-              f"{counts['unchanged']} unchanged")
+        print(f"update of {root} to version {planned['version']}: {counts['changed']} changed, {counts['added']} added, "
+              f"{counts['deleted']} deleted, {counts['unchanged']} unchanged")
         if not (counts["changed"] or counts["added"] or counts["deleted"]):
             shutil.rmtree(Path(planned["staging"]).parent)
+            # an update stopped after its manifest was renamed in left its clean-up undone: finish it
+            prune(root, planned["version"] - 1, (FAISS_FILE, INFO_FILE, IVF_DATA))
             progress.finish()
             print(f"nothing changed: {root} stays at version {planned['version'] - 1}")
             return {"index": index, "version": planned["version"] - 1} | counts
@@ -290,6 +287,7 @@ def update_index(
         progress.finish("failed")
         raise
     progress.finish()
+    removed = f"; removed {', '.join(published['removed'])}" if published["removed"] else ""
     print(f"version {published['version']} of {root} published: {published['passages']} passages "
-          f"({published['new_shards']} new shards, {published['deleted_rows']} deleted rows)")
+          f"({published['rows']} rows, {published['new_shards']} new shards, {published['deleted_rows']} deleted rows{removed})")
     return published

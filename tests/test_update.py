@@ -159,36 +159,67 @@ def test_unchanged_passages_answer_as_before(built, updated):
     assert same >= len(unchanged) // 2
 
 
-def test_an_update_killed_midway_leaves_the_old_version_answering_and_a_rerun_gives_the_same_files(
+class Stop(RuntimeError):
+    """Raised where a test stops an update."""
+
+
+def test_an_update_stopped_at_six_points_in_turn_serves_the_old_version_until_published_and_ends_as_one_run(
     built, updated, tmp_path, monkeypatch
 ):
+    """One update stopped again and again, each rerun going further: after matching the corpus, with a worker killed
+    mid-shard, half-way through merging the new shards, before the retriever, after the version files, and after
+    the manifest (the commit point) before the clean-up. Until the manifest the old version verifies and answers
+    and none of its files changes; the last rerun ends with the files of an update never stopped."""
     import flows.update as update
+    from reader.answer import Answerer
 
     root, _, _ = built
     index = tmp_path / "index"
     shutil.copytree(root / "base", index)
     before = files(index)
+    real = {name: getattr(update, name) for name in ("corpus_digests", "merge_on_cluster", "extend_faiss",
+                                                     "write_version_files", "prune")}
+
+    def stop_after(name):
+        def stopped(*args, **kwargs):
+            real[name](*args, **kwargs)
+            raise Stop(f"stopped after {name}")
+        return stopped
+
+    def merge_stopped_half_way(*args, **kwargs):
+        def progress(stage, done, total):
+            if stage == "rewrite" and done >= 1:
+                raise Stop("stopped in the merge")
+        return real["merge_on_cluster"](*args, **kwargs, progress=progress)
+
+    def old_version_serves():
+        assert Manifest.load(index).extra.get("version") is None and verify_main([str(index)]) == 0
+        assert {k: v for k, v in files(index).items() if k in before} == before  # nothing it reads changed
+        assert Answerer(index).answer("What is it?", k=2)["answer"] is not None
+
     marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, f"{PASSAGES // SHARD_SIZE}:{marker}")  # the first new shard's worker is SIGKILLed
-    extend = update.extend_faiss
-
-    def stopped(*args, **kwargs):
-        raise RuntimeError("stopped before the retriever")
-
-    monkeypatch.setattr(update, "extend_faiss", stopped)
-    with pytest.raises(RuntimeError, match="stopped"):
-        run(root, index, "new.jsonl", update=True)
-    assert marker.exists(), "the fault was never injected"
-    assert Manifest.load(index).extra.get("version") is None and verify_main([str(index)]) == 0
-    assert {k: v for k, v in files(index).items() if k in before} == before  # nothing the old version reads changed
-    from reader.answer import Answerer
-
-    assert Answerer(index).answer("What is it?", k=2)["answer"] is not None
-    monkeypatch.setattr(update, "extend_faiss", extend)
-    monkeypatch.delenv(FAULT_ENV)
-    result = run(root, index, "new.jsonl", update=True)
-    assert result["version"] == 2
+    stops = [  # (where, the stand-in that stops it, a worker SIGKILLed half-way through the first new shard too)
+        ("corpus_digests", stop_after("corpus_digests"), False),
+        ("merge_on_cluster", merge_stopped_half_way, True),  # the killed worker's shard is indexed again first
+        ("extend_faiss", stop_after("extend_faiss"), False),
+        ("write_version_files", stop_after("write_version_files"), False),
+        ("prune", stop_after("prune"), False),
+    ]
+    for name, stand_in, kill in stops:
+        monkeypatch.setattr(update, name, stand_in)
+        if kill:
+            monkeypatch.setenv(FAULT_ENV, f"{PASSAGES // SHARD_SIZE}:{marker}")
+        with pytest.raises(Stop):
+            run(root, index, "new.jsonl", update=True)
+        monkeypatch.setattr(update, name, real[name])
+        monkeypatch.delenv(FAULT_ENV, raising=False)
+        if name != "prune":  # before the manifest: the old version, whole
+            old_version_serves()
+    assert marker.exists(), "the worker was never killed"
+    assert Manifest.load(index).extra["version"]["number"] == 2  # the manifest was renamed in before the stop
+    run(root, index, "new.jsonl", update=True)  # nothing left to change: the clean-up is finished
     assert files(index) == files(updated[0])
+    assert not (index / ".work" / "update").exists()
 
 
 def test_the_same_corpus_again_publishes_nothing_and_another_reader_is_refused(built, updated, tmp_path):
