@@ -325,3 +325,49 @@ def test_a_running_service_moves_to_the_new_version_under_load_without_failing_a
     assert app.state.watch.reloads == 1
     on_new = [ids for ids in seen if ids[:1] == [added.id]]  # answered by version 2: no deleted passage cited
     assert on_new and not {pid for ids in on_new for pid in ids} & set(changes["deleted"])
+
+
+@pytest.mark.parametrize("fault", ["a truncated deletion file", "a new shard missing", "no retriever"])
+def test_a_damaged_or_half_written_new_version_is_never_served(built, updated, tmp_path, fault, caplog):
+    """The manifest of version 2 renamed in beside files that are damaged or not all there: the running answerer
+    stays on version 1 (a warning says why) and answers from it; once the files are whole and the manifest is
+    published again, it moves."""
+    from reader.answer import Answerer
+    from reader.reload import VersionWatch
+
+    root, changes, new = built
+    index = tmp_path / "index"
+    shutil.copytree(root / "base", index)
+    answerer = Answerer(index)
+    watch = VersionWatch(answerer)
+    version_2 = files(updated[0])
+    damaged = dict(version_2)
+    if fault == "a truncated deletion file":
+        name = next(n for n in damaged if n.endswith("deleted.npy"))
+        damaged[name] = damaged[name][:-8]
+    elif fault == "a new shard missing":
+        new_shard = max(n.split("/")[1] for n in damaged if n.startswith("shards/"))
+        damaged = {n: data for n, data in damaged.items() if not n.startswith(f"shards/{new_shard}/")}
+    else:
+        damaged = {n: data for n, data in damaged.items() if not n.endswith(".faiss")}
+
+    def publish(tree: dict) -> None:
+        for name, data in tree.items():
+            if name != "manifest.json":
+                (index / name).parent.mkdir(parents=True, exist_ok=True)
+                (index / name).write_bytes(data)
+        shutil.copyfile(updated[0] / "manifest.json", index / ".manifest.json.tmp")
+        os.replace(index / ".manifest.json.tmp", index / "manifest.json")
+
+    added = new[next(iter(changes["added"]))]
+    publish(damaged)
+    with caplog.at_level("WARNING", logger="reader.reload"):
+        assert watch.poll() is False
+    assert "does not open" in caplog.text and "still serving version 1" in caplog.text
+    assert answerer.index.version == 1 and watch.reloads == 0
+    hits = watch.lookup(passage_text(added), 3).hits
+    assert all(h.row < PASSAGES for h in hits)  # version 1's rows only
+    publish(version_2)
+    assert watch.poll() is True and answerer.index.version == 2
+    [top] = answerer.index.fetch([watch.lookup(passage_text(added), 1).hits[0].row])
+    assert top.pid == added.id
