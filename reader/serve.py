@@ -8,7 +8,7 @@
 
     GET  /        -> a page to ask questions from a browser (reader/static/, no build step, offline)
     POST /answer  {"question": "...", "k": 5, "mode": "btr"}  -> the same JSON as `reader.answer --json`
-    GET  /health  -> {"status": "ok", "passages": ..., "reader": ..., "split_layer": ...}  (computed at start)
+    GET  /health  -> {"status": "ok", "passages": ..., "version": ..., "reader": ..., "split_layer": ...}  (no I/O)
     GET  /health/deep -> the same after a stat of every shard
 
 Each request retrieves and reads its LMDB records in a worker thread (the index's environments are
@@ -221,8 +221,9 @@ def create_app(
     watch = VersionWatch(answerer)  # an update published to the index is served from the next request on
     errors = bad_input_errors()
     damage: list[str] = []  # what damage requests met (the first is kept); health reports it
-    # What /health reports, computed once: the reader's name comes with a digest of all its weights.
-    facts = {"passages": len(answerer.index), "reader": answerer.identity.name,
+    # What /health reports, computed once: the reader's name comes with a digest of all its weights. (The
+    # passages and version are read per request: an update moves the service to another version.)
+    facts = {"reader": answerer.identity.name,
              "split_layer": answerer.reader.split_layer, "device": str(answerer.reader.device),
              "dtype": str(answerer.reader.dtype).removeprefix("torch.")}
 
@@ -276,8 +277,9 @@ def create_app(
         """What a probe polls: values computed at start and the damage requests met; no I/O, no hashing."""
         if damage:
             return JSONResponse({"status": "unhealthy", "error": damage[0]}, status_code=503)
-        batches = batcher.batches
-        return JSONResponse({"status": "ok", **facts, "batches": len(batches), "largest_batch": max(batches, default=0)})
+        batches, index = batcher.batches, answerer.index
+        return JSONResponse({"status": "ok", "passages": index.live, "version": index.version, **facts,
+                             "batches": len(batches), "largest_batch": max(batches, default=0)})
 
     async def deep_health(request: Request) -> JSONResponse:
         """/health after a stat of every shard (in a worker thread): damage found before a question meets it."""

@@ -327,6 +327,8 @@ def test_a_running_service_moves_to_the_new_version_under_load_without_failing_a
         stop.set()
         for thread in threads:
             thread.join(120)
+        status, health = request(port, "GET", "/health")
+        assert status == 200 and (health["version"], health["passages"]) == (2, PASSAGES - DELETED + ADDED)
     assert set(statuses) == {200} and len(statuses) > before
     assert app.state.watch.reloads == 1
     on_new = [ids for ids in seen if ids[:1] == [added.id]]  # answered by version 2: no deleted passage cited
