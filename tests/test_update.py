@@ -19,9 +19,6 @@ from workers.indexer import FAULT_ENV
 
 from reader.config import BTRConfig
 
-# One pytest process runs this module: its index (a build, then an update: 90 s) is made once, not on each process.
-pytestmark = pytest.mark.xdist_group("update")
-
 PASSAGES, SHARD_SIZE = 36, 9
 EDITED, ADDED, DELETED = 3, 2, 2
 
