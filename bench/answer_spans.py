@@ -65,6 +65,7 @@ def measure(index, records: list[dict], k: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from reader.api import open_index
+    from reader.evaluate import load_questions
     from reader.load import quiet_library_logs
 
     quiet_library_logs()
@@ -76,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             print(f"error: {path} is missing: run `make data` first", file=sys.stderr)
             return 2
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): a question may hold U+2028
-        records = [json.loads(line) for line in lines if line.strip()][: args.limit]
+        records = load_questions(path, args.limit)
         result = measure(index, records, args.k)
         result["role"] = "test: reported, never chosen on" if "-test" in name else "dev: the rule was chosen here"
         report["sets"][name] = result

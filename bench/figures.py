@@ -58,11 +58,12 @@ def disagreements(values: dict[str, str], root: Path = ROOT, figures: dict[str, 
     found = []
     after = _lines_after(figures if figures is not None else load(), values)
     for page in pages(root):
-        lines = page.read_text().splitlines()
+        text = page.read_text()
+        lines = text.splitlines()
         for previous, line in zip(lines, lines[1:]):
             if previous in after and line != after[previous][1]:
                 found.append(f"{page.relative_to(root)}: {after[previous][0]} says {line!r}, {FIGURES.name} {after[previous][1]!r}")
-        for match in MARK.finditer(page.read_text()):
+        for match in MARK.finditer(text):
             name, text = match.groups()
             if name not in values:
                 found.append(f"{page.relative_to(root)}: {name} is not in {FIGURES.name}")

@@ -64,6 +64,7 @@ def bytes_per_token(shards) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from reader.api import open_index
+    from reader.evaluate import load_questions
     from reader.inputs import clean_text
     from reader.load import quiet_library_logs
     from reader.normalize import has_answer
@@ -98,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     same = {"questions": 0, "identical": 0, "differ": [], "largest_score_change": 0.0}
     recall = {"updated": 0, "rebuilt": 0, "before": 0, "questions": 0}
     for name in DEV:
-        lines = (Path(args.qa) / f"{name}.jsonl").read_text(encoding="utf-8").split("\n")
-        records = [json.loads(line) for line in lines if line.strip()]
+        records = load_questions(Path(args.qa) / f"{name}.jsonl")
         questions = [r["question"] for r in records]
         answered = {label: index.answer_many(questions, k=args.k) for label, index in
                     (("before", before), ("updated", after), ("rebuilt", rebuild))}

@@ -41,11 +41,10 @@ class Chatter(logging.Filter):
 
 
 def quiet_console() -> None:
-    """Attach ``Chatter`` to the console handlers in this process (Prefect's), unless ``BTR_VERBOSE``."""
+    """Attach ``Chatter`` to the console handlers in this process (Prefect's, set up when it is imported), unless
+    ``BTR_VERBOSE``."""
     if verbose():
         return
-    import prefect.logging.configuration  # noqa: F401  (Prefect has set its handlers up once imported)
-
     quiet_library_logs()  # transformers' load reports: a retriever loaded from a QA checkpoint prints a table
 
     for handler in logging.getLogger().handlers + logging.getLogger("prefect").handlers:
