@@ -69,11 +69,11 @@ def current_passages(root: Path, manifest: Manifest) -> pa.Table:
     table = read_passages(root, manifest.extra)
     if table is not None:
         return table
-    index = Index.open(root)  # a build records no digests: read title and text once, a block of rows at a time
+    index = Index.open(root)  # a build records no digests: read title and text once (not the bits), a block at a time
     rows, ids, digests = np.arange(len(index), dtype=np.int64), [], []
     for start in range(0, len(index), _BATCH):
-        stored = index.fetch(range(start, min(start + _BATCH, len(index))))
-        ids += [s.pid for s in stored]
+        stored = index.texts(range(start, min(start + _BATCH, len(index))))
+        ids += [s.id for s in stored]
         digests.append(passage_digests([s.title for s in stored], [s.text for s in stored]))
     return digest_table(rows, ids, np.concatenate(digests) if digests else np.zeros(0, np.uint64))
 

@@ -227,20 +227,25 @@ def extend_faiss(source: Path, target: Path, embeddings: Sequence[Path], first_r
     """An update's retriever: ``source``'s index (rows 0..first_row-1) with the vectors of ``embeddings`` (row order,
     from ``first_row``) added under its trained quantizer, written to ``target``; ``source`` is left as it is.
 
-    Lists merged on disk (``build_faiss_apart``) are copied into memory first: adding to them would write the file
-    that readers of the previous version map. What it returns is ``extra.retriever`` for the new manifest.
+    Lists on disk (``build_faiss_apart``'s, past 200k passages) are never loaded: the new vectors go into
+    lists in memory, and those are merged with the source's mapped lists, list by list, into a new
+    ``target/retriever.ivfdata`` (the source's file is the one readers of the previous version map). The
+    heap holds the new vectors' codes and the quantizer, not the index's. What it returns is
+    ``extra.retriever`` for the new manifest.
     """
-    index = faiss.read_index(str(source / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR if (source / IVF_DATA).exists() else 0)
+    on_disk = (source / IVF_DATA).exists()
+    with stdout_to_stderr():  # faiss's notes on its on-disk lists
+        index = faiss.read_index(str(source / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0)
     if index.ntotal != first_row:
         raise ValueError(f"the retriever in {source} holds {index.ntotal} passages; the update appends at row {first_row}")
     ivf = faiss.try_extract_index_ivf(index)
+    previous = None
     if ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists):
-        lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-        for number in range(ivf.nlist):
-            if size := ivf.invlists.list_size(number):
-                lists.add_entries(number, size, ivf.invlists.get_ids(number), ivf.invlists.get_codes(number))
-        ivf.replace_invlists(lists, True)
-        lists.this.disown()  # the index owns them now
+        previous, ivf.own_invlists = ivf.invlists, False  # kept mapped for the merge below
+        fresh = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        ivf.replace_invlists(fresh, True)
+        fresh.this.disown()  # the index owns them now
+        index.ntotal = ivf.ntotal = 0  # numbered by the ids given below; the total is set after the merge
     added = first_row
     for path in embeddings:
         vectors = np.ascontiguousarray(np.load(path, mmap_mode="r"), dtype=np.float32)
@@ -250,6 +255,18 @@ def extend_faiss(source: Path, target: Path, embeddings: Sequence[Path], first_r
             index.add_with_ids(vectors, np.arange(added, added + len(vectors), dtype=np.int64))
         added += len(vectors)
     target.mkdir(parents=True, exist_ok=True)
+    if previous is not None:
+        lists = target / IVF_DATA
+        lists.unlink(missing_ok=True)  # an earlier attempt's
+        merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(lists.resolve()))
+        both = faiss.InvertedListsPtrVector()
+        both.push_back(previous)
+        both.push_back(ivf.invlists)
+        with stdout_to_stderr(), space_for(lists, index_bytes(index) + first_row * (ivf.code_size + 8), partial=lists):
+            total = merged.merge_from_multiple(both.data(), both.size(), False)
+        ivf.replace_invlists(merged, True)
+        merged.this.disown()
+        index.ntotal = ivf.ntotal = total
     _write_index(index, target / FAISS_FILE)
     info = json.loads((source / INFO_FILE).read_text())
     return _write_info(target, info["factory"], added, info["dimension"], info["encoder"])

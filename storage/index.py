@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .bits import BinaryTokens
 from .codec import Codec
 from .identity import ReaderIdentity
-from .record import RecordFormat, StoredPassage, decode_records, encode_record
+from .record import Passage, RecordFormat, StoredPassage, decode_records, decode_texts, encode_record
 from .shard import (
     BLOCK_ROWS, SHARDS, DamagedIndex, Digest, ShardInfo, block_key, block_record, check_shard_files, os_fault,
     repair_hint, sealed_shard, shard_file, write_shard,
@@ -333,6 +333,11 @@ class Index:
         """Passages for ``rows`` in order, each record's checksum verified (CorruptRecord if not)."""
         rows = list(rows)
         return self.decode(self.read(rows), rows) if rows else []
+
+    def texts(self, rows: Sequence[int]) -> list[Passage]:
+        """Id, title and text for ``rows`` in order, checksums verified, bits left compressed."""
+        rows = list(rows)
+        return [decode_texts(self.format, value, f"{name} row {row}") for (name, value), row in zip(self.read(rows), rows)]
 
     def decode(self, read: Sequence[tuple[str, bytes]], rows: Sequence[int]) -> list[StoredPassage]:
         """Passages from what ``read`` returned for ``rows``: checksums verified, bits decompressed."""

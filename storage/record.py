@@ -125,6 +125,15 @@ def record_token_ids(fmt: RecordFormat, data: bytes, where: str) -> np.ndarray:
     return ids
 
 
+def decode_texts(fmt: RecordFormat, data: bytes, where: str) -> Passage:
+    """The id, title and text of a checked record, without decoding its token ids or bits (an update's matching)."""
+    _, parts = _sections(data, where)
+    try:
+        return Passage(str(parts[4], "utf-8"), fmt.codec.decode_text(parts[5]), str(parts[0], "utf-8"))
+    except (UnicodeDecodeError, zstd.ZstdError) as error:
+        raise CorruptRecord(f"{where}: text does not decode ({error})") from error
+
+
 def decode_records(fmt: RecordFormat, values: list[bytes], rows: list[int], wheres: list[str]) -> list[StoredPassage]:
     """Check and parse records (one batch decode for all); CorruptRecord names the first bad one."""
     parsed = [_sections(value, where) for value, where in zip(values, wheres)]

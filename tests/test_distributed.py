@@ -137,6 +137,46 @@ def test_a_retriever_built_apart_searches_like_one_built_whole_and_maps_its_list
     assert retriever_problems(moved, manifest) == [f"retriever: {IVF_DATA} is truncated"]
 
 
+@pytest.mark.parametrize("factory", ["IVF8,Flat", "IVF8,PQ16np"])
+def test_an_update_extends_lists_on_disk_without_touching_the_previous_versions_file(lossless, tmp_path, factory):
+    """``extend_faiss`` on a retriever whose lists are on disk: the old file is left as it was (readers of the
+    previous version map it), the new version's lists hold the old codes and the new vectors', found alike."""
+    import faiss
+
+    from reader.retriever import build_faiss_apart, extend_faiss, read_faiss
+    from storage.index import IVF_DATA
+
+    files = embedding_files(lossless)
+    old, new = tmp_path / "v1", tmp_path / "v2"
+    old.mkdir()
+    build_faiss_apart(files[:4], old, {"name": "test"}, train_size=300, factory=factory)
+    before = (old / IVF_DATA).read_bytes()
+    first = sum(len(np.load(f, mmap_mode="r")) for f in files[:4])
+    info = extend_faiss(old, new, files[4:], first)
+    assert info["count"] == 600 and (new / IVF_DATA).exists()
+    assert (old / IVF_DATA).read_bytes() == before
+    # The reference: the trained index with every vector added in memory by faiss itself, ids = rows.
+    reference = faiss.read_index(str(old / "retriever.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    ivf = faiss.extract_index_ivf(reference)
+    ivf.own_invlists = False
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()
+    reference.ntotal = ivf.ntotal = 0
+    vectors = np.concatenate([np.load(f) for f in files]).astype(np.float32)
+    reference.add_with_ids(vectors, np.arange(len(vectors), dtype=np.int64))
+    reference.nprobe = 8
+    queries = np.ascontiguousarray(vectors[::37] + 0.01)
+    expected = reference.search(queries, 10)
+    got = read_faiss(new)
+    got.nprobe = 8
+    found = got.search(queries, 10)
+    assert np.array_equal(found[1], expected[1]) and np.allclose(found[0], expected[0])
+    if factory == "IVF8,Flat":  # all lists probed: exact search, as numpy computes it
+        assert np.array_equal(found[1][:, 0], np.argmax(queries @ vectors.T, axis=1))
+    assert (found[1] >= first).any()  # new rows are found
+
+
 def test_a_consuming_build_stopped_midway_resumes_without_the_embeddings_it_took(lossless, tmp_path):
     from reader.retriever import ADDED, BUILD_DIR, add_part, build_faiss_apart
     from storage.index import IVF_DATA

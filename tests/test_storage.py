@@ -56,6 +56,16 @@ def test_fetch_returns_exactly_what_was_written(index_path, reader):
     assert reader.extract(["what is it?"], [stored], "btr")[0].text
 
 
+def test_texts_read_what_was_written_without_the_bits_and_check_each_record(index_path, flip_record_byte):
+    index = Index.open(index_path)
+    rows = [23, 0, 11, 5, 10]
+    assert index.texts(rows) == [PASSAGES[r] for r in rows]  # against the corpus, not fetch
+    assert index.texts([]) == []
+    shard = flip_record_byte(index_path, row=3)
+    with pytest.raises(CorruptRecord, match=f"{shard} row 3: checksum mismatch"):
+        Index.open(index_path).texts([2, 3])
+
+
 def test_manifest_records_reader_codec_and_counts(index_path, reader):
     manifest = json.loads((index_path / "manifest.json").read_text())
     assert manifest["format_version"] == 2
