@@ -16,6 +16,17 @@ process so that its peak memory is its own:
     fetch     40 random passages fetched and decoded, p50 / p99 over 200 draws, lossless (fetch_lossless,
               before the merge deletes it window by window, as the flow's does) and merged
 
+With ``--update SHARE`` (0.01: 1% of the passages changed), then an update of the final index, as
+``--update`` of the flow does it (``flows.update``), its workers' part synthesized as ``write``'s:
+
+    new_corpus    the next dump as a parquet file: SHARE of the passages changed, half edited, 30% added,
+                  20% deleted (seeded; not timed as part of the update: a user downloads it)
+    update        plan (normalize, match by id and digest), encode the changed and added passages, publish
+                  (their shards merged in a window of their own, the retriever extended, version files, manifest)
+    check_update  verify; deleted rows neither fetched nor retrieved; new passages found first by their vectors
+
+``update.over_build``: the update's seconds over the build's (write + faiss + merge), one sitting.
+
 With ``--workers W`` the retriever builds, the merge and verify run as tasks on a loopback Ray of W
 CPUs started for each step (``reader.retriever.build_faiss_apart``, ``workers.offline``); their
 ``digests`` match whatever W is.
@@ -39,7 +50,7 @@ from storage.shard import default_shard_size
 from storage.token_merge import OfflineMerge
 
 from . import scale_steps
-from .scale_steps import STEPS
+from .scale_steps import BUILD_STEPS, STEPS, UPDATE_STEPS
 from .step_monitor import run_watched
 
 CONFIG = "scale.json"
@@ -50,8 +61,18 @@ def run_step(step: str, out: Path) -> dict:
     command = [sys.executable, "-m", "bench.scale", "--step", step, "--out", str(out)]
     watched = run_watched(command, out)
     if watched.pop("exit") != 0:
-        raise RuntimeError(f"step {step} failed; its folder is {out}")
-    return {**json.loads((out / "steps" / f"{step}.json").read_text()), **watched}
+        raise RuntimeError(f"step {step} failed; its folder is {out} (after a fix: --out {out} --from {step})")
+    figures = {**json.loads((out / "steps" / f"{step}.json").read_text()), **watched}
+    (out / "steps" / f"{step}.done.json").write_text(json.dumps(figures))  # what --from reads back
+    return figures
+
+
+def done_step(step: str, out: Path) -> dict:
+    """The figures of a step an earlier run of the same folder finished (``--from`` a later step)."""
+    path = out / "steps" / f"{step}.done.json"
+    if not path.exists():
+        raise RuntimeError(f"{out} has no finished step {step}: --from can only skip steps that finished")
+    return json.loads(path.read_text())
 
 
 def _child(step: str, out: Path) -> int:
@@ -85,11 +106,13 @@ def digests(out: Path) -> dict:
     }
 
 
-def measure(cfg: dict, out: Path) -> dict:
-    """Every step in order; the figures in one dict."""
+def measure(cfg: dict, out: Path, start: str | None = None) -> dict:
+    """Every step in order (``start``: from that one, the earlier ones' figures read back); the figures in one dict."""
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG).write_text(json.dumps(cfg, indent=1))
-    steps = {step: run_step(step, out) for step in STEPS}
+    order = STEPS + (UPDATE_STEPS if cfg["update"] else ())
+    first = order.index(start) if start else 0
+    steps = {step: done_step(step, out) if i < first else run_step(step, out) for i, step in enumerate(order)}
     fetched = {**steps["fetch_lossless"], **steps["fetch"]}
     from storage.index import Manifest  # light enough for the driver: no model, no faiss
 
@@ -133,8 +156,25 @@ def measure(cfg: dict, out: Path) -> dict:
         },
         "bucket_files": steps["merge"]["bucket_files"],
         "total_s": round(sum(steps[step]["seconds"] for step in STEPS), 1),
+        "update": update_figures(steps) if cfg["update"] else None,
         "steps": steps,
         "config": cfg,
+    }
+
+
+def update_figures(steps: dict) -> dict:
+    """The update against the build: seconds, the ratio, its peak heap, and what check_update found."""
+    update, check, build = steps["update"], steps["check_update"], sum(steps[s]["seconds"] for s in BUILD_STEPS)
+    return {
+        "counts": update["counts"], "seconds": update["seconds"], "build_s": round(build, 1),
+        "over_build": round(update["seconds"] / build, 4),
+        "plan_s": update["plan_s"], "encode_s": update["encode_s"], "publish_s": update["publish_s"],
+        "peak_anon_mb": update["peak_anon_mb"], "peak_rss_mb": update["peak_rss_mb"],
+        "verified": check["ok"], "live": check["live"], "rows": check["rows"],
+        "removed_fetch_refused": f"{check['removed_fetch_refused']}/{check['removed_rows']}",
+        "removed_retrieved": check["removed_retrieved"],
+        "new_found_first": f"{check['new_found_first']}/{check['new']}",
+        "unchanged_same_text": f"{check['unchanged_same_text']}/{check['unchanged_sampled']}",
     }
 
 
@@ -165,7 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draws", type=int, default=200, help="timed fetches (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the synthetic passages, bits and vectors (default: %(default)s)")
-    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)  # a child process runs one step
+    parser.add_argument("--update", type=float, default=0.0,
+                        help="then update the index to a new corpus with this share of its passages changed (0.01: "
+                             "1%%), timed against the build; 0: no update (default: %(default)s)")
+    parser.add_argument("--from", dest="start", choices=STEPS + UPDATE_STEPS,
+                        help="with --out of a run that stopped: run from this step on, the earlier steps' figures read "
+                             "from the folder (default: every step)")
+    parser.add_argument("--step", choices=STEPS + UPDATE_STEPS, help=argparse.SUPPRESS)  # a child process runs one step
     return parser
 
 
@@ -176,13 +222,21 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args.step, args.out)
     if args.passages < 1:
         parser.error("--passages must be positive")
-    if args.out is not None and args.out.exists() and any(args.out.iterdir()):
+    if args.start and args.out is None:
+        parser.error("--from needs --out: the folder of the run that stopped")
+    if args.out is not None and args.out.exists() and any(args.out.iterdir()) and not args.start:
         parser.error(f"{args.out} is not empty: give a new folder")
-    names = ("passages", "workers", "words", "max_tokens", "codec_sample", "offline_ratio", "merge_window", "fetch", "draws", "seed")
+
+    if not 0 <= args.update < 1:
+        parser.error("--update is a share of the passages: at least 0, below 1")
+    names = ("passages", "workers", "words", "max_tokens", "codec_sample", "offline_ratio", "merge_window", "fetch", "draws",
+             "seed", "update")
     cfg = {name: getattr(args, name) for name in names} | {"shard_size": args.shard_size or default_shard_size(args.passages)}
+    if args.start and json.loads((args.out / CONFIG).read_text()) != cfg:
+        parser.error(f"--from: {args.out} was run with other settings; give the same flags")
     out = args.out or Path(tempfile.mkdtemp(prefix="btr-scale-"))
     try:
-        result = measure(cfg, out)
+        result = measure(cfg, out, args.start)
     finally:
         if args.out is None and not args.keep:
             shutil.rmtree(out, ignore_errors=True)
@@ -207,6 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     for step in STEPS:
         figures = [result[key][step] for key in ("seconds", "peak_rss_mb", "peak_anon_mb")] + [result["peak_disk_bytes"][step] / 1e9]
         print(f"    {step:9s}" + "".join(f"{x:10.1f}" for x in figures))
+    if result["update"]:
+        u = result["update"]
+        print(f"  update ({u['counts']['changed']} changed, {u['counts']['added']} added, {u['counts']['deleted']} deleted): "
+              f"{u['seconds']:,} s = {100 * u['over_build']:.1f}% of the build's {u['build_s']:,} s "
+              f"(plan {u['plan_s']} s, encode {u['encode_s']} s, publish {u['publish_s']} s); "
+              f"peak anonymous {u['peak_anon_mb']} MB")
+        print(f"    {'verified' if u['verified'] else 'PROBLEMS'}; removed rows refused on fetch {u['removed_fetch_refused']}, "
+              f"retrieved {u['removed_retrieved']} times; new passages found first {u['new_found_first']}; "
+              f"unchanged texts as built {u['unchanged_same_text']}")
     print(f"  merged index {result['digests']['merged'][:16]}, retrievers {result['digests']['retriever'][:16]} / "
           f"{result['digests']['retriever_ivfpq'][:16]}")
     return 0 if result["verified"] else 1

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from reader.assets import wikipedia_sample
-from reader.inputs import TokenLayout, encode_passage
+from reader.inputs import TokenLayout, clean_text, encode_passage
 from storage.bits import BinaryTokens
 from storage.record import Passage
 
@@ -131,7 +131,7 @@ class SyntheticCorpus:
         counts = collections.Counter(w for p in sample for w in p.text.split())
         self.vocabulary = list(counts)
         self.cumulative = np.cumsum([counts[w] for w in self.vocabulary], dtype=np.float64)
-        self.titles = [p.title for p in sample]
+        self.titles = [clean_text(p.title) for p in sample]
         vocab = len(tokenizer)
         rng = np.random.default_rng(seed)
         dim_rate = _draw(model.prototype_rate, rng.random(hidden_size))
@@ -142,12 +142,12 @@ class SyntheticCorpus:
         self.thresholds = np.round(flip * 65536).clip(0, 65535).astype(np.uint16)
 
     def passages(self, block: int, first_row: int, count: int) -> list[Passage]:
-        """``count`` passages (ids ``syn-<row>``) of block ``block``."""
+        """``count`` passages (ids ``syn-<row>``) of block ``block``, their text as the flow's corpus step leaves it."""
         rng = np.random.default_rng([self.seed, 1, block])
         drawn = np.searchsorted(self.cumulative, rng.random((count, self.words)) * self.cumulative[-1], side="right")
         titles = rng.integers(0, len(self.titles), count)
         return [
-            Passage(self.titles[t], " ".join(self.vocabulary[w] for w in row), f"syn-{first_row + i}")
+            Passage(self.titles[t], clean_text(" ".join(self.vocabulary[w] for w in row)), f"syn-{first_row + i}")
             for i, (t, row) in enumerate(zip(titles, drawn))
         ]
 

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,9 @@ from reader.load import ReaderSpec, load_reader
 from reader.retriever import extend_faiss
 from storage.codec import file_digest
 from storage.index import CODEC, FAISS_FILE, INFO_FILE, IVF_DATA, MANIFEST, Index, IndexWriter, Manifest
-from storage.offline import OfflineMerge
+from storage.offline import OfflineMerge, merge_index
 from storage.shard import DATA, SHARDS, ShardInfo, default_shard_size, shard_name, shard_number
+from storage.tasks import Runner
 from storage.versions import (
     DIGEST_SCHEMA, digest_table, files_folder, load_deleted, match, passage_digests, prune, read_passages, version_name,
     version_number, write_version_files,
@@ -120,6 +122,13 @@ def plan_update(index: str, corpus: str | None, corpus_format: str, corpus_diges
     root = Path(index)
     manifest = Manifest.load(root)
     spec, encoder = check_same_reader(manifest, spec, encoder)
+    return plan_changes(root, manifest, corpus, corpus_format, corpus_digest, shard_size) | {"spec": spec, "encoder": encoder}
+
+
+def plan_changes(root: Path, manifest: Manifest, corpus: str | None, corpus_format: str, corpus_digest: str | None,
+                 shard_size: int) -> dict:
+    """``plan_update`` once the reader is checked (``bench.scale`` calls it on an index of synthetic bits):
+    the counts, the shards to encode and the files ``publish_version`` reads, in the update's work folder."""
     number = version_number(manifest.extra) + 1
     work = root / ".work" / UPDATE
     _start_work(work, {"corpus": corpus, "format": corpus_format, "corpus_digest": corpus_digest, "version": number,
@@ -156,7 +165,7 @@ def plan_update(index: str, corpus: str | None, corpus_format: str, corpus_diges
     next_id = max((shard_number(s.name) for s in manifest.shards), default=-1) + 1
     plans = [ShardPlan(next_id + i, first, min(size, first_row + len(encode) - first)).__dict__
              for i, first in enumerate(range(first_row, first_row + len(encode), size))]
-    return {"version": number, "first_row": first_row, "counts": counts, "plans": plans, "spec": spec, "encoder": encoder,
+    return {"version": number, "first_row": first_row, "counts": counts, "plans": plans,
             "staging": str(work / "staging"), "corpus": str(delta), "manifest": file_digest(root / MANIFEST),
             "merge": merge_setting(manifest) is not None}
 
@@ -177,21 +186,23 @@ def merge_setting(manifest: Manifest) -> OfflineMerge | None:
     return OfflineMerge(**{f.name: recorded[f.name] for f in fields(OfflineMerge) if f.name in recorded})
 
 
-def merge_new_shards(root: Path, manifest: Manifest, settings: OfflineMerge, staging: Path, infos: list[ShardInfo]) -> tuple[Path, list[ShardInfo]]:
+def merge_new_shards(root: Path, manifest: Manifest, settings: OfflineMerge, staging: Path, infos: list[ShardInfo],
+                     run: Runner | None = None) -> tuple[Path, list[ShardInfo]]:
     """The update's lossless shards merged as the index's were, in a window of their own, with the index's codec.
 
     A token's occurrences in the new passages merge among themselves (a window: ``storage.offline``),
     at the index's ratio; the merged shards are written with the index's codec (its dictionary is
-    not trained again), so the index stays one codec. On the flow's Ray; a rerun resumes the merge.
-    Returns the folder of the merged shards and their infos.
+    not trained again), so the index stays one codec. On the flow's Ray (``run``: another runner); a
+    rerun resumes the merge. Returns the folder of the merged shards and their infos.
     """
     work = staging.parent
     # the staged shards as an index part (rows from the update's first), for the merge
     IndexWriter(staging, manifest.reader).publish(infos, extra={}, first_row=infos[0].first_row)
     merged = work / "merged"
     stage_codec(root, merged)
-    merged_manifest = merge_on_cluster(staging, merged, stopword_ids(index_tokenizer(root)), settings,
-                                       scratch=work / "merge", codec_final=True)
+    merge = merge_on_cluster if run is None else partial(merge_index, run=run)
+    merged_manifest = merge(staging, merged, stopword_ids(index_tokenizer(root)), settings, scratch=work / "merge",
+                            codec_final=True)
     return merged, list(merged_manifest.shards)
 
 
@@ -216,6 +227,11 @@ def _link_shard(staging: Path, root: Path, info: ShardInfo) -> None:
 @task(name="publish-update", cache_policy=NO_CACHE)
 def publish_update(index: str, planned: dict, shards: list[dict]) -> dict:
     """Shards linked in, the retriever extended, tombstones and digests written, then the new manifest, atomically."""
+    return publish_version(index, planned, shards)
+
+
+def publish_version(index: str, planned: dict, shards: list[dict], run: Runner | None = None) -> dict:
+    """``publish_update``'s work; the merge of the new shards on ``run`` (default: the connected Ray)."""
     root, staging = Path(index), Path(planned["staging"])
     work = staging.parent
     manifest = Manifest.load(root)
@@ -224,7 +240,7 @@ def publish_update(index: str, planned: dict, shards: list[dict]) -> dict:
     infos = sorted((ShardInfo.from_dict(s) for s in shards), key=lambda s: s.first_row)
     settings, source = merge_setting(manifest), staging
     if settings is not None and infos:  # a merged index gets merged new shards: its bits/dim stays what it was
-        source, infos = merge_new_shards(root, manifest, settings, staging, infos)
+        source, infos = merge_new_shards(root, manifest, settings, staging, infos, run)
     for info in infos:
         _link_shard(source, root, info)
     number, folder = planned["version"], root / version_name(planned["version"])
