@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--update", action="store_true",
                         help="publish the corpus as the next version of the index in --index (only changes are encoded) "
                              "(default: off)")
+    parser.add_argument("--compact", action="store_true",
+                        help="rewrite the index in --index without its deleted rows as its next version, once they are "
+                             "--compact-threshold of its rows; with --update, after the update (default: off)")
+    parser.add_argument("--compact-threshold", type=float, default=0.1,
+                        help="the share of deleted rows (0 to 1) from which --compact rewrites the index; 0: whenever "
+                             "any row is deleted (default: %(default)s)")
     return parser
 
 

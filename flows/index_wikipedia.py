@@ -47,6 +47,7 @@ from workers.progress import read_json
 from .console import command_started, quiet_console, wall_time_line
 from .progress import PROGRESS_FILE, RUN_FILE, RunProgress, markdown_table
 from .shards import flow_cluster, index_shards, ray_runner
+from .compact import DEFAULT_THRESHOLD, compact_index, compaction_hint
 from .update import Refused, update_index
 
 def check_plan(work: Path, plan: dict) -> None:
@@ -175,13 +176,19 @@ def index_wikipedia(
     batch_size: int = 32,
     worker_threads: int = 0,
     update: bool = False,
+    compact: bool = False,
+    compact_threshold: float = DEFAULT_THRESHOLD,
 ) -> dict:
     """Index a corpus (default: the bundled Wikipedia sample) into a BTR index folder.
 
     ``shard_size`` 0: from the corpus size (``storage.shard.default_shard_size``: 1,000 up to 4M passages).
     ``update``: publish the corpus as the next version of the index already there (``flows.update``):
     only its changed, added and deleted passages cost work; reader and retriever stay the index's.
+    ``compact``: rewrite the index without its deleted rows once they are ``compact_threshold`` of its rows
+    (``flows.compact``); alone, no corpus is read; with ``update``, after it.
     """
+    if compact and not update:
+        return compact_index(index, compact_threshold, shard_size, ray_address)
     OfflineMerge(offline_merge)  # validate before any work
     corpus_format = format_of(corpus, corpus_format)  # "auto": from the file's name; recorded as found
     out = Path(index)
@@ -193,8 +200,13 @@ def index_wikipedia(
     if update:
         default = ReaderSpec()  # the flags left at their defaults ask for nothing: the index's reader stays
         asked = {k: v for k, v in spec.items() if v != getattr(default, k)}
-        return update_index(index, corpus, corpus_format, asked, retriever, shard_size, ray_address, workers, batch_size,
-                            corpus_digest(source, work), worker_threads)
+        updated = update_index(index, corpus, corpus_format, asked, retriever, shard_size, ray_address, workers, batch_size,
+                               corpus_digest(source, work), worker_threads)
+        if compact:
+            return updated | {"compaction": compact_index(index, compact_threshold, shard_size, ray_address)}
+        if hint := compaction_hint(out, compact_threshold):
+            print(hint)
+        return updated
     check_plan(work, {
         "corpus": str(source.resolve()) if source else None, "corpus_format": corpus_format,
         "corpus_sha256": corpus_digest(source, work),
@@ -264,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         offline_merge=args.offline_merge, ray_address=args.ray_address, reader_checkpoint=args.reader_checkpoint,
         reader_family=args.reader_family, split_layer=args.split_layer, max_passage_tokens=args.max_passage_tokens, retriever=args.retriever,
         codec_sample=args.codec_sample, workers=args.workers, worker_threads=args.worker_threads, update=args.update,
+        compact=args.compact, compact_threshold=args.compact_threshold,
         )
     except (Refused, CorpusError, IncompatibleIndex) as error:  # the input's fault: one line, no traceback
         print(f"error: {error}", file=sys.stderr)

@@ -105,7 +105,7 @@ def check_same_reader(manifest: Manifest, spec: dict | None, encoder: str | None
     return built, name
 
 
-def _start_work(work: Path, plan: dict) -> None:
+def start_work(work: Path, plan: dict) -> None:
     """Keep an earlier attempt of the same update (its sealed shards); discard one of another (nothing names it)."""
     path = work / "plan.json"
     if path.exists() and json.loads(path.read_text()) != plan:
@@ -131,7 +131,7 @@ def plan_changes(root: Path, manifest: Manifest, corpus: str | None, corpus_form
     the counts, the shards to encode and the files ``publish_version`` reads, in the update's work folder."""
     number = version_number(manifest.extra) + 1
     work = root / ".work" / UPDATE
-    _start_work(work, {"corpus": corpus, "format": corpus_format, "corpus_digest": corpus_digest, "version": number,
+    start_work(work, {"corpus": corpus, "format": corpus_format, "corpus_digest": corpus_digest, "version": number,
                        "manifest": file_digest(root / MANIFEST)})
     if not (work / "corpus.json").exists():
         (work / "corpus.json").write_text(json.dumps(normalize(corpus, corpus_format, work).__dict__))
@@ -206,7 +206,7 @@ def merge_new_shards(root: Path, manifest: Manifest, settings: OfflineMerge, sta
     return merged, list(merged_manifest.shards)
 
 
-def _link_shard(staging: Path, root: Path, info: ShardInfo) -> None:
+def link_shard(staging: Path, root: Path, info: ShardInfo) -> None:
     """A staged shard into the index's shards/ by hard links (its files are immutable), sealed by rename.
 
     The staged copy stays until the update is published, so a rerun skips it; a shard of the same name
@@ -242,7 +242,7 @@ def publish_version(index: str, planned: dict, shards: list[dict], run: Runner |
     if settings is not None and infos:  # a merged index gets merged new shards: its bits/dim stays what it was
         source, infos = merge_new_shards(root, manifest, settings, staging, infos, run)
     for info in infos:
-        _link_shard(source, root, info)
+        link_shard(source, root, info)
     number, folder = planned["version"], root / version_name(planned["version"])
     embeddings = [staging / EMBEDDINGS / f"{shard_name(p['shard_id'])}.npy" for p in planned["plans"]]
     retriever = extend_faiss(files_folder(root, manifest.extra), folder, embeddings, planned["first_row"])

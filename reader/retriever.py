@@ -272,6 +272,80 @@ def extend_faiss(source: Path, target: Path, embeddings: Sequence[Path], first_r
     return _write_info(target, info["factory"], added, info["dimension"], info["encoder"])
 
 
+def compact_faiss(source: Path, target: Path, live: np.ndarray, part_bytes: int = PART_BYTES) -> dict:
+    """A compaction's retriever: ``source``'s vectors of the ``live`` rows (sorted), renumbered 0.. in that order,
+    written to ``target``; ``source`` is left as it is.
+
+    Nothing is encoded again: an exact index's vectors are copied, an inverted file's codes move list by
+    list with their new ids, so every live passage scores what it scored before. Lists on disk are
+    copied into parts of at most ``part_bytes`` of codes, merged on disk into ``target/retriever.ivfdata``
+    (as ``build_faiss_apart`` does): the heap never holds the index.
+    """
+    on_disk = (source / IVF_DATA).exists()
+    with stdout_to_stderr():
+        index = faiss.read_index(str(source / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0)
+    info = json.loads((source / INFO_FILE).read_text())
+    renumber = np.full(index.ntotal, -1, dtype=np.int64)
+    renumber[live] = np.arange(len(live), dtype=np.int64)
+    target.mkdir(parents=True, exist_ok=True)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:  # exact: the vectors themselves, in row order
+        compacted = faiss.index_factory(index.d, info["factory"], faiss.METRIC_INNER_PRODUCT)
+        for start in range(0, index.ntotal, 1 << 16):
+            vectors = index.reconstruct_n(start, min(1 << 16, index.ntotal - start))
+            compacted.add(vectors[renumber[start : start + len(vectors)] >= 0])
+        _write_index(compacted, target / FAISS_FILE)
+        return _write_info(target, info["factory"], len(live), index.d, info["encoder"])
+    old_lists = ivf.invlists
+    ivf.own_invlists = False  # read below, list by list, from their mapped file
+    sizes = [old_lists.list_size(number) for number in range(ivf.nlist)]
+
+    def kept_lists(numbers: range) -> faiss.ArrayInvertedLists:
+        lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+        for number in numbers:
+            if not sizes[number]:
+                continue
+            ids = faiss.rev_swig_ptr(old_lists.get_ids(number), sizes[number]).copy()
+            codes = faiss.rev_swig_ptr(old_lists.get_codes(number), sizes[number] * ivf.code_size)
+            keep = renumber[ids] >= 0
+            kept_codes = np.ascontiguousarray(codes.reshape(sizes[number], ivf.code_size)[keep])
+            if keep.any():
+                lists.add_entries(number, int(keep.sum()), faiss.swig_ptr(renumber[ids[keep]]), faiss.swig_ptr(kept_codes))
+        return lists
+
+    def install(lists: faiss.InvertedLists, total: int) -> None:
+        ivf.replace_invlists(lists, True)
+        lists.this.disown()  # the index owns them now
+        index.ntotal = ivf.ntotal = total
+
+    if not on_disk:  # one piece, in memory as the source was
+        install(kept_lists(range(ivf.nlist)), len(live))
+        _write_index(index, target / FAISS_FILE)
+        return _write_info(target, info["factory"], len(live), index.d, info["encoder"])
+    work = target / BUILD_DIR
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    install(faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size), 0)
+    trained = work / "trained.faiss"
+    _write_index(index, trained)
+    groups = part_groups(sizes, ivf.code_size, tasks=1, part_bytes=part_bytes)
+    outs = []
+    for number, group in enumerate(groups):
+        part = faiss.read_index(str(trained))
+        faiss.extract_index_ivf(part).replace_invlists(lists := kept_lists(group), True)
+        lists.this.disown()
+        outs.append(str(work / f"part-{number:05d}.faiss"))
+        _write_index(part, Path(outs[-1]))
+        del part
+    (target / IVF_DATA).unlink(missing_ok=True)
+    compacted = faiss.read_index(str(trained))
+    with stdout_to_stderr(), space_for(target / IVF_DATA, sum(Path(out).stat().st_size for out in outs)):
+        merge_ondisk(compacted, outs, str((target / IVF_DATA).resolve()))
+    _write_index(compacted, target / FAISS_FILE)
+    shutil.rmtree(work)
+    return _write_info(target, info["factory"], len(live), index.d, info["encoder"])
+
+
 def _write_index(index: faiss.Index, path: Path) -> None:
     """``index`` to ``path`` under a temporary name, then renamed: a part or trained index is whole or absent."""
     tmp = path.with_name(f".tmp-{path.name}")

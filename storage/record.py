@@ -91,6 +91,11 @@ def section_sizes(data: bytes) -> dict[str, int]:
     return {"pid": pid_len, **dict(zip(names, lengths)), "total": len(data)}
 
 
+def record_tokens(data: bytes) -> int:
+    """The token count in a record's header (a compaction copies records without decoding them)."""
+    return _HEADER.unpack_from(data)[2]
+
+
 def record_pid(data: bytes) -> str:
     """The passage id of a record (for error messages), without decoding the rest."""
     try:

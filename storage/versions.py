@@ -6,11 +6,13 @@
                                  passages.parquet (row, id, digest of every live passage), and, once a later
                                  version is published, the manifest it had (manifest.json)
     INDEX/retriever.*            version 1's retriever (a build's)
-    INDEX/shards/                every version's shards: sealed once, never rewritten; an update only adds shards
+    INDEX/shards/                every version's shards: sealed once, never rewritten; an update only adds shards, a
+                                 compaction (``storage.compact``) writes the live rows into new ones
 
 An index never updated has no ``extra.version`` in its manifest and reads as before (version 1).
-Rows are only ever appended, so a row is the same passage in every version: a reader that opened
-version N keeps reading it, whatever is published after. What a version removes (a deleted passage,
+An update only appends rows, so a row is the same passage in every version it publishes; a
+compaction renumbers them in a version of new shards. Either way a reader that opened version N keeps
+reading it (its shards stay until version N + 2 is out). What a version removes (a deleted passage,
 the old text of an edited one) it lists in ``deleted.npy``; retrieval skips those rows and
 ``Index`` refuses to fetch them. Passages are matched across versions by id and a digest of title
 and text (``passage_digests``), kept per version so that matching never decodes a record.
@@ -19,6 +21,7 @@ and text (``passage_digests``), kept per version so that matching never decodes 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from .codec import file_digest
-from .shard import DamagedIndex, Digest, repair_hint
+from .shard import SHARDS, DamagedIndex, Digest, repair_hint
 
 VERSIONS = "versions"
 DELETED = "deleted.npy"
@@ -204,9 +207,11 @@ def version_problems(root: Path, extra: dict, rows: int) -> list[str]:
 
 
 def prune(root: Path, current: int, first_files: tuple[str, ...]) -> list[str]:
-    """Remove what versions before ``current - 1`` alone used: their folders, and version 1's ``first_files`` (its
-    retriever) once version 3 is out. A reader that opened the previous version keeps it; shards are never removed."""
-    removed = []
+    """Remove what versions before ``current - 1`` alone used: their folders, version 1's ``first_files`` (its
+    retriever) once version 3 is out, and shards that neither the current manifest nor the previous version's names
+    (a compaction's old shards once the version after it is out; shards of an attempt never published). A reader
+    that opened the previous version keeps it."""
+    removed = _prune_shards(Path(root), current)
     base = Path(root) / VERSIONS
     for folder in sorted(base.iterdir()) if base.is_dir() else []:
         if folder.name.isdigit() and int(folder.name) < current - 1:
@@ -217,4 +222,23 @@ def prune(root: Path, current: int, first_files: tuple[str, ...]) -> list[str]:
             if (Path(root) / name).exists():
                 (Path(root) / name).unlink()
                 removed.append(name)
+    return removed
+
+
+_MANIFEST = "manifest.json"  # storage.index's MANIFEST (that module imports this one)
+
+
+def _prune_shards(root: Path, current: int) -> list[str]:
+    """Shard folders named by neither the current manifest nor version ``current - 1``'s; none when either is unread."""
+    named = set()
+    for path in (root / _MANIFEST, root / version_name(current - 1) / _MANIFEST):
+        try:
+            named |= {shard["name"] for shard in json.loads(path.read_text())["shards"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            return []  # not sure what a reader may be on: keep everything
+    removed = []
+    for folder in sorted((root / SHARDS).iterdir()) if (root / SHARDS).is_dir() else []:
+        if folder.name.startswith("shard-") and folder.name not in named:
+            shutil.rmtree(folder)
+            removed.append(f"{SHARDS}/{folder.name}")
     return removed

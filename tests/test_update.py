@@ -376,3 +376,60 @@ def test_a_damaged_or_half_written_new_version_is_never_served(built, updated, t
     assert watch.poll() is True and answerer.index.version == 2
     [top] = answerer.index.fetch([watch.lookup(passage_text(added), 1).hits[0].row])
     assert top.pid == added.id
+
+
+def test_a_compaction_gives_back_the_deleted_rows_and_every_question_gets_its_answer_and_citations(built, updated, tmp_path):
+    """`--compact` on the updated index (5 of 41 rows deleted, 12%): below the threshold nothing happens; at it, version 3
+    holds the live rows only, their records byte for byte in order, and every question answers as on version 2; a
+    reader that opened version 2 keeps reading it."""
+    from flows.index_wikipedia import index_wikipedia
+    from reader.answer import Answerer
+
+    _, _, new = built
+    index = tmp_path / "index"
+    shutil.copytree(updated[0], index)
+    old, before = Index.open(index), Answerer(index)
+    questions = [f"What is {p.title}?" for p in new.values()] + [passage_text(p) for p in list(new.values())[:8]]
+    keys = ("answer", "source", "context", "span", "passages")
+    answers = [{k: a[k] for k in keys} for a in (before.answer(q, k=3) for q in questions)]
+
+    skipped = index_wikipedia(index=str(index), compact=True, compact_threshold=0.5)
+    assert not skipped["compacted"] and (skipped["deleted_rows"], skipped["rows"]) == (5, 41)
+    assert Manifest.load(index).extra["version"]["number"] == 2
+
+    result = index_wikipedia(index=str(index), compact=True, compact_threshold=0.1)
+    assert result["compacted"] and result["version"] == 3 and result["passages"] == old.live == 36
+    assert result["bytes"] < result["bytes_before"]
+    compacted = Index.open(index)
+    assert len(compacted) == compacted.live == 36 and not len(compacted.deleted)
+    assert verify_main([str(index)]) == 0
+    live = [row for row in range(len(old)) if row not in set(old.deleted.tolist())]
+    assert compacted.read_raw(range(36)) == old.read_raw(live)  # the records themselves, renumbered in order
+    after = Answerer(index)
+    assert [{k: a[k] for k in keys} for a in (after.answer(q, k=3) for q in questions)] == answers
+    assert [p.pid for p in old.fetch(live[:4])] == [p.pid for p in compacted.fetch(range(4))]  # version 2 still reads
+    assert not (index / ".work" / "compact").exists()
+    # the next update matches against the renumbered digests: the same corpus again changes nothing
+    from flows.update import plan_changes
+    from storage.versions import read_passages
+
+    assert read_passages(index, compacted.manifest.extra)["row"].to_pylist() == list(range(36))
+    planned = plan_changes(index, compacted.manifest, str(built[0] / "new.jsonl"), "jsonl", None, SHARD_SIZE)
+    assert planned["counts"] == {"changed": 0, "added": 0, "deleted": 0, "unchanged": 36}
+
+
+def test_prune_removes_shards_neither_the_current_nor_the_previous_version_names(tmp_path):
+    from storage.versions import prune
+
+    def manifest(path: Path, names: list[str]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"shards": [{"name": n} for n in names]}))
+
+    for name in ("shard-00000", "shard-00001", "shard-00002", "shard-00003", ".tmp-shard-00004"):
+        (tmp_path / "shards" / name).mkdir(parents=True)
+    manifest(tmp_path / "manifest.json", ["shard-00002", "shard-00003"])
+    assert prune(tmp_path, 4, ()) == []  # version 3's manifest unread: nothing is removed
+    manifest(tmp_path / "versions" / "0003" / "manifest.json", ["shard-00001", "shard-00002"])
+    assert prune(tmp_path, 4, ()) == ["shards/shard-00000"]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [".tmp-shard-00004", "shard-00001", "shard-00002",
+                                                                        "shard-00003"]
