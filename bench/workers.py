@@ -12,6 +12,8 @@ Same passages, same batches, one sitting, rounds alternated so that machine nois
 - each with only the bits (the old figure: ``efficiency`` = bits pipeline / bare lower layers), with the retriever
   too (``efficiency_both`` = worker / (lower layers + retriever)), and with both forwards replayed from recorded
   outputs: the host's side alone, what bounds a worker on a fast GPU;
+- the host's side alone again with each passage tokenized for each model apart (``tokenized_once_speedup``: what
+  tokenizing once for both, ``reader.inputs.PassagePieces``, gives);
 - a breakdown: busy seconds per million tokens of each stage (the pipeline's stages overlap, so they add up to
   more than its wall time; the serial path's add up to it).
 
@@ -199,11 +201,12 @@ def pipelined(indexer: ShardIndexer, plan: ShardPlan, pipeline: ShardPipeline, d
     return summary["tokens"], dict(pipeline.times.seconds) | dict(stages.seconds)
 
 
-def measure(args, indexer: ShardIndexer, plan: ShardPlan, host: ShardPipeline) -> dict:
+def measure(args, indexer: ShardIndexer, plan: ShardPlan, host: ShardPipeline, host_twice: ShardPipeline) -> dict:
     """Every row of the table, ``args.rounds`` times alternated; the best of each (tokens/s) and its stages.
 
     The forwards run through the worker's own pipeline (sized for this machine); the host's side alone through
-    ``host``, sized as a GPU worker on this machine's cores would be: the host's side only matters beside a device.
+    ``host``, sized as a GPU worker on this machine's cores would be: the host's side only matters beside a device;
+    ``host_twice`` is the same with each passage tokenized for each model apart (``share_tokens=False``).
     """
     worker = indexer.pipeline
     passages = read_rows(indexer.corpus, 0, plan.rows)
@@ -253,6 +256,10 @@ def measure(args, indexer: ShardIndexer, plan: ShardPlan, host: ShardPipeline) -
         start = time.perf_counter()
         tokens, seconds = pipelined(indexer, plan, host, replay.replay(), indexer.encoder)
         keep("pipelined host side (forwards replayed)", tokens, time.perf_counter() - start, seconds)
+        clear(indexer)
+        start = time.perf_counter()
+        tokens, seconds = pipelined(indexer, plan, host_twice, replay.replay(), indexer.encoder)
+        keep("pipelined host side, tokenized twice (forwards replayed)", tokens, time.perf_counter() - start, seconds)
     rate = {name: value[0] for name, value in best.items()}
     return {
         "tokens_per_s": {name: round(v, 1) for name, v in rate.items()},
@@ -264,6 +271,9 @@ def measure(args, indexer: ShardIndexer, plan: ShardPlan, host: ShardPipeline) -
             kind: round(rate[f"{kind} worker"] / rate["bare both forwards"], 3) for kind in ("serial", "pipelined")
         },
         "host_side_speedup": round(rate["pipelined host side (forwards replayed)"] / rate["serial host side (forwards replayed)"], 2),
+        "tokenized_once_speedup": round(rate["pipelined host side (forwards replayed)"]
+                                        / rate["pipelined host side, tokenized twice (forwards replayed)"], 2),
+        "tokenized_once": host.pieces is not None,  # the two models' tokenizers allowed it
         "worker_speedup": round(rate["pipelined worker"] / rate["serial worker"], 3),
         "shard_bytes_per_token": written,  # the shard file (records + LMDB), at each path's zstd level
     }
@@ -361,8 +371,9 @@ def main(argv: list[str] | None = None) -> int:
             root = work / "index"
             workers.indexer.calibrate_codec(root, Path(corpus.path), load_reader(spec), 200)
             indexer = ShardIndexer(str(root), corpus.path, spec, args.retriever, args.batch_size, sizing.pool_threads, STAGING_LEVEL)
-            host = ShardPipeline(indexer.reader, indexer.encoder, indexer.pipeline.format, args.batch_size, as_gpu_worker.pool_threads)
-            result = measure(args, indexer, ShardPlan(0, 0, min(args.passages, corpus.passages)), host)
+            host, host_twice = (ShardPipeline(indexer.reader, indexer.encoder, indexer.pipeline.format, args.batch_size,
+                                              as_gpu_worker.pool_threads, share_tokens=share) for share in (True, False))
+            result = measure(args, indexer, ShardPlan(0, 0, min(args.passages, corpus.passages)), host, host_twice)
             reader = indexer.reader
             result["config"] = {
                 "reader": args.checkpoint or "all-MiniLM-L6-v2 extractive (the default)", "split_layer": reader.split_layer,

@@ -144,10 +144,72 @@ def encode_passages(tokenizer, layout: TokenLayout, passages: Sequence[Passage],
 
 
 def _checked_string(passage: Passage) -> str:
+    check_passage(passage)
+    return passage_string(passage)
+
+
+def check_passage(passage: Passage) -> None:
+    """ReaderInputError for a passage with no text (the one rule every path that tokenizes passages applies)."""
     if not passage.text or not passage.text.strip():
         label = f" {passage.id!r}" if passage.id else ""
         raise ReaderInputError(f"passage{label} (title {passage.title!r}) has no text")
-    return passage_string(passage)
+
+
+class PassagePieces:
+    """Titles and texts tokenized once, composed into both the reader's passage ids and the retriever's input ids.
+
+    An indexing worker tokenized every passage twice: "title: T context: X" for the reader
+    (``encode_passages``) and "T: X" for the retriever (``reader.encoder.Encoder``), 37% of its host side
+    (issue 41). Where the tokenizer cuts words at whitespace and punctuation before its word pieces,
+    one word at a time (BERT's WordPiece: ``exact_for``), the tokens of either string are those of its
+    pieces end to end, so T and X are tokenized once and both id lists are composed from them, equal to
+    the direct ones (``tests/test_worker_pipeline.py`` compares them over the whole bundled sample).
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        before_title, after_title = PASSAGE_TEMPLATE.split("{title}")
+        marks = [before_title.strip(), after_title.split("{text}")[0].strip(), ":"]  # "title:", "context:", ":"
+        self.title_mark, self.text_mark, self.colon = tokenizer(marks, add_special_tokens=False)["input_ids"]
+
+    @classmethod
+    def shared_by(cls, reader_tokenizer, retriever_tokenizer) -> "PassagePieces | None":
+        """Pieces for both models when they tokenize alike (the same normalizer, pre-tokenizer, vocabulary and
+        special tokens) and composing is exact (``exact_for``); None otherwise."""
+        if not (cls.exact_for(reader_tokenizer) and cls.exact_for(retriever_tokenizer)):
+            return None
+        parts = ("normalizer", "pre_tokenizer", "model")
+        described = [json.loads(t.backend_tokenizer.to_str()) for t in (reader_tokenizer, retriever_tokenizer)]
+        specials = [(t.cls_token_id, t.sep_token_id, t.pad_token_id) for t in (reader_tokenizer, retriever_tokenizer)]
+        same = all(described[0].get(part) == described[1].get(part) for part in parts) and specials[0] == specials[1]
+        return cls(reader_tokenizer) if same else None
+
+    @staticmethod
+    def exact_for(tokenizer) -> bool:
+        """Whether composing pieces gives the direct tokenization: a fast tokenizer that splits on whitespace and
+        punctuation (BERT's pre-tokenizer) and then word pieces each word alone."""
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return False
+        described = json.loads(backend.to_str())
+        return (described.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer" and described["model"]["type"] == "WordPiece"
+
+    def split(self, passages: Sequence[Passage]) -> list[tuple[list[int], list[int]]]:
+        """(title ids, text ids) of each passage, in one tokenizer call; ReaderInputError for a passage with no text."""
+        for passage in passages:
+            check_passage(passage)
+        ids = self.tokenizer([p.title for p in passages] + [p.text for p in passages], add_special_tokens=False)["input_ids"]
+        return list(zip(ids[: len(passages)], ids[len(passages) :]))
+
+    def reader_ids(self, pieces: Sequence[tuple[list[int], list[int]]], layout: TokenLayout, max_tokens: int) -> list[list[int]]:
+        """What ``encode_passages`` gives for the same passages."""
+        room = _body_room(layout, max_tokens)
+        return [[*(self.title_mark + title + self.text_mark + text)[:room], *layout.passage_suffix] for title, text in pieces]
+
+    def retriever_ids(self, pieces: Sequence[tuple[list[int], list[int]]], max_tokens: int) -> list[list[int]]:
+        """The ids the retriever's tokenizer gives "T: X" with its special tokens, cut to ``max_tokens``."""
+        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
+        return [[cls, *(title + self.colon + text)[: max_tokens - 2], sep] for title, text in pieces]
 
 
 def _body_room(layout: TokenLayout, max_tokens: int) -> int:

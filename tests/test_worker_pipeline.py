@@ -63,12 +63,14 @@ def serial_shards(root, corpus_path, spec, shard_size: int) -> tuple[list[str], 
 
 
 def pipelined_shards(
-    root, corpus_path, spec, shard_size: int, level: int | None, threads: int = 3
+    root, corpus_path, spec, shard_size: int, level: int | None, threads: int = 3, shared: bool = True
 ) -> tuple[list[str], np.ndarray]:
     calibrate_codec(root, corpus_path, load_reader(spec), 39)
     indexer = ShardIndexer(str(root), str(corpus_path), spec, spec.checkpoint, batch_size=4, threads=threads, level=level)
     indexer.pipeline.depth = 2  # the bounded queues fill and drain many times over a shard
     summaries = [indexer.index(plan) for plan in plan_shards(39, shard_size)]
+    # reader and retriever share a tokenizer here: each passage was tokenized once (workers.pipeline's share_tokens)
+    assert (indexer.pipeline.pieces is not None) == shared
     vectors = np.concatenate([np.load(root / "embeddings" / f"{shard_name(p.shard_id)}.npy") for p in plan_shards(39, shard_size)])
     return [s["shard"]["digest"] for s in summaries], vectors
 
@@ -166,3 +168,53 @@ def test_a_device_error_mid_shard_stops_the_shard_and_the_tokenizer_ahead_of_it(
     assert "illegal memory access" in str(raised[0].value) and len(calls) == at
     pipeline.close()
     assert threading.active_count() <= before
+
+
+def test_passages_tokenized_once_compose_each_models_ids_as_their_tokenizers_give_them_over_the_whole_sample():
+    """reader.inputs.PassagePieces against the tokenizer itself on the full strings, for all 10,033 bundled passages
+    (accents, CJK, symbols, long texts cut at both limits)."""
+    from transformers import AutoTokenizer
+
+    from reader.assets import minilm_path, wikipedia_sample
+    from reader.inputs import PassagePieces, TokenLayout, encode_passages
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
+    layout = TokenLayout((tokenizer.cls_token_id,), (tokenizer.sep_token_id,), (tokenizer.sep_token_id,), tokenizer.pad_token_id)
+    passages = [Passage(p.title, p.text, str(i)) for i, p in enumerate(wikipedia_sample())]
+    pieces = PassagePieces.shared_by(tokenizer, tokenizer)
+    assert pieces is not None
+    split = pieces.split(passages)
+    assert pieces.reader_ids(split, layout, 320) == encode_passages(tokenizer, layout, passages, 320)
+    direct = tokenizer([passage_text(p) for p in passages], truncation=True, max_length=256)["input_ids"]
+    assert pieces.retriever_ids(split, 256) == direct
+    with pytest.raises(ReaderInputError, match="'x' .* has no text"):
+        pieces.split([Passage("Blank", "  ", "x")])
+
+
+def test_tokenizers_that_do_not_split_words_alike_are_not_shared(tokenizer):
+    from reader.inputs import PassagePieces
+
+    class Slow:  # no fast backend: nothing says how it cuts words
+        cls_token_id = sep_token_id = pad_token_id = 0
+
+    assert PassagePieces.shared_by(tokenizer, Slow()) is None
+    other = json.loads(tokenizer.backend_tokenizer.to_str())
+    other["model"]["vocab"] = dict(list(other["model"]["vocab"].items())[:-1])  # one word piece fewer: another vocabulary
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    shrunk = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(other)), cls_token="[CLS]",
+                                     sep_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
+    assert PassagePieces.shared_by(tokenizer, shrunk) is None and PassagePieces.shared_by(tokenizer, tokenizer) is not None
+
+
+def test_a_worker_whose_composed_ids_differ_warns_and_tokenizes_apart_with_the_same_shards(corpus, tmp_path, monkeypatch):
+    from reader.inputs import PassagePieces
+
+    root, corpus_path, spec = corpus
+    serial, serial_vectors = serial_shards(tmp_path / "serial", corpus_path, spec, 16)
+    real = PassagePieces.retriever_ids
+    monkeypatch.setattr(PassagePieces, "retriever_ids", lambda self, pieces, limit: [ids[:-2] + ids[-1:] for ids in real(self, pieces, limit)])
+    with pytest.warns(UserWarning, match="retriever's passage ids composed from shared pieces differ"):
+        piped, piped_vectors = pipelined_shards(tmp_path / "piped", corpus_path, spec, 16, level=None, shared=False)
+    assert piped == serial and np.array_equal(piped_vectors, serial_vectors.astype(np.float16))

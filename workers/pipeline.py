@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +33,7 @@ import torch
 
 from reader.binary import pack_states
 from reader.encoder import Encoder, passage_text
-from reader.inputs import encode_passages, pad
+from reader.inputs import PassagePieces, encode_passages, pad
 from reader.split import SplitReader
 from storage.record import Passage, RecordFormat, encode_arrays
 
@@ -153,13 +154,15 @@ class ShardPipeline:
 
     def __init__(
         self, reader: SplitReader, encoder: Encoder | None, fmt: RecordFormat, batch_size: int = 32, threads: int = 1,
-        embed_batch_size: int = 64, device: Device | Replay | None = None, depth: int = DEPTH,
+        embed_batch_size: int = 64, device: Device | Replay | None = None, depth: int = DEPTH, share_tokens: bool = True,
     ) -> None:
         """``threads`` coding threads, and a tokenizer thread; 0: every stage in the caller, one after the other.
 
         A CPU worker takes 0: its forwards hold every core, and threads beside them made them 2.4x slower
         here (torch's OpenMP threads wait on a core another thread holds). ``encoder`` None: bits only, no
-        retriever vectors (``bench.workers`` times the bits' pipeline alone).
+        retriever vectors (``bench.workers`` times the bits' pipeline alone). ``share_tokens``: tokenize each
+        passage once for both models where their tokenizers allow it (``reader.inputs.PassagePieces``), checked
+        against the direct tokenization on the first batches; False: twice, as the serial path does.
         """
         self.reader, self.encoder, self.format = reader, encoder, fmt
         self.batch_size, self.embed_batch_size, self.depth = batch_size, embed_batch_size, depth
@@ -167,6 +170,8 @@ class ShardPipeline:
         self.threaded = threads > 0
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="btr-code") if self.threaded else Inline()
         self.times = StageTimes()
+        self.pieces = PassagePieces.shared_by(reader.tokenizer, encoder.tokenizer) if share_tokens and encoder else None
+        self._unchecked = {"reader", "retriever"}  # composed ids not yet compared with the direct ones
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -266,10 +271,19 @@ class ShardPipeline:
         """Lower batches first (the pool starts coding while the retriever runs), then the retriever's."""
         order = sorted(range(len(passages)), key=lambda i: len(passages[i].text))  # as workers.build.encode_corpus
         limit = self.reader.config.max_passage_tokens
+        pieces: list = [None] * len(passages)  # (title ids, text ids) of each passage, when shared
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             begin = time.perf_counter()
-            ids = encode_passages(self.reader.tokenizer, self.reader.layout, [passages[i] for i in chunk], limit)
+            batch = [passages[i] for i in chunk]
+            if self.pieces is not None:
+                split = self.pieces.split(batch)
+                ids = self._checked("reader", self.pieces.reader_ids(split, self.reader.layout, limit),
+                                    lambda: encode_passages(self.reader.tokenizer, self.reader.layout, batch, limit))
+                for i, piece in zip(chunk, split):
+                    pieces[i] = piece
+            else:
+                ids = encode_passages(self.reader.tokenizer, self.reader.layout, batch, limit)
             padded, mask = pad(ids, self.reader.layout.pad_id)
             if self.reader.device.type == "cuda":
                 padded, mask = padded.pin_memory(), mask.pin_memory()
@@ -278,6 +292,9 @@ class ShardPipeline:
         if self.encoder is None:
             return
         texts = [passage_text(p) for p in passages]
+        if self.pieces is not None:
+            yield from self._shared_embed_batches(texts, pieces)
+            return
         batches = self.encoder.batches(texts, self.embed_batch_size)
         while True:
             begin = time.perf_counter()
@@ -286,3 +303,35 @@ class ShardPipeline:
             if item is None:
                 return
             yield EmbedBatch(*item)
+
+    def _shared_embed_batches(self, texts: list[str], pieces: list) -> Iterator[EmbedBatch]:
+        """The retriever's batches of ``Encoder.batches`` (same order, same padding) from the pieces the lower
+        batches tokenized."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        tokenizer, limit = self.encoder.tokenizer, self.encoder.max_tokens
+        for start in range(0, len(order), self.embed_batch_size):
+            begin = time.perf_counter()
+            chunk = order[start : start + self.embed_batch_size]
+            direct = lambda: tokenizer([texts[i] for i in chunk], truncation=True, max_length=limit)["input_ids"]  # noqa: E731
+            if self.pieces is None:  # a difference found on an earlier batch
+                ids = direct()
+            else:
+                ids = self._checked("retriever", self.pieces.retriever_ids([pieces[i] for i in chunk], limit), direct)
+            padded, mask = pad(ids, tokenizer.pad_token_id)
+            tokens = {"input_ids": padded, "token_type_ids": torch.zeros_like(padded), "attention_mask": mask.long()}
+            self.times.add("tokenize", time.perf_counter() - begin)
+            yield EmbedBatch(chunk, tokens)
+
+    def _checked(self, model: str, composed: list[list[int]], direct: Callable[[], list[list[int]]]) -> list[list[int]]:
+        """``composed`` ids, compared once per pipeline and model with the direct tokenization; on a difference the
+        direct ids, and no more sharing (a warning says so)."""
+        if model not in self._unchecked:
+            return composed
+        self._unchecked.discard(model)
+        expected = direct()
+        if expected != composed:
+            warnings.warn(f"the {model}'s passage ids composed from shared pieces differ from its tokenizer's: "
+                          "this worker tokenizes for each model apart", stacklevel=2)
+            self.pieces = None
+            return expected
+        return composed
