@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, AutoTokenizer
 
 from storage.identity import weights_digest
 from storage.record import Passage
@@ -25,12 +24,25 @@ def passage_text(passage: Passage) -> str:
 class Encoder:
     """Sentence embeddings: mean of the last hidden states over real tokens, L2-normalized."""
 
-    def __init__(self, name_or_path: str | Path | None = None, max_tokens: int = 256, device: str | None = None):
+    def __init__(self, name_or_path: str | Path | None = None, max_tokens: int = 256, device: str | None = None,
+                 light: bool = False):
+        """``light``: a local BERT checkpoint is read without transformers' model classes (``reader.bert``: the same
+        weights and vectors, a fraction of the start-up), as the query path does; any other through transformers."""
         self.name = str(name_or_path or DEFAULT_ENCODER)
         packaged = self.name == DEFAULT_ENCODER
         source = str(minilm_path()) if packaged else self.name
-        self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=packaged)
-        self.model = AutoModel.from_pretrained(source, local_files_only=packaged).eval()
+        model = tokenizer = None
+        if light and Path(source).is_dir():
+            from .bert import LightTokenizer, load_bert
+
+            model = load_bert(source, "none")
+            tokenizer = LightTokenizer.load(source) if model is not None else None
+        if tokenizer is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=packaged)
+            model = AutoModel.from_pretrained(source, local_files_only=packaged)
+        self.tokenizer, self.model = tokenizer, model.eval()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.max_tokens = max_tokens

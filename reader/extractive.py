@@ -15,7 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForQuestionAnswering
 
 from storage.bits import BinaryTokens
 from storage.identity import weights_digest
@@ -50,7 +49,7 @@ class ExtractiveReader(SplitReader):
     """BERT-family reader that picks the best span across all retrieved passages."""
 
     calibration = "mean_abs"
-    model_class = AutoModelForQuestionAnswering  # a plain encoder checkpoint gets a fresh span head
+    model_class = "AutoModelForQuestionAnswering"  # a plain encoder checkpoint gets a fresh span head
 
     def __init__(
         self, model, tokenizer, config: BTRConfig | None = None, max_answer_tokens: int = 30, pool: int = ANSWER_POOL
@@ -102,6 +101,20 @@ class ExtractiveReader(SplitReader):
         reader = super().from_pretrained(name_or_path, config, **kwargs)
         if Path(name_or_path).is_dir():
             reader.attach_heads(ReaderHeads.load(name_or_path, reader.hidden_size))
+        return reader
+
+    @classmethod
+    def light(cls, path: str, config: BTRConfig | None = None, dtype: torch.dtype | None = None) -> "ExtractiveReader | None":
+        """``from_pretrained``'s reader without transformers' model classes (``reader.bert``: the same weights and
+        outputs), or None where those do not apply exactly: then ``from_pretrained``."""
+        from .bert import LightTokenizer, load_bert
+
+        model = load_bert(path, "qa", dtype)
+        tokenizer = LightTokenizer.load(path) if model is not None else None
+        if tokenizer is None:
+            return None
+        reader = cls(model, tokenizer, config)
+        reader.attach_heads(ReaderHeads.load(path, reader.hidden_size))
         return reader
 
     def attach_heads(self, heads: ReaderHeads | None) -> None:

@@ -40,7 +40,7 @@ class FiDReader(SplitReader):
     """Generative BTR reader: T5 encoder split at k, FiD decoder."""
 
     calibration = "rms"
-    model_class = T5ForConditionalGeneration
+    model_class = "T5ForConditionalGeneration"
     heads = None  # the extractive reader's optional heads have no FiD counterpart
 
     def __init__(self, model: T5ForConditionalGeneration, tokenizer, config: BTRConfig | None = None) -> None:

@@ -60,15 +60,29 @@ def checkpoint_settings(checkpoint: str) -> dict | None:
 
 
 def quiet_library_logs() -> None:
-    """Command-line tools print their own lines: no weight-loading bars or load reports on stderr."""
-    from transformers.utils import logging
+    """Command-line tools print their own lines: no weight-loading bars or load reports on stderr.
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
+    transformers reads the environment when it is imported (0.8 s, which a question read without it never
+    pays); one imported already is told directly."""
+    import os
+    import sys
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
 
-def load_reader(spec: ReaderSpec) -> SplitReader:
-    """Build the reader a spec names (offline for the packaged checkpoints), in float32 on CPU."""
+def load_reader(spec: ReaderSpec, light: bool = False) -> SplitReader:
+    """Build the reader a spec names (offline for the packaged checkpoints), in float32 on CPU.
+
+    ``light``: for answering, a local checkpoint its family can read without transformers' model classes (an
+    extractive BERT: ``reader.bert``, the same weights and outputs) is read so, in a fraction of the start-up;
+    any other as always. Training and indexing load through transformers.
+    """
     if spec.family not in FAMILIES:
         raise ValueError(f"unknown reader family {spec.family!r}; expected one of {', '.join(FAMILIES)}")
     module, name = FAMILIES[spec.family]
@@ -87,9 +101,11 @@ def load_reader(spec: ReaderSpec) -> SplitReader:
     config = BTRConfig(split_layer=split_layer, max_query_tokens=query_tokens, max_passage_tokens=spec.max_passage_tokens)
     # Parameters a checkpoint lacks (the span head of a plain encoder) are initialised from a fixed
     # seed, so the same spec always gives the same reader, and the same weights digest.
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        reader = family.from_pretrained(checkpoint, config, local_files_only=local, dtype=torch.float32)
+    reader = family.light(checkpoint, config, torch.float32) if light and local and hasattr(family, "light") else None
+    if reader is None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            reader = family.from_pretrained(checkpoint, config, local_files_only=local, dtype=torch.float32)
     if settings is not None and settings["calibration"] != reader.calibration:
         raise ValueError(f"{checkpoint} was trained with {settings['calibration']} calibration, not {reader.calibration}")
     for name, value in (settings or {}).get("answer", {}).items():  # the answer rule chosen on dev

@@ -55,7 +55,7 @@ class Answerer:
 
     def __init__(
         self, index: Path | str, text_reader: str | None = None, pool: int | None = None,
-        device: str = "cpu", dtype: str = "auto", whole_names: bool = True,
+        device: str = "cpu", dtype: str = "auto", whole_names: bool = True, light: bool = True,
     ) -> None:
         """Load the index and the reader that built it.
 
@@ -66,7 +66,9 @@ class Answerer:
         cpu, cuda[:N]; auto, float32, bfloat16, float16); DeviceUnavailable (a ValueError) for a GPU
         this machine lacks. The commands default to ``auto``; this class to the CPU in float32.
         ``whole_names``: an extracted span is widened to the whole name it stops inside
-        (``reader.spans.whole_name``); off: the reader's span as it chose it.
+        (``reader.spans.whole_name``); off: the reader's span as it chose it. ``light``: BERT checkpoints (reader and
+        question encoder) read without transformers' model classes (``reader.bert``: the same weights and answers,
+        seconds less start-up); False: through transformers, as training and indexing read them.
         """
         device, dtype = resolve(device, dtype)  # before any loading: a missing GPU is refused at once
         manifest = Manifest.load(Path(index))
@@ -85,7 +87,7 @@ class Answerer:
         self.whole_names = whole_names
         if self.text_only:
             spec = ReaderSpec(spec.family, text_reader, None, spec.max_passage_tokens)
-        reader = load_reader(spec)  # float32 on the CPU: the weights an index records the digest of
+        reader = load_reader(spec, light=light)  # float32 on the CPU: the weights an index records the digest of
         if pool is not None:
             if not hasattr(reader, "pool"):
                 raise ValueError(f"--pool applies to extractive readers; {spec.family} generates its answers")
@@ -94,7 +96,7 @@ class Answerer:
         self.index = Index.open(index, expect=None if self.text_only else self.identity)
         self.reader = reader.to(device=device, dtype=dtype)  # moved once; the bits are unpacked there too
         try:
-            self.retriever = Retriever(index, store=self.index)  # the version self.index opened
+            self.retriever = Retriever(index, store=self.index, light=light)  # the version self.index opened
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:  # faiss raises RuntimeError
             raise DamagedIndex(
                 f"the retriever in {index} is missing or damaged ({str(error).splitlines()[0]}). {repair_hint(index)}"

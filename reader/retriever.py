@@ -408,10 +408,12 @@ class Hit:
 class Retriever:
     """Question -> index rows of the nearest passages (of the index's current version: its deleted rows skipped)."""
 
-    def __init__(self, folder: Path | str, encoder: Encoder | None = None, probes: int = 32, store: Index | None = None) -> None:
+    def __init__(self, folder: Path | str, encoder: Encoder | None = None, probes: int = 32, store: Index | None = None,
+                 light: bool = False) -> None:
         """``folder``: an index (its current version's retriever) or a bare retriever folder. ``store``: the opened
         index whose version to search (its manifest read once, so retriever and records are the same version);
-        kept as ``self.store`` for the lookups that read what this retriever found."""
+        kept as ``self.store`` for the lookups that read what this retriever found. ``light``: the question encoder
+        read as the query path reads it (``Encoder``'s ``light``)."""
         folder = Path(folder)
         manifest = store.manifest if store is not None else (Manifest.load(folder) if (folder / MANIFEST).exists() else None)
         self.store = store
@@ -426,7 +428,7 @@ class Retriever:
         self.exact = exact_vectors(self.index)
         if hasattr(self.index, "nprobe"):
             self.index.nprobe = probes
-        self.encoder = encoder or Encoder(self.info["encoder"]["name"], self.info["encoder"]["max_tokens"])
+        self.encoder = encoder or Encoder(self.info["encoder"]["name"], self.info["encoder"]["max_tokens"], light=light)
         deleted = store.deleted if store is not None else (
             load_deleted(self.root, manifest.extra, manifest.passages) if manifest is not None else np.zeros(0, np.int64))
         self.params = self._skip(deleted)

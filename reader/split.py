@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from storage.bits import BinaryTokens, unpack_bits
 from storage.identity import ReaderIdentity, weights_digest
@@ -60,7 +59,7 @@ class SplitReader(nn.Module):
     """Base of both reader families; subclasses set ``self.model`` and implement the hooks below."""
 
     calibration: str  # "rms" (pre-norm) or "mean_abs" (post-norm)
-    model_class: type  # the transformers class a checkpoint loads as
+    model_class: str  # the transformers class a checkpoint loads as (imported when one is loaded)
 
     def __init__(self, tokenizer, layout: TokenLayout, num_layers: int, config: BTRConfig) -> None:
         super().__init__()
@@ -76,8 +75,10 @@ class SplitReader(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: BTRConfig | None = None, **kwargs):
         """Any checkpoint of the family by hub name or local path (kwargs go to ``from_pretrained``)."""
-        model = cls.model_class.from_pretrained(name_or_path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=kwargs.get("local_files_only", False))
+        import transformers
+
+        model = getattr(transformers, cls.model_class).from_pretrained(name_or_path, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=kwargs.get("local_files_only", False))
         return cls(model, tokenizer, config)
 
     @property

@@ -66,6 +66,8 @@ def test_an_extractive_question_does_not_import_the_t5_family(tmp_path, tmp_path
     assert '"answer"' in process.stdout
     assert "reader.extractive" in modules and "reader.query" in modules
     assert "reader.fid" not in modules and not any(name.startswith("transformers.models.t5") for name in modules)
+    # a BERT reader and question encoder on disk are read without transformers at all (reader.bert): seconds of imports
+    assert "reader.bert" in modules and not {name for name in modules if name.split(".")[0] == "transformers"}
 
 
 def test_every_console_script_answers_help_without_a_model_library():
