@@ -321,15 +321,11 @@ def _new_vectors(cfg: dict, shard_id: int, rows: int):
 def step_update(cfg: dict, out: Path) -> dict:
     """``flows.update`` on the final index, its workers' part synthesized: plan (normalize, match), encode the
     changed and added passages (synthetic bits, as ``write`` does), publish (merge, retriever, version files)."""
-    from dataclasses import replace
-
-    import numpy as np
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from flows.update import plan_changes, publish_version, stage_codec
-    from storage.index import IndexWriter, Manifest
-    from storage.shard import shard_name
-    from workers.corpus import read_rows
-    from workers.indexer import EMBEDDINGS, STAGING_LEVEL
+    from storage.index import Manifest
 
     root, timer = out / "index", {}
     manifest = Manifest.load(root)
@@ -340,19 +336,10 @@ def step_update(cfg: dict, out: Path) -> dict:
     print(f"update: {planned['counts']} in {timer['plan_s']:,.1f} s", file=sys.stderr, flush=True)
 
     start = time.perf_counter()
-    corpus, staging = _corpus(cfg), Path(planned["staging"])
-    stage_codec(root, staging)
-    writer = IndexWriter(staging, manifest.reader)
-    writer.format = replace(writer.format, codec=writer.format.codec.at_level(STAGING_LEVEL))  # as the flow's workers
-    (staging / EMBEDDINGS).mkdir(exist_ok=True)
-    shards, progress = [], Progress("update, encode", sum(p["rows"] for p in planned["plans"]), "passages")
-    for done, plan in enumerate(planned["plans"]):
-        passages = read_rows(planned["corpus"], plan["first_row"], plan["first_row"] + plan["rows"])
-        records = corpus.bits(plan["shard_id"], passages)
-        rows = ((p.id, p.title, p.text, r) for p, r in zip(passages, records))
-        shards.append(writer.write_shard(plan["shard_id"], plan["first_row"], rows).to_dict())
-        np.save(staging / EMBEDDINGS / f"{shard_name(plan['shard_id'])}.npy", _new_vectors(cfg, plan["shard_id"], plan["rows"]))
-        progress.update(plan["first_row"] + plan["rows"] - planned["first_row"])
+    stage_codec(root, Path(planned["staging"]))
+    # in a process of its own, as the flow's Ray workers encode apart from the flow's process
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        shards = pool.submit(_encode_update, cfg, str(root), planned).result()
     timer["encode_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -362,6 +349,32 @@ def step_update(cfg: dict, out: Path) -> dict:
     return {**{k: round(v, 2) for k, v in timer.items()}, "counts": planned["counts"],
             "version": published["version"], "new_shards": published["new_shards"], "deleted_rows": published["deleted_rows"],
             "plans": [[p["shard_id"], p["first_row"], p["rows"]] for p in planned["plans"]]}
+
+
+def _encode_update(cfg: dict, root: str, planned: dict) -> list[dict]:
+    """The update's workers, synthesized: its changed and added passages' records and vectors, staged as the flow's."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from storage.index import IndexWriter, Manifest
+    from storage.shard import shard_name
+    from workers.corpus import read_rows
+    from workers.indexer import EMBEDDINGS, STAGING_LEVEL
+
+    corpus, staging = _corpus(cfg), Path(planned["staging"])
+    writer = IndexWriter(staging, Manifest.load(Path(root)).reader)
+    writer.format = replace(writer.format, codec=writer.format.codec.at_level(STAGING_LEVEL))  # as the flow's workers
+    (staging / EMBEDDINGS).mkdir(exist_ok=True)
+    shards, progress = [], Progress("update, encode", sum(p["rows"] for p in planned["plans"]), "passages")
+    for plan in planned["plans"]:
+        passages = read_rows(planned["corpus"], plan["first_row"], plan["first_row"] + plan["rows"])
+        records = corpus.bits(plan["shard_id"], passages)
+        rows = ((p.id, p.title, p.text, r) for p, r in zip(passages, records))
+        shards.append(writer.write_shard(plan["shard_id"], plan["first_row"], rows).to_dict())
+        np.save(staging / EMBEDDINGS / f"{shard_name(plan['shard_id'])}.npy", _new_vectors(cfg, plan["shard_id"], plan["rows"]))
+        progress.update(plan["first_row"] + plan["rows"] - planned["first_row"])
+    return shards
 
 
 def step_check_update(cfg: dict, out: Path) -> dict:

@@ -293,6 +293,13 @@ class CorpusSummary:
     rejects_path: str
 
 
+def release_arrow_memory() -> None:
+    """Give back to the system what Arrow's allocator keeps of freed buffers: after streaming a 1M-passage Parquet
+    corpus through ``normalize`` it held 340 MB of them (mimalloc keeps freed pages for reuse), which the steps after
+    it (an update's matching) then stood on. Released after each row group: 209 MB after instead of 548 MB."""
+    pa.default_memory_pool().release_unused()
+
+
 def normalize(path: Path | str | None, fmt: str, out: Path | str, row_group: int = 4096) -> CorpusSummary:
     """Write the corpus as ``out/passages.parquet`` (id, title, text) and ``out/rejects.jsonl``."""
     out = Path(out)
@@ -306,6 +313,7 @@ def normalize(path: Path | str | None, fmt: str, out: Path | str, row_group: int
         columns = [[p.id for p in buffer], [p.title for p in buffer], [p.text for p in buffer]]
         writer.write_table(pa.Table.from_arrays([pa.array(c, pa.string()) for c in columns], schema=SCHEMA))
         buffer.clear()
+        release_arrow_memory()
 
     with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer, open(rejects_path, "w") as rejects:
         for item in read_corpus(path, fmt):
