@@ -142,7 +142,7 @@ def test_every_flag_of_the_index_command_says_what_it_does_and_its_default(monke
 
     parser = build_parser()
     flags = [a for a in parser._actions if a.dest != "help"]
-    assert len(flags) == 15
+    assert len(flags) == 17
     for action in flags:
         assert action.help and ("%(default)s" in action.help or "(default: " in action.help), action.option_strings
     [fmt] = [a for a in flags if a.dest == "corpus_format"]
@@ -152,6 +152,7 @@ def test_every_flag_of_the_index_command_says_what_it_does_and_its_default(monke
     said = {block.split()[0]: " ".join(block.split()) for block in options.split("\n  --")}
     assert said["index"].endswith("(default: indexes/wikipedia-sample)")
     assert said["offline-merge"].endswith("(default: 0.2)") and said["update"].endswith("(default: off)")
+    assert said["compact"].endswith("(default: off)") and said["compact-threshold"].endswith("(default: 0.1)")
 
 
 def test_the_default_format_comes_from_the_corpus_file_name(tmp_path):
