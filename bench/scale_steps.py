@@ -280,7 +280,6 @@ def planned_changes(cfg: dict) -> dict:
 def step_new_corpus(cfg: dict, out: Path) -> dict:
     """The next dump, as a parquet corpus: every passage of the build in row order, less the deleted, the edited
     with new text (drawn from blocks the build never used), then the added (ids from ``syn-<passages>``)."""
-    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -399,7 +398,7 @@ def step_check_update(cfg: dict, out: Path) -> dict:
             refused += 1
     retriever = Retriever(out / "index", encoder=object(), store=index)  # searched by vectors: no encoder
     shard_size = cfg["shard_size"]
-    old = np.stack([_build_vector(cfg, int(row) // shard_size, int(row) % shard_size) for row in removed])
+    old = _build_vectors(cfg, removed)
     _, found = retriever.index.search(np.ascontiguousarray(old), 10, params=retriever.params)
     plans = json.loads((out / "steps" / "update.json").read_text())["plans"]
     new = np.concatenate([_new_vectors(cfg, shard_id, rows) for shard_id, _, rows in plans])
@@ -416,10 +415,13 @@ def step_check_update(cfg: dict, out: Path) -> dict:
             "unchanged_same_text": int(same)}
 
 
-def _build_vector(cfg: dict, shard_id: int, position: int):
-    """The retriever vector ``write`` gave row ``position`` of shard ``shard_id``."""
+def _build_vectors(cfg: dict, rows):
+    """The retriever vectors ``write`` gave ``rows`` (sorted): each shard's drawn once, as ``write`` drew them."""
     import numpy as np
 
-    rng = np.random.default_rng([cfg["seed"], 3, shard_id])
-    vectors = rng.standard_normal((position + 1, HIDDEN_SIZE), np.float32)
-    return vectors[position] / np.linalg.norm(vectors[position])
+    shard_size, out = cfg["shard_size"], []
+    for shard_id in np.unique(rows // shard_size):
+        positions = rows[rows // shard_size == shard_id] % shard_size
+        vectors = np.random.default_rng([cfg["seed"], 3, int(shard_id)]).standard_normal((positions.max() + 1, HIDDEN_SIZE), np.float32)
+        out.append(vectors[positions] / np.linalg.norm(vectors[positions], axis=1, keepdims=True))
+    return np.concatenate(out)

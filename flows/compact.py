@@ -24,17 +24,17 @@ from prefect.cache_policies import NO_CACHE
 
 from reader.retriever import compact_faiss
 from storage.codec import file_digest
-from storage.compact import compact_plan, copy_rows
-from storage.index import FAISS_FILE, INFO_FILE, IVF_DATA, MANIFEST, Manifest
-from storage.shard import ShardInfo, default_shard_size, shard_number
+from storage.compact import copy_rows
+from storage.index import MANIFEST, Manifest
+from storage.shard import ShardInfo
 from storage.versions import (
-    DIGEST_SCHEMA, files_folder, load_deleted, prune, read_passages, version_name, version_number, write_version_files,
+    DIGEST_SCHEMA, files_folder, load_deleted, read_passages, version_name, version_number, write_version_files,
 )
 from workers.cluster import cluster_runner
 
 from .progress import PROGRESS_FILE, RunProgress
 from .shards import flow_cluster
-from .update import Refused, link_shard, start_work
+from .update import Refused, check_unchanged, commit_version, link_shard, new_shard_plans, prune_versions, start_work
 
 COMPACT = "compact"  # INDEX/.work/compact: the plan, the live rows, the new shards before they join the index
 DEFAULT_THRESHOLD = 0.1  # compact once a tenth of the rows are deleted: a tenth of the shards' bytes is dead weight
@@ -69,10 +69,8 @@ def plan_compaction(index: str, threshold: float, shard_size: int) -> dict:
     start_work(work, {"version": number, "manifest": file_digest(root / MANIFEST), "shard_size": shard_size})
     live = np.setdiff1d(np.arange(manifest.passages, dtype=np.int64), deleted)
     np.save(work / "live.npy", live)
-    size = shard_size or manifest.extra.get("shard_size") or default_shard_size(len(live))
-    next_id = max((shard_number(s.name) for s in manifest.shards), default=-1) + 1
-    units = [{k: u[k] for k in ("shard_id", "first_row")} | {"rows": len(u["rows"])} for u in compact_plan(live, size, next_id)]
-    return {"skip": False, "version": number, "staging": str(work / "staging"), "units": units, "shard_size": size,
+    units = new_shard_plans(manifest, 0, len(live), shard_size)  # row r of the new version: the r-th live row
+    return {"skip": False, "version": number, "staging": str(work / "staging"), "units": units,
             "manifest": file_digest(root / MANIFEST)} | counts
 
 
@@ -91,9 +89,7 @@ def publish_compaction(index: str, planned: dict, shards: list[dict]) -> dict:
     """New shards linked in, the retriever compacted, version files written, then the new manifest, atomically."""
     root, staging = Path(index), Path(planned["staging"])
     work = staging.parent
-    manifest = Manifest.load(root)
-    if file_digest(root / MANIFEST) != planned["manifest"]:
-        raise Refused(f"{root} was changed by another run since this compaction was planned; run it again")
+    manifest = check_unchanged(root, planned, "compaction")
     live = np.load(work / "live.npy")
     infos = sorted((ShardInfo.from_dict(s) for s in shards), key=lambda s: s.first_row)
     for info in infos:
@@ -108,15 +104,9 @@ def publish_compaction(index: str, planned: dict, shards: list[dict]) -> dict:
     passages = passages.set_column(0, "row", pa.array(renumbered, pa.int64())).cast(DIGEST_SCHEMA)
     record = write_version_files(root, number, np.zeros(0, dtype=np.int64), passages) | {
         "compacted": {"from_version": number - 1, "rows_before": planned["rows"], "deleted_rows": planned["deleted_rows"]}}
-    previous = root / version_name(number - 1) / MANIFEST  # the version readers may still be on
-    previous.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / MANIFEST, previous)
     extra = manifest.extra | {"retriever": retriever, "version": record}
-    published = Manifest(manifest.reader, manifest.codec, infos, extra=extra)
-    published.save(root)  # the commit point
-    removed = prune(root, number, (FAISS_FILE, INFO_FILE, IVF_DATA))
-    shutil.rmtree(work)
-    return {"index": str(root), "version": number, "passages": published.passages, "shards": len(infos),
+    removed = commit_version(root, Manifest(manifest.reader, manifest.codec, infos, extra=extra), work)
+    return {"index": str(root), "version": number, "passages": len(live), "shards": len(infos),
             "bytes": sum(s.bytes for s in infos), "bytes_before": sum(s.bytes for s in manifest.shards), "removed": removed,
             "deleted_rows": planned["deleted_rows"], "rows_before": planned["rows"]}
 
@@ -134,7 +124,7 @@ def compact_index(index: str, threshold: float = DEFAULT_THRESHOLD, shard_size: 
         share = f"{planned['deleted_rows']:,} deleted rows of {planned['rows']:,} ({planned['share']:.1%})"
         if planned["skip"]:
             shutil.rmtree(root / ".work" / COMPACT, ignore_errors=True)
-            prune(root, planned["version"], (FAISS_FILE, INFO_FILE, IVF_DATA))  # a run stopped after its manifest
+            prune_versions(root, planned["version"])  # a run stopped after its manifest left its clean-up undone
             progress.finish()
             why = "nothing to compact" if not planned["deleted_rows"] else f"below the threshold {threshold:.0%} (--compact-threshold)"
             print(f"{root} stays at version {planned['version']}: {share}, {why}")

@@ -161,13 +161,45 @@ def plan_changes(root: Path, manifest: Manifest, corpus: str | None, corpus_form
     pq.write_table(pa.concat_tables([changes.kept, digest_table(new_rows, ids.take(pa.array(encode, pa.int64())),
                                                                  digests[encode])]), work / "digests.parquet")
     np.save(work / "removed.npy", changes.removed_rows)
-    size = shard_size or manifest.extra.get("shard_size") or default_shard_size(len(encode))
-    next_id = max((shard_number(s.name) for s in manifest.shards), default=-1) + 1
-    plans = [ShardPlan(next_id + i, first, min(size, first_row + len(encode) - first)).__dict__
-             for i, first in enumerate(range(first_row, first_row + len(encode), size))]
+    plans = new_shard_plans(manifest, first_row, len(encode), shard_size)
     return {"version": number, "first_row": first_row, "counts": counts, "plans": plans,
             "staging": str(work / "staging"), "corpus": str(delta), "manifest": file_digest(root / MANIFEST),
             "merge": merge_setting(manifest) is not None}
+
+
+def new_shard_plans(manifest: Manifest, first_row: int, rows: int, shard_size: int = 0) -> list[dict]:
+    """Shards for ``rows`` rows from ``first_row``, numbered after the index's last shard (a version's new shards may
+    not reuse a name the previous version's readers map), of ``shard_size`` rows (0: the index's own)."""
+    size = shard_size or manifest.extra.get("shard_size") or default_shard_size(rows)
+    next_id = max((shard_number(s.name) for s in manifest.shards), default=-1) + 1
+    return [ShardPlan(next_id + i, first, min(size, first_row + rows - first)).__dict__
+            for i, first in enumerate(range(first_row, first_row + rows, size))]
+
+
+def check_unchanged(root: Path, planned: dict, what: str) -> Manifest:
+    """The index's manifest, Refused unless it is still the one the run was planned on."""
+    if file_digest(root / MANIFEST) != planned["manifest"]:
+        raise Refused(f"{root} was changed by another run since this {what} was planned; run it again")
+    return Manifest.load(root)
+
+
+def commit_version(root: Path, published: Manifest, work: Path) -> list[str]:
+    """Publish ``published`` (its version files written): the current manifest kept in its version's folder for the
+    readers still on it, the new one saved atomically (the commit point), then what no reader may still need pruned
+    and the run's work folder removed. What was pruned."""
+    number = version_number(published.extra)
+    previous = root / version_name(number - 1) / MANIFEST
+    previous.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(root / MANIFEST, previous)
+    published.save(root)  # the commit point: readers opening the index from now on get this version
+    removed = prune_versions(root, number)
+    shutil.rmtree(work)
+    return removed
+
+
+def prune_versions(root: Path, current: int) -> list[str]:
+    """``storage.versions.prune`` with version 1's retriever files."""
+    return prune(root, current, (FAISS_FILE, INFO_FILE, IVF_DATA))
 
 
 def stage_codec(root: Path, staging: Path) -> None:
@@ -234,9 +266,7 @@ def publish_version(index: str, planned: dict, shards: list[dict], run: Runner |
     """``publish_update``'s work; the merge of the new shards on ``run`` (default: the connected Ray)."""
     root, staging = Path(index), Path(planned["staging"])
     work = staging.parent
-    manifest = Manifest.load(root)
-    if file_digest(root / MANIFEST) != planned["manifest"]:
-        raise Refused(f"{root} was changed by another run since this update was planned; run the update again")
+    manifest = check_unchanged(root, planned, "update")
     infos = sorted((ShardInfo.from_dict(s) for s in shards), key=lambda s: s.first_row)
     settings, source = merge_setting(manifest), staging
     if settings is not None and infos:  # a merged index gets merged new shards: its bits/dim stays what it was
@@ -250,14 +280,9 @@ def publish_version(index: str, planned: dict, shards: list[dict], run: Runner |
     deleted = np.union1d(current, np.load(work / "removed.npy")).astype(np.int64)
     passages = pq.read_table(work / "digests.parquet", schema=DIGEST_SCHEMA)
     record = write_version_files(root, number, deleted, passages) | {"counts": planned["counts"]}
-    previous = root / version_name(number - 1) / MANIFEST  # the version readers may still be on, for a rollback
-    previous.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(root / MANIFEST, previous)
     extra = manifest.extra | {"retriever": retriever, "version": record}
     published = Manifest(manifest.reader, manifest.codec, list(manifest.shards) + infos, extra=extra)
-    published.save(root)  # the commit point: readers opening the index from now on get this version
-    removed = prune(root, number, (FAISS_FILE, INFO_FILE, IVF_DATA))
-    shutil.rmtree(work)
+    removed = commit_version(root, published, work)
     return {"index": str(root), "version": number, "passages": published.passages - len(deleted), "rows": published.passages,
             "deleted_rows": len(deleted), "tokens": published.tokens, "new_shards": len(infos), "removed": removed} | planned["counts"]
 
@@ -280,7 +305,7 @@ def update_index(
         if not (counts["changed"] or counts["added"] or counts["deleted"]):
             shutil.rmtree(Path(planned["staging"]).parent)
             # an update stopped after its manifest was renamed in left its clean-up undone: finish it
-            prune(root, planned["version"] - 1, (FAISS_FILE, INFO_FILE, IVF_DATA))
+            prune_versions(root, planned["version"] - 1)
             progress.finish()
             print(f"nothing changed: {root} stays at version {planned['version'] - 1}")
             return {"index": index, "version": planned["version"] - 1} | counts

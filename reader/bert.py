@@ -17,12 +17,14 @@ with its config); anything else loads through transformers, as training and inde
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
+
+from .inputs import splits_words_alone
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -156,7 +158,6 @@ class Output:
 
     last_hidden_state: torch.Tensor
     attentions: tuple | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class BertModel(nn.Module):
@@ -281,8 +282,7 @@ class LightTokenizer:
         exact = (
             config.get("tokenizer_class") in ("BertTokenizer", "BertTokenizerFast")
             and not config.get("clean_up_tokenization_spaces", False)
-            and described["model"]["type"] == "WordPiece"
-            and (described.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer"
+            and splits_words_alone(described)
             and normalizer.get("type") == "BertNormalizer"
             and normalizer.get("lowercase") == config.get("do_lower_case", True)
             and normalizer.get("strip_accents") == config.get("strip_accents")
@@ -296,6 +296,11 @@ class LightTokenizer:
 
         tokenizer = cls(Tokenizer.from_file(str(path / TOKENIZER)), specials)
         return tokenizer if None not in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id) else None
+
+    @property
+    def backend_tokenizer(self):
+        """The ``tokenizers`` object, under the name transformers gives it."""
+        return self.backend
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -335,3 +340,10 @@ class LightTokenizer:
         if return_tensors == "pt":
             return {key: torch.tensor(value, dtype=torch.long) for key, value in out.items() if key != "offset_mapping"}
         return {key: value[0] for key, value in out.items()} if single else out
+
+
+def load_light(path: str | Path, head: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, LightTokenizer] | None:
+    """``load_bert``'s model and ``LightTokenizer.load``'s tokenizer of a checkpoint, or None unless both apply."""
+    model = load_bert(path, head, dtype)
+    tokenizer = LightTokenizer.load(path) if model is not None else None
+    return (model, tokenizer) if tokenizer is not None else None

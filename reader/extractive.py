@@ -107,13 +107,12 @@ class ExtractiveReader(SplitReader):
     def light(cls, path: str, config: BTRConfig | None = None, dtype: torch.dtype | None = None) -> "ExtractiveReader | None":
         """``from_pretrained``'s reader without transformers' model classes (``reader.bert``: the same weights and
         outputs), or None where those do not apply exactly: then ``from_pretrained``."""
-        from .bert import LightTokenizer, load_bert
+        from .bert import load_light
 
-        model = load_bert(path, "qa", dtype)
-        tokenizer = LightTokenizer.load(path) if model is not None else None
-        if tokenizer is None:
+        loaded = load_light(path, "qa", dtype)
+        if loaded is None:
             return None
-        reader = cls(model, tokenizer, config)
+        reader = cls(*loaded, config)
         reader.attach_heads(ReaderHeads.load(path, reader.hidden_size))
         return reader
 

@@ -155,6 +155,13 @@ def check_passage(passage: Passage) -> None:
         raise ReaderInputError(f"passage{label} (title {passage.title!r}) has no text")
 
 
+def splits_words_alone(described: dict) -> bool:
+    """Whether a ``tokenizers`` description (tokenizer.json) cuts text at whitespace and punctuation (BERT's
+    pre-tokenizer) and then word-pieces each word alone (WordPiece): the tokens of a string are then those of
+    its words, end to end."""
+    return (described.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer" and described["model"]["type"] == "WordPiece"
+
+
 class PassagePieces:
     """Titles and texts tokenized once, composed into both the reader's passage ids and the retriever's input ids.
 
@@ -186,13 +193,9 @@ class PassagePieces:
 
     @staticmethod
     def exact_for(tokenizer) -> bool:
-        """Whether composing pieces gives the direct tokenization: a fast tokenizer that splits on whitespace and
-        punctuation (BERT's pre-tokenizer) and then word pieces each word alone."""
+        """Whether composing pieces gives the direct tokenization (``splits_words_alone``): a fast tokenizer only."""
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is None:
-            return False
-        described = json.loads(backend.to_str())
-        return (described.get("pre_tokenizer") or {}).get("type") == "BertPreTokenizer" and described["model"]["type"] == "WordPiece"
+        return backend is not None and splits_words_alone(json.loads(backend.to_str()))
 
     def split(self, passages: Sequence[Passage]) -> list[tuple[list[int], list[int]]]:
         """(title ids, text ids) of each passage, in one tokenizer call; ReaderInputError for a passage with no text."""

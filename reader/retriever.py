@@ -213,14 +213,27 @@ def build_faiss_apart(
     calls = [(str(trained), [names[i] for i in group], sum(lengths[: group.start]), out, consume)
              for group, out in zip(groups, outs)]
     run(add_part, calls, lambda done, total: progress("add", done, total))
-    for name in (FAISS_FILE, IVF_DATA):
-        (folder / name).unlink(missing_ok=True)
-    with stdout_to_stderr(), space_for(folder / IVF_DATA, sum(Path(out).stat().st_size for out in outs)):
-        merge_ondisk(index, outs, str((folder / IVF_DATA).resolve()))
-    with space_for(folder / FAISS_FILE, index_bytes(index)):
-        faiss.write_index(index, str(folder / FAISS_FILE))
+    (folder / FAISS_FILE).unlink(missing_ok=True)
+    _merge_parts(index, outs, folder)
     shutil.rmtree(work)
     return _write_info(folder, plan["factory"], sum(lengths), plan["dimension"], encoder_identity)
+
+
+def _merge_parts(trained: faiss.Index, parts: Sequence[str], folder: Path) -> None:
+    """The parts' inverted lists merged on disk into ``folder/retriever.ivfdata`` under the empty ``trained`` index,
+    then the index file that names them, beside it."""
+    (folder / IVF_DATA).unlink(missing_ok=True)
+    with stdout_to_stderr(), space_for(folder / IVF_DATA, sum(Path(part).stat().st_size for part in parts)):
+        merge_ondisk(trained, parts, str((folder / IVF_DATA).resolve()))
+    with space_for(folder / FAISS_FILE, index_bytes(trained)):
+        faiss.write_index(trained, str(folder / FAISS_FILE))
+
+
+def _read_to_rewrite(source: Path) -> tuple[faiss.Index, bool]:
+    """A version's retriever read to write another from (lists on disk mapped, not loaded), and whether they are."""
+    on_disk = (source / IVF_DATA).exists()
+    with stdout_to_stderr():  # faiss's notes on its on-disk lists
+        return faiss.read_index(str(source / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0), on_disk
 
 
 def extend_faiss(source: Path, target: Path, embeddings: Sequence[Path], first_row: int) -> dict:
@@ -233,9 +246,7 @@ def extend_faiss(source: Path, target: Path, embeddings: Sequence[Path], first_r
     heap holds the new vectors' codes and the quantizer, not the index's. What it returns is
     ``extra.retriever`` for the new manifest.
     """
-    on_disk = (source / IVF_DATA).exists()
-    with stdout_to_stderr():  # faiss's notes on its on-disk lists
-        index = faiss.read_index(str(source / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0)
+    index, _ = _read_to_rewrite(source)
     if index.ntotal != first_row:
         raise ValueError(f"the retriever in {source} holds {index.ntotal} passages; the update appends at row {first_row}")
     ivf = faiss.try_extract_index_ivf(index)
@@ -281,9 +292,7 @@ def compact_faiss(source: Path, target: Path, live: np.ndarray, part_bytes: int 
     copied into parts of at most ``part_bytes`` of codes, merged on disk into ``target/retriever.ivfdata``
     (as ``build_faiss_apart`` does): the heap never holds the index.
     """
-    on_disk = (source / IVF_DATA).exists()
-    with stdout_to_stderr():
-        index = faiss.read_index(str(source / FAISS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else 0)
+    index, on_disk = _read_to_rewrite(source)
     info = json.loads((source / INFO_FILE).read_text())
     renumber = np.full(index.ntotal, -1, dtype=np.int64)
     renumber[live] = np.arange(len(live), dtype=np.int64)
@@ -337,11 +346,7 @@ def compact_faiss(source: Path, target: Path, live: np.ndarray, part_bytes: int 
         outs.append(str(work / f"part-{number:05d}.faiss"))
         _write_index(part, Path(outs[-1]))
         del part
-    (target / IVF_DATA).unlink(missing_ok=True)
-    compacted = faiss.read_index(str(trained))
-    with stdout_to_stderr(), space_for(target / IVF_DATA, sum(Path(out).stat().st_size for out in outs)):
-        merge_ondisk(compacted, outs, str((target / IVF_DATA).resolve()))
-    _write_index(compacted, target / FAISS_FILE)
+    _merge_parts(faiss.read_index(str(trained)), outs, target)
     shutil.rmtree(work)
     return _write_info(target, info["factory"], len(live), index.d, info["encoder"])
 

@@ -11,20 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from .index import Index
 from .record import check_record, record_tokens
 from .shard import ShardInfo, sealed_shard, write_shard
 
 READ_ROWS = 512  # records read at a time
-
-
-def compact_plan(live: np.ndarray, shard_size: int, next_id: int) -> list[dict]:
-    """New shards of ``shard_size`` rows over the ``live`` rows (sorted, old numbering), ids from ``next_id``:
-    each with its first new row and the old rows it copies."""
-    return [{"shard_id": next_id + i, "first_row": start, "rows": live[start : start + shard_size].tolist()}
-            for i, start in enumerate(range(0, len(live), shard_size))]
 
 
 def copy_rows(source: str, staging: str, shard_id: int, first_row: int, rows: list[int]) -> dict:

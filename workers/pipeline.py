@@ -276,14 +276,15 @@ class ShardPipeline:
             chunk = order[start : start + self.batch_size]
             begin = time.perf_counter()
             batch = [passages[i] for i in chunk]
+            direct = lambda: encode_passages(self.reader.tokenizer, self.reader.layout, batch, limit)  # noqa: E731
+            ids = None
             if self.pieces is not None:
                 split = self.pieces.split(batch)
-                ids = self._checked("reader", self.pieces.reader_ids(split, self.reader.layout, limit),
-                                    lambda: encode_passages(self.reader.tokenizer, self.reader.layout, batch, limit))
                 for i, piece in zip(chunk, split):
                     pieces[i] = piece
-            else:
-                ids = encode_passages(self.reader.tokenizer, self.reader.layout, batch, limit)
+                ids = self.pieces.reader_ids(split, self.reader.layout, limit)
+                ids = ids if self._agrees("reader", ids, direct) else None
+            ids = direct() if ids is None else ids
             padded, mask = pad(ids, self.reader.layout.pad_id)
             if self.reader.device.type == "cuda":
                 padded, mask = padded.pin_memory(), mask.pin_memory()
@@ -291,11 +292,15 @@ class ShardPipeline:
             yield LowerBatch(chunk, padded, mask, [len(i) for i in ids])
         if self.encoder is None:
             return
-        texts = [passage_text(p) for p in passages]
-        if self.pieces is not None:
-            yield from self._shared_embed_batches(texts, pieces)
-            return
-        batches = self.encoder.batches(texts, self.embed_batch_size)
+        texts, ids = [passage_text(p) for p in passages], None
+        if self.pieces is not None:  # the retriever's ids from the pieces the lower batches tokenized
+            begin, limit = time.perf_counter(), self.encoder.max_tokens
+            ids = self.pieces.retriever_ids(pieces, limit)
+            sample = min(len(texts), self.embed_batch_size)
+            direct = lambda: self.encoder.tokenizer(texts[:sample], truncation=True, max_length=limit)["input_ids"]  # noqa: E731
+            ids = ids if self._agrees("retriever", ids[:sample], direct) else None
+            self.times.add("tokenize", time.perf_counter() - begin)
+        batches = self.encoder.batches(texts, self.embed_batch_size, ids)
         while True:
             begin = time.perf_counter()
             item = next(batches, None)
@@ -304,34 +309,15 @@ class ShardPipeline:
                 return
             yield EmbedBatch(*item)
 
-    def _shared_embed_batches(self, texts: list[str], pieces: list) -> Iterator[EmbedBatch]:
-        """The retriever's batches of ``Encoder.batches`` (same order, same padding) from the pieces the lower
-        batches tokenized."""
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        tokenizer, limit = self.encoder.tokenizer, self.encoder.max_tokens
-        for start in range(0, len(order), self.embed_batch_size):
-            begin = time.perf_counter()
-            chunk = order[start : start + self.embed_batch_size]
-            direct = lambda: tokenizer([texts[i] for i in chunk], truncation=True, max_length=limit)["input_ids"]  # noqa: E731
-            if self.pieces is None:  # a difference found on an earlier batch
-                ids = direct()
-            else:
-                ids = self._checked("retriever", self.pieces.retriever_ids([pieces[i] for i in chunk], limit), direct)
-            padded, mask = pad(ids, tokenizer.pad_token_id)
-            tokens = {"input_ids": padded, "token_type_ids": torch.zeros_like(padded), "attention_mask": mask.long()}
-            self.times.add("tokenize", time.perf_counter() - begin)
-            yield EmbedBatch(chunk, tokens)
-
-    def _checked(self, model: str, composed: list[list[int]], direct: Callable[[], list[list[int]]]) -> list[list[int]]:
-        """``composed`` ids, compared once per pipeline and model with the direct tokenization; on a difference the
-        direct ids, and no more sharing (a warning says so)."""
+    def _agrees(self, model: str, composed: list[list[int]], direct: Callable[[], list[list[int]]]) -> bool:
+        """Whether ids composed from shared pieces are the tokenizer's own: compared with ``direct`` once per pipeline
+        and model; on a difference a warning, and no more sharing (the caller tokenizes directly)."""
         if model not in self._unchecked:
-            return composed
+            return self.pieces is not None
         self._unchecked.discard(model)
-        expected = direct()
-        if expected != composed:
-            warnings.warn(f"the {model}'s passage ids composed from shared pieces differ from its tokenizer's: "
-                          "this worker tokenizes for each model apart", stacklevel=2)
-            self.pieces = None
-            return expected
-        return composed
+        if direct() == composed:
+            return True
+        warnings.warn(f"the {model}'s passage ids composed from shared pieces differ from its tokenizer's: "
+                      "this worker tokenizes for each model apart", stacklevel=2)
+        self.pieces = None
+        return False
