@@ -49,8 +49,9 @@ from pathlib import Path
 from storage.shard import default_shard_size
 from storage.token_merge import OfflineMerge
 
-from . import scale_steps
-from .scale_steps import BUILD_STEPS, STEPS, UPDATE_STEPS
+from . import scale_steps, scale_update
+from .scale_steps import BUILD_STEPS, STEPS
+from .scale_update import UPDATE_STEPS
 from .step_monitor import run_watched
 
 CONFIG = "scale.json"
@@ -77,7 +78,7 @@ def done_step(step: str, out: Path) -> dict:
 
 def _child(step: str, out: Path) -> int:
     cfg = json.loads((out / CONFIG).read_text())
-    figures = getattr(scale_steps, f"step_{step}")(cfg, out)
+    figures = getattr(scale_update if step in UPDATE_STEPS else scale_steps, f"step_{step}")(cfg, out)
     (out / "steps").mkdir(exist_ok=True)
     (out / "steps" / f"{step}.json").write_text(json.dumps(figures))
     return 0

@@ -22,7 +22,7 @@ import pyarrow as pa
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from reader.retriever import compact_faiss
+from reader.retriever_versions import compact_faiss
 from storage.codec import file_digest
 from storage.compact import copy_rows
 from storage.index import MANIFEST, Manifest

@@ -27,7 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from reader.inputs import stopword_ids
 from reader.load import ReaderSpec, load_reader
-from reader.retriever import extend_faiss
+from reader.retriever_versions import extend_faiss
 from storage.codec import file_digest
 from storage.index import CODEC, FAISS_FILE, INFO_FILE, IVF_DATA, MANIFEST, Index, IndexWriter, Manifest
 from storage.offline import OfflineMerge, merge_index

@@ -143,7 +143,8 @@ def test_an_update_extends_lists_on_disk_without_touching_the_previous_versions_
     previous version map it), the new version's lists hold the old codes and the new vectors', found alike."""
     import faiss
 
-    from reader.retriever import build_faiss_apart, extend_faiss, read_faiss
+    from reader.retriever import build_faiss_apart, read_faiss
+    from reader.retriever_versions import extend_faiss
     from storage.index import IVF_DATA
 
     files = embedding_files(lossless)
@@ -183,7 +184,8 @@ def test_a_compacted_retriever_finds_what_the_filtered_one_found_renumbered(loss
     rows gave (faiss's own selector), rows renumbered, scores equal; lists on disk go through several parts."""
     import faiss
 
-    from reader.retriever import build_faiss, build_faiss_apart, compact_faiss, read_faiss
+    from reader.retriever import build_faiss, build_faiss_apart, read_faiss
+    from reader.retriever_versions import compact_faiss
     from storage.index import IVF_DATA
 
     files = embedding_files(lossless)

@@ -296,7 +296,7 @@ def test_a_full_disk_while_writing_the_retriever_is_one_line_naming_the_file_and
     assert "bytes free, the write needs up to 960;" in said and "rerun the flow" in said
     assert not (tmp_path / "retriever.faiss").exists()  # the short file's space is given back
     with pytest.raises(OSError, match=r"part-00000.faiss: no space left"):
-        retriever_module._write_index(faiss.IndexFlatIP(8), tmp_path / "part-00000.faiss")
+        retriever_module.write_index_whole(faiss.IndexFlatIP(8), tmp_path / "part-00000.faiss")
     assert list(tmp_path.iterdir()) == []
 
     def other_fault(index, path: str) -> None:  # not the disk: faiss's own error, as before
